@@ -1,0 +1,329 @@
+"""Firmware profiles: one YAML per machine model and firmware version.
+
+A profile is data, not code: the machine's points (where a value lives, its type and scaling, its
+safe limits), the operations the machine supports (which recipe parameter goes to which point) and
+the handshake as declared steps. Validation runs in three stages and reports every problem:
+  1. the generic schema (this module),
+  2. each point against its driver's own point model (``registry.driver_module(...).POINT_MODEL``),
+  3. whole-profile rules: referenced points exist, limits fit the type, handshake is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ..errors import ConfigError, ConfigProblem
+from ..yamlfile import Lines, load_yaml, problems_from_validation
+from . import registry
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PointType(StrEnum):
+    U16 = "u16"
+    I16 = "i16"
+    U32 = "u32"
+    I32 = "i32"
+    F32 = "f32"
+    F64 = "f64"
+    BOOL = "bool"
+    STRING = "string"
+
+
+#: Raw range of each integer type; engineering limits must map inside it.
+INT_RANGES: dict[PointType, tuple[int, int]] = {
+    PointType.U16: (0, 0xFFFF),
+    PointType.I16: (-0x8000, 0x7FFF),
+    PointType.U32: (0, 0xFFFF_FFFF),
+    PointType.I32: (-0x8000_0000, 0x7FFF_FFFF),
+}
+
+
+class BasePoint(_Strict):
+    """What every driver's point has. Drivers subclass this with their addressing fields.
+
+    Engineering value = raw * scale + offset. ``min``/``max`` are the machine's safe envelope in
+    engineering units: a value outside is refused before anything is written.
+    """
+
+    type: PointType
+    unit: str | None = None
+    scale: float = 1.0
+    offset: float = 0.0
+    min: float | None = None
+    max: float | None = None
+    length: int | None = Field(None, ge=1, description="string points: characters")
+    description: str | None = None
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_nonzero(cls, v: float) -> float:
+        if v == 0 or not math.isfinite(v):
+            raise ValueError("scale must be a finite, non-zero number")
+        return v
+
+    @property
+    def writable(self) -> bool:
+        return True
+
+
+class ParameterSpec(_Strict):
+    """A recipe parameter of one operation and the point it is written to."""
+
+    point: str
+    min: float | None = None  # narrower than the point's envelope for this operation
+    max: float | None = None
+    default: float | int | bool | str | None = None  # used when the recipe does not give it
+
+
+class Operation(_Strict):
+    program: int | None = None  # written by the handshake's `write: <program point>` step
+    parameters: dict[str, ParameterSpec] = {}
+    results: list[str] = []
+    description: str | None = None
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        # `speed: spindle_speed` is short for `speed: {point: spindle_speed}`
+        if isinstance(v, dict):
+            return {k: ({"point": p} if isinstance(p, str) else p) for k, p in v.items()}
+        return v
+
+
+class WriteParameters(_Strict):
+    action: Literal["write_parameters"] = "write_parameters"
+
+
+class ReadResults(_Strict):
+    action: Literal["read_results"] = "read_results"
+
+
+class WritePoint(_Strict):
+    write: str
+    value: float | int | bool | str | None = None  # None: the operation's program number
+
+
+class SetPoint(_Strict):
+    set: str
+
+
+class ResetPoint(_Strict):
+    reset: str
+
+
+class WaitFor(_Strict):
+    wait: str
+    equals: float | int | bool | str = True
+    timeout: float = Field(10.0, gt=0, le=3600)
+
+
+class ReadError(_Strict):
+    read_error: str
+    ok: int = 0  # the value that means "no error"
+
+
+class CallMethod(_Strict):
+    call: str  # driver-specific method address
+    args: list[str] = []  # recipe parameter names passed in order
+    results: list[str] = []  # names given to the output arguments in the report
+
+
+HandshakeStep = (
+    WriteParameters
+    | ReadResults
+    | WritePoint
+    | SetPoint
+    | ResetPoint
+    | WaitFor
+    | ReadError
+    | CallMethod
+)
+
+
+def _step_from_yaml(v: Any) -> Any:
+    # `- write_parameters` (a bare word) is short for `- {action: write_parameters}`
+    return {"action": v} if isinstance(v, str) else v
+
+
+class ProfileDoc(_Strict):
+    """Stage 1: the generic schema. Points stay plain dicts until their driver validates them."""
+
+    profile: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    version: str = Field(min_length=1)
+    driver: str
+    description: str | None = None
+    defaults: dict[str, Any] = {}  # driver-specific defaults merged into every point
+    points: dict[str, dict[str, Any]]
+    operations: dict[str, Operation] = Field(min_length=1)
+    handshake: list[Annotated[HandshakeStep, Field(union_mode="left_to_right")]] = Field(
+        min_length=1
+    )
+    on_abort: list[Annotated[HandshakeStep, Field(union_mode="left_to_right")]] = []
+
+    @field_validator("handshake", "on_abort", mode="before")
+    @classmethod
+    def _bare_words(cls, v: Any) -> Any:
+        return [_step_from_yaml(s) for s in v] if isinstance(v, list) else v
+
+    @field_validator("driver")
+    @classmethod
+    def _known_driver(cls, v: str) -> str:
+        if v not in registry.DRIVERS:
+            raise ValueError(f"unknown driver '{v}' (known: {', '.join(sorted(registry.DRIVERS))})")
+        return v
+
+
+class Profile:
+    """A validated firmware profile, ready for the station cycle."""
+
+    def __init__(self, doc: ProfileDoc, points: dict[str, BasePoint], source: str, digest: str):
+        self.name = doc.profile
+        self.version = doc.version
+        self.driver = doc.driver
+        self.description = doc.description
+        self.points = points
+        self.operations = doc.operations
+        self.handshake = doc.handshake
+        self.on_abort = doc.on_abort
+        self.source = source
+        self.content_hash = digest  # "sha256:<hex>" of the file's bytes, reported with every cycle
+
+    def parameter_limits(self, operation: str, parameter: str) -> tuple[float | None, float | None]:
+        """The effective [min, max] of a parameter: the operation's, within the point's."""
+        spec = self.operations[operation].parameters[parameter]
+        point = self.points[spec.point]
+        lo = _tighter(point.min, spec.min, max)
+        hi = _tighter(point.max, spec.max, min)
+        return lo, hi
+
+
+def _tighter(a: float | None, b: float | None, pick: Any) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return float(pick(a, b))
+
+
+def load_profile(path: str | Path, text: str | None = None) -> Profile:
+    """Load and validate a firmware profile; raise ConfigError listing every problem."""
+    file = str(path)
+    raw = Path(path).read_bytes() if text is None else text.encode()
+    data, lines = load_yaml(path, raw.decode("utf-8"))
+    try:
+        doc = ProfileDoc.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(problems_from_validation(err, file, lines)) from err
+
+    problems: list[ConfigProblem] = []
+    points = _validate_points(doc, file, lines, problems)
+    if not problems:
+        _check_references(doc, points, file, lines, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Profile(doc, points, file, "sha256:" + hashlib.sha256(raw).hexdigest())
+
+
+def _validate_points(
+    doc: ProfileDoc, file: str, lines: Lines, problems: list[ConfigProblem]
+) -> dict[str, BasePoint]:
+    model: type[BasePoint] = registry.driver_module(doc.driver).POINT_MODEL
+    points: dict[str, BasePoint] = {}
+    for name, spec in doc.points.items():
+        try:
+            points[name] = model.model_validate({**doc.defaults, **spec})
+        except ValidationError as err:
+            problems.extend(problems_from_validation(err, file, lines, ("points", name)))
+    return points
+
+
+def _check_references(
+    doc: ProfileDoc,
+    points: dict[str, BasePoint],
+    file: str,
+    lines: Lines,
+    problems: list[ConfigProblem],
+) -> None:
+    def problem(path: tuple[str | int, ...], message: str) -> None:
+        line = None
+        for end in range(len(path), -1, -1):
+            if path[:end] in lines:
+                line = lines[path[:end]]
+                break
+        dotted = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in path).replace(
+            ".[", "["
+        )
+        problems.append(ConfigProblem(file, line, dotted, message))
+
+    def known(point: str, path: tuple[str | int, ...], *, write: bool = False) -> bool:
+        if point not in points:
+            problem(path, f"no point named '{point}' in points")
+            return False
+        if write and not points[point].writable:
+            problem(path, f"point '{point}' is read-only and cannot be written")
+            return False
+        return True
+
+    for name, point in points.items():
+        _check_point_limits(point, lambda m, n=name: problem(("points", n), m))
+
+    for op_name, op in doc.operations.items():
+        for param, spec in op.parameters.items():
+            path: tuple[str | int, ...] = ("operations", op_name, "parameters", param)
+            if not known(spec.point, path, write=True):
+                continue
+            point = points[spec.point]
+            if spec.min is not None and point.min is not None and spec.min < point.min:
+                problem(path, f"min {spec.min} is below the point's safe minimum {point.min}")
+            if spec.max is not None and point.max is not None and spec.max > point.max:
+                problem(path, f"max {spec.max} is above the point's safe maximum {point.max}")
+        for i, result in enumerate(op.results):
+            known(result, ("operations", op_name, "results", i))
+
+    for section in ("handshake", "on_abort"):
+        for i, step in enumerate(getattr(doc, section)):
+            path = (section, i)
+            if isinstance(step, WritePoint):
+                known(step.write, path, write=True)
+                if step.value is None and any(op.program is None for op in doc.operations.values()):
+                    missing = [n for n, op in doc.operations.items() if op.program is None]
+                    problem(
+                        path,
+                        f"writes the program number, but operations {missing} have no 'program'",
+                    )
+            elif isinstance(step, SetPoint):
+                known(step.set, path, write=True)
+            elif isinstance(step, ResetPoint):
+                known(step.reset, path, write=True)
+            elif isinstance(step, (WaitFor, ReadError)):
+                known(step.wait if isinstance(step, WaitFor) else step.read_error, path)
+
+    if doc.on_abort == [] and any(isinstance(s, SetPoint) for s in doc.handshake):
+        problem(
+            ("handshake",), "sets a trigger but has no 'on_abort' steps to reset it after a failure"
+        )
+
+
+def _check_point_limits(point: BasePoint, problem: Any) -> None:
+    if point.min is not None and point.max is not None and point.min > point.max:
+        problem(f"min {point.min} is greater than max {point.max}")
+    if point.type in INT_RANGES:
+        lo, hi = INT_RANGES[point.type]
+        eng_lo = sorted((lo * point.scale + point.offset, hi * point.scale + point.offset))
+        for label, limit in (("min", point.min), ("max", point.max)):
+            if limit is not None and not eng_lo[0] <= limit <= eng_lo[1]:
+                problem(
+                    f"{label} {limit} cannot be represented by {point.type.value} with scale "
+                    f"{point.scale} and offset {point.offset} (range {eng_lo[0]}..{eng_lo[1]})"
+                )
+    if point.type is PointType.STRING and point.length is None:
+        problem("string points need 'length' (characters)")

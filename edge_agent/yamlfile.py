@@ -1,0 +1,171 @@
+"""Load YAML keeping line numbers, and turn validation errors into ``file:line: key.path: message``.
+
+Config files and firmware profiles are written by hand by integrators; a mistake must be reported
+with the file, the line and the key path, together with every other mistake in the same file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .errors import ConfigError, ConfigProblem
+
+try:  # the C loader is several times faster; fall back when libyaml is absent
+    from yaml import CSafeLoader as _Loader
+except ImportError:  # pragma: no cover
+    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+
+Model = TypeVar("Model", bound=BaseModel)
+Lines = dict[tuple[str | int, ...], int]
+
+
+def _construct(node: yaml.Node, path: tuple[str | int, ...], lines: Lines, file: str) -> Any:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in out:
+                raise ConfigError(
+                    [
+                        ConfigProblem(
+                            file,
+                            key_node.start_mark.line + 1,
+                            _dotted((*path, key)),
+                            "duplicate key",
+                        )
+                    ]
+                )
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            out[key] = _construct(value_node, (*path, key), lines, file)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(item, (*path, i), lines, file) for i, item in enumerate(node.value)]
+    # Scalars: let the safe constructor resolve ints, floats, bools and nulls.
+    loader = _Loader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, Lines]:
+    """Parse a YAML file; return the plain data and a map from key path to line number."""
+    file = str(path)
+    try:
+        source = Path(path).read_text(encoding="utf-8") if text is None else text
+    except OSError as err:
+        raise ConfigError([ConfigProblem(file, None, "", f"cannot read: {err.strerror}")]) from err
+    try:
+        node = yaml.compose(source, Loader=_Loader)
+    except yaml.MarkedYAMLError as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else None
+        raise ConfigError(
+            [ConfigProblem(file, line, "", f"not valid YAML: {err.problem}")]
+        ) from err
+    lines: Lines = {}
+    if node is None:
+        return {}, lines
+    return _construct(node, (), lines, file), lines
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _line_for(path: tuple[str | int, ...], lines: Lines) -> int | None:
+    # A missing key has no line of its own: report the line of the nearest parent that exists.
+    for end in range(len(path), -1, -1):
+        if path[:end] in lines:
+            return lines[path[:end]]
+    return None
+
+
+def problems_from_validation(
+    err: ValidationError, file: str, lines: Lines, prefix: tuple[str | int, ...] = ()
+) -> list[ConfigProblem]:
+    """Translate pydantic's errors into problems that name file, line and key path."""
+    problems = []
+    for e in err.errors():
+        path = _data_path(prefix, e["loc"], lines)
+        message = e["msg"]
+        if e["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif e["type"] == "missing":
+            message = "required key is missing"
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        problems.append(ConfigProblem(file, _line_for(path, lines), _dotted(path), message))
+    return problems
+
+
+def _data_path(
+    prefix: tuple[str | int, ...], loc: tuple[str | int, ...], lines: Lines
+) -> tuple[str | int, ...]:
+    """Keep the parts of pydantic's ``loc`` that are keys in the file.
+
+    pydantic inserts union tags and validator names into ``loc``; those are not keys a person wrote.
+    """
+    path = prefix
+    for i, part in enumerate(loc):
+        if (*path, part) in lines or i == len(loc) - 1:
+            path = (*path, part)
+    return path
+
+
+def validate(model: type[Model], data: Any, file: str, lines: Lines) -> Model:
+    """Validate ``data`` against ``model``; raise one ConfigError listing every problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = problems_from_validation(err, file, lines)
+        _add_suggestions(problems, model)
+        raise ConfigError(problems) from err
+
+
+def _add_suggestions(problems: list[ConfigProblem], model: type[BaseModel]) -> None:
+    """For an unknown key, name the closest known key at that level ("did you mean ...")."""
+    for i, problem in enumerate(problems):
+        if problem.message != "unknown key":
+            continue
+        parts = problem.path.replace("[", ".").replace("]", "").split(".")
+        known = _known_keys(model, parts[:-1])
+        close = difflib.get_close_matches(parts[-1], known, n=1)
+        if close:
+            problems[i] = ConfigProblem(
+                problem.file,
+                problem.line,
+                problem.path,
+                f"unknown key (did you mean '{close[0]}'?)",
+            )
+
+
+def _known_keys(model: type[BaseModel], parents: list[str]) -> list[str]:
+    current: Any = model
+    for part in parents:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        current = _model_of(fields[part].annotation)
+        if current is None:
+            return []
+    fields = getattr(current, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,1 @@
+"""A real mosquitto on a free loopback port, per test."""

@@ -1,0 +1,1 @@
+"""The reference PLC (pymodbus server) on a free loopback port, per test."""
