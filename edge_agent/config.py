@@ -1,0 +1,215 @@
+"""The agent's configuration: one YAML file, validated completely before any device is touched.
+
+Validation runs in stages (every problem in a stage is reported together):
+  1. the schema of this module (unknown keys, wrong types, missing keys),
+  2. the firmware profile the machine section names, and the ``machine:`` section against the
+     settings model of that profile's driver,
+  3. whole-config checks: trusted key files readable, paths exist.
+Relative paths in the file are relative to the file's own directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError, ConfigProblem
+from .machine import registry
+from .machine.profile import Profile, load_profile
+from .yamlfile import Lines, load_yaml, problems_from_validation, validate
+
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SimulatedReaderConfig(_Strict):
+    """Tags are files ``<UID-hex>.ndef`` in a directory: a file appearing is a tag arriving."""
+
+    type: Literal["simulated"]
+    name: str = "sim"
+    directory: Path | None = None
+    poll_interval: float = Field(0.2, gt=0, le=10)
+
+
+ReaderConfig = Annotated[SimulatedReaderConfig, Field(discriminator="type")]
+
+
+class BrokerConfig(_Strict):
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str | None = None  # default: edge-agent-<gateway_id>, unique per gateway
+    keepalive: int = Field(30, ge=5, le=3600)
+    username: str | None = None
+    password: str | None = None
+    topic_prefix: str = "edge"
+    inflight: int = Field(20, ge=1, le=1000)  # QoS 1 messages awaiting PUBACK at once
+    reconnect_min: float = Field(0.5, gt=0)
+    reconnect_max: float = Field(60.0, gt=0)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _no_wildcards(cls, v: str) -> str:
+        if not v or any(c in v for c in "#+") or v.startswith("/") or v.endswith("/"):
+            raise ValueError(
+                "must be a plain topic level like 'edge' (no wildcards, no edge slashes)"
+            )
+        return v
+
+
+class CycleConfig(_Strict):
+    write_back: bool = True  # write progress onto the tag after each step
+    drain_timeout: float = Field(30.0, gt=0)  # at shutdown: how long the cycle in flight may finish
+
+
+class LogConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class AgentConfigDoc(_Strict):
+    gateway_id: str = Field(min_length=1, max_length=64, pattern=_ID)
+    station: str = Field(min_length=1, max_length=8, pattern=_ID)
+    reader: ReaderConfig
+    machine: dict[str, Any]
+    broker: BrokerConfig = BrokerConfig()
+    trusted_keys: dict[str, Path] = Field(min_length=1)
+    cycle: CycleConfig = CycleConfig()
+    log: LogConfig = LogConfig()
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _key_ids(cls, v: dict[str, Path]) -> dict[str, Path]:
+        for key_id in v:
+            if not re.match(r"^[A-Za-z0-9_.\-]{1,16}$", key_id):
+                raise ValueError(f"key id '{key_id}' must be 1-16 characters of A-Z a-z 0-9 _ . -")
+        return v
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """A validated config with its profile loaded and paths resolved."""
+
+    source: str
+    gateway_id: str
+    station: str
+    reader: SimulatedReaderConfig
+    machine: Any  # the driver's SETTINGS_MODEL instance
+    profile: Profile
+    broker: BrokerConfig
+    trusted_keys: dict[str, Path]
+    cycle: CycleConfig
+    log: LogConfig
+
+    @property
+    def client_id(self) -> str:
+        return self.broker.client_id or f"edge-agent-{self.gateway_id}"
+
+
+def load_config(path: str | Path, *, profile_override: str | Path | None = None) -> AgentConfig:
+    """Load, validate and resolve a config file. Raises ConfigError naming file, line and key."""
+    file = str(path)
+    data, lines = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem(file, 1, "", "a config file is a mapping of keys")])
+    doc = validate(AgentConfigDoc, _expand_env(data, file, lines), file, lines)
+    base = Path(path).resolve().parent
+    problems: list[ConfigProblem] = []
+
+    profile_path = profile_override or doc.machine.get("profile")
+    profile: Profile | None = None
+    if not profile_path:
+        problems.append(
+            ConfigProblem(
+                file, lines.get(("machine",)), "machine.profile", "required key is missing"
+            )
+        )
+    else:
+        try:
+            profile = load_profile(_resolve(base, Path(str(profile_path))))
+        except ConfigError as err:
+            problems.extend(err.problems)
+
+    machine: Any = None
+    if profile is not None:
+        settings_model = registry.driver_module(profile.driver).SETTINGS_MODEL
+        settings = {k: v for k, v in doc.machine.items() if k != "profile"}
+        try:
+            machine = settings_model.model_validate(settings)
+        except ValidationError as err:
+            problems.extend(problems_from_validation(err, file, lines, ("machine",)))
+
+    keys = {}
+    for key_id, key_path in doc.trusted_keys.items():
+        resolved = _resolve(base, key_path)
+        if not resolved.is_file():
+            problems.append(
+                ConfigProblem(
+                    file,
+                    lines.get(("trusted_keys", key_id)),
+                    f"trusted_keys.{key_id}",
+                    f"no such file: {resolved}",
+                )
+            )
+        keys[key_id] = resolved
+
+    reader = doc.reader
+    if reader.directory is not None:
+        reader = reader.model_copy(update={"directory": _resolve(base, reader.directory)})
+
+    if problems or profile is None:
+        raise ConfigError(problems)
+    return AgentConfig(
+        source=file,
+        gateway_id=doc.gateway_id,
+        station=doc.station,
+        reader=reader,
+        machine=machine,
+        profile=profile,
+        broker=doc.broker,
+        trusted_keys=keys,
+        cycle=doc.cycle,
+        log=doc.log,
+    )
+
+
+def _resolve(base: Path, path: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
+
+
+_ENV = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)\}")
+
+
+def _expand_env(data: Any, file: str, lines: Lines, path: tuple[str | int, ...] = ()) -> Any:
+    """Replace ``${NAME}`` in string values: secrets (broker password) stay out of the file."""
+    if isinstance(data, dict):
+        return {k: _expand_env(v, file, lines, (*path, k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_expand_env(v, file, lines, (*path, i)) for i, v in enumerate(data)]
+    if isinstance(data, str) and "${" in data:
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(1) not in os.environ:
+                dotted = ".".join(str(p) for p in path)
+                raise ConfigError(
+                    [
+                        ConfigProblem(
+                            file,
+                            lines.get(path),
+                            dotted,
+                            f"environment variable {m.group(1)} is not set",
+                        )
+                    ]
+                )
+            return os.environ[m.group(1)]
+
+        return _ENV.sub(sub, data)
+    return data

@@ -1,0 +1,103 @@
+"""An MQTT broker for the demo and the tests: mosquitto when it is on PATH, else amqtt.
+
+Both are real brokers on a loopback port; the agent cannot tell them from a plant's broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_listening(host: str, port: int, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+        except OSError:
+            if loop.time() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s") from None
+            await asyncio.sleep(0.02)
+
+
+class EmbeddedBroker:
+    """Start/stop a broker on ``host:port``; ``stop()`` then ``start()`` reuses the same port."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.kind = "mosquitto" if shutil.which("mosquitto") else "amqtt"
+        self._process: asyncio.subprocess.Process | None = None
+        self._amqtt: Any = None
+        self._dir = tempfile.TemporaryDirectory(prefix="edge-agent-broker-")
+        self.extra_config = ""  # appended to mosquitto's config (TLS listeners, password files)
+
+    async def start(self) -> None:
+        if self.kind == "mosquitto":
+            conf = Path(self._dir.name) / "mosquitto.conf"
+            conf.write_text(
+                f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
+                f"log_dest stderr\nlog_type error\n{self.extra_config}"
+            )
+            self._process = await asyncio.create_subprocess_exec(
+                shutil.which("mosquitto") or "mosquitto",
+                "-c",
+                str(conf),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        else:
+            try:
+                from amqtt.broker import Broker
+            except ImportError as err:
+                raise RuntimeError(
+                    "no MQTT broker: install mosquitto, or `pip install 'edge-agent[demo]'` for amqtt"
+                ) from err
+            config = {
+                "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+                "plugins": {
+                    "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+                },
+            }
+            self._amqtt = Broker(config)
+            await self._amqtt.start()
+        await wait_listening(self.host, self.port)
+
+    async def stop(self) -> None:
+        if self._process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.terminate()
+            await self._process.wait()
+            self._process = None
+        if self._amqtt is not None:
+            await self._amqtt.shutdown()
+            self._amqtt = None
+
+    async def kill(self) -> None:
+        """Stop without a goodbye: clients see the connection drop."""
+        if self._process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            await self._process.wait()
+            self._process = None
+        else:
+            await self.stop()
+
+    def close(self) -> None:
+        self._dir.cleanup()

@@ -1,0 +1,127 @@
+"""A reader with no hardware: tags live in memory, or as files in a directory.
+
+For the demo, the tests and an integrator's bench. Directory mode: a file ``<UID-hex>.ndef``
+appearing is a tag arriving, its removal the tag leaving, and write-back goes into the file, so
+a payload made with ``edge-agent tag encode`` can be put "on the reader" with ``cp``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from ..errors import TagIOError
+from .reader import ScanEvent, ScanKind, TagReader
+
+log = structlog.get_logger("reader.simulated")
+
+
+@dataclass
+class SimulatedTag:
+    uid: bytes
+    message: bytes
+    tag_type: str = "NTAG215"
+    capacity: int = 492
+    read_only: bool = False
+    writes: int = 0
+
+
+class SimulatedReader(TagReader):
+    def __init__(
+        self, name: str = "sim", directory: Path | None = None, poll_interval: float = 0.2
+    ) -> None:
+        self.name = name
+        self.directory = directory
+        self.poll_interval = poll_interval
+        self.tags: dict[bytes, SimulatedTag] = {}  # tags in the field
+        self.fail_next_write: str | None = None  # tests: the next write fails with this reason
+        self._events: asyncio.Queue[ScanEvent | None] = asyncio.Queue()
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._watcher = asyncio.create_task(self._watch(), name="sim-reader-watch")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        self._events.put_nowait(None)
+
+    async def events(self) -> AsyncIterator[ScanEvent]:
+        while (event := await self._events.get()) is not None:
+            yield event
+
+    # --------------------------------------------------------------- the field, driven by code
+
+    def present(self, tag: SimulatedTag) -> None:
+        """A tag enters the field. Presenting the tag already in the field does nothing."""
+        if tag.uid in self.tags:
+            return
+        self.tags[tag.uid] = tag
+        self._emit(tag, ScanKind.ARRIVED)
+
+    def remove(self, uid: bytes) -> None:
+        tag = self.tags.pop(uid, None)
+        if tag is not None:
+            self._emit(tag, ScanKind.LEFT)
+
+    def _emit(self, tag: SimulatedTag, kind: ScanKind) -> None:
+        self._events.put_nowait(
+            ScanEvent(tag.uid, kind, self.name, time.time(), tag.tag_type, tag.capacity)
+        )
+
+    # --------------------------------------------------------------- ReadTag / WriteTag
+
+    def _tag(self, uid: bytes) -> SimulatedTag:
+        tag = self.tags.get(uid)
+        if tag is None:
+            raise TagIOError(f"tag {uid.hex().upper()} is not in the field of reader {self.name}")
+        return tag
+
+    async def read_ndef(self, uid: bytes) -> bytes:
+        return self._tag(uid).message
+
+    async def write_ndef(self, uid: bytes, message: bytes, previous: bytes | None = None) -> None:
+        tag = self._tag(uid)
+        if self.fail_next_write:
+            reason, self.fail_next_write = self.fail_next_write, None
+            raise TagIOError(f"writing tag {uid.hex().upper()} failed: {reason}")
+        if tag.read_only:
+            raise TagIOError(f"tag {uid.hex().upper()} is read-only")
+        if len(message) > tag.capacity:
+            raise TagIOError(
+                f"tag {uid.hex().upper()} holds {tag.capacity} bytes, message has {len(message)}"
+            )
+        tag.message = message
+        tag.writes += 1
+        if self.directory is not None:
+            (self.directory / f"{uid.hex().upper()}.ndef").write_bytes(message)
+
+    # --------------------------------------------------------------- directory mode
+
+    async def _watch(self) -> None:
+        assert self.directory is not None
+        while True:
+            seen: set[bytes] = set()
+            for path in sorted(self.directory.glob("*.ndef")):
+                try:
+                    uid = bytes.fromhex(path.stem)
+                except ValueError:
+                    log.warning("ignoring file whose name is not a hex UID", file=str(path))
+                    continue
+                seen.add(uid)
+                if uid not in self.tags:
+                    with contextlib.suppress(OSError):  # a file being copied in: next poll
+                        self.present(SimulatedTag(uid, path.read_bytes(), capacity=868))
+            for uid in set(self.tags) - seen:
+                self.remove(uid)
+            await asyncio.sleep(self.poll_interval)

@@ -1,0 +1,89 @@
+"""The MQTT uplink against a real mosquitto: status, last will, delivery across broker outages."""
+
+from __future__ import annotations
+
+import asyncio
+
+from edge_agent.config import BrokerConfig
+from edge_agent.sim.broker import EmbeddedBroker
+from edge_agent.uplink.mqtt import MqttUplink
+from tests.fixtures_broker import MqttRecorder
+
+
+def make_uplink(broker: EmbeddedBroker, **kw: object) -> MqttUplink:
+    config = BrokerConfig(host=broker.host, port=broker.port, reconnect_min=0.05, reconnect_max=0.2, **kw)  # type: ignore[arg-type]
+    return MqttUplink(config, "gw-test", "edge-agent-gw-test")
+
+
+async def test_status_online_then_offline_retained(broker: EmbeddedBroker, recorder: MqttRecorder) -> None:
+    uplink = make_uplink(broker)
+    await uplink.start(lambda: {"gateway_id": "gw-test"})
+    assert await uplink.wait_connected(5)
+    [online] = await recorder.wait_for("gw-test/status", 1)
+    assert online["state"] == "online"
+    await uplink.stop({"state": "offline", "reason": "shutdown"})
+    statuses = await recorder.wait_for("gw-test/status", 2)
+    assert statuses[-1] == {"state": "offline", "reason": "shutdown"}
+    # retained: a late subscriber sees the last state
+    late = MqttRecorder(broker.host, broker.port, "edge/gw-test/status")
+    await late.ready()
+    [(_, _, retained)] = [m for m in (await _wait_messages(late, 1))]
+    assert retained
+    late.close()
+
+
+async def _wait_messages(r: MqttRecorder, n: int) -> list[tuple[str, bytes, bool]]:
+    for _ in range(200):
+        if len(r.messages) >= n:
+            return r.messages
+        await asyncio.sleep(0.01)
+    raise AssertionError("no message")
+
+
+async def test_last_will_when_connection_dies(broker: EmbeddedBroker, recorder: MqttRecorder) -> None:
+    uplink = make_uplink(broker, keepalive=5)
+    await uplink.start(lambda: {})
+    assert await uplink.wait_connected(5)
+    # Cut the socket without DISCONNECT: the broker must publish the will.
+    sock = uplink._client.socket()
+    assert sock is not None
+    sock.close()
+    statuses = await recorder.wait_for("gw-test/status", 2, timeout=15)
+    assert statuses[1]["state"] == "offline"
+    await uplink.stop({"state": "offline"}, timeout=0.5)
+
+
+async def test_reports_queued_while_broker_down_arrive_in_order(broker: EmbeddedBroker) -> None:
+    uplink = make_uplink(broker)
+    await uplink.start(lambda: {})
+    assert await uplink.wait_connected(5)
+    for i in range(5):
+        uplink.publish("cycles", {"n": i})
+    assert await uplink.flush(5)
+
+    await broker.kill()
+    for i in range(5, 50):
+        uplink.publish("cycles", {"n": i})
+    await asyncio.sleep(0.3)
+    assert uplink.backlog >= 45  # nothing is dropped while the broker is away
+
+    await broker.start()
+    recorder = MqttRecorder(broker.host, broker.port, "edge/gw-test/cycles")
+    await recorder.ready()
+    assert await uplink.flush(10)
+    got = [m["n"] for m in await recorder.wait_for("cycles", 45)]
+    assert got == list(range(5, 50))
+    recorder.close()
+    await uplink.stop({"state": "offline"})
+
+
+async def test_broker_absent_at_start_is_not_fatal(broker: EmbeddedBroker) -> None:
+    await broker.stop()
+    uplink = make_uplink(broker)
+    await uplink.start(lambda: {})
+    uplink.publish("cycles", {"n": 1})
+    assert not await uplink.wait_connected(0.3)
+    await broker.start()
+    assert await uplink.wait_connected(5)
+    assert await uplink.flush(5)
+    await uplink.stop({"state": "offline"})
