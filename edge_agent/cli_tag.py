@@ -1,0 +1,222 @@
+"""``edge-agent tag ...``: make signing keys, encode a recipe into tag bytes, decode and verify tag bytes.
+
+Exit codes: 0 success (decode: the tag is valid), 1 decode rejected the tag, 2 usage or config problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .errors import ConfigError, PartRejected
+from .instructions.format import (
+    DEFAULT_TAG,
+    TAG_CAPACITY,
+    TagContents,
+    decode_tag,
+    encode_tag,
+    uid_hex,
+)
+from .instructions.recipe import load_recipe
+from .instructions.signing import (
+    KeyFileError,
+    KeyRing,
+    check_key_id,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+)
+
+
+class _UsageError(Exception):
+    """A problem with arguments, files or config: one line on stderr, exit 2."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    tag = subparsers.add_parser("tag", help="make keys, encode and decode part tags")
+    commands = tag.add_subparsers(dest="tag_command", metavar="COMMAND", required=True)
+
+    keygen = commands.add_parser("keygen", help="generate an Ed25519 signing key pair")
+    keygen.add_argument("--key-id", required=True, help="1-16 characters of A-Z a-z 0-9 _ . -")
+    keygen.add_argument("--out", required=True, type=Path, help="directory for ID.key and ID.pub")
+    keygen.set_defaults(func=_run(_keygen))
+
+    encode = commands.add_parser("encode", help="sign a recipe and encode it for one tag")
+    encode.add_argument("--recipe", required=True, type=Path, help="recipe YAML file")
+    encode.add_argument(
+        "--key", required=True, type=Path, help="private key (PEM), e.g. DIR/ID.key"
+    )
+    encode.add_argument("--key-id", help="key id written on the tag (default: key file stem)")
+    encode.add_argument("--uid", required=True, help="tag UID in hex, e.g. 04A1B2C3D4E5F6")
+    size = encode.add_mutually_exclusive_group()
+    size.add_argument(
+        "--tag", choices=sorted(TAG_CAPACITY), help=f"tag type (default {DEFAULT_TAG})"
+    )
+    size.add_argument("--capacity", type=int, help="usable NDEF bytes of the tag")
+    encode.add_argument("--issued-at", type=int, help="unix seconds (default: now)")
+    encode.add_argument(
+        "--out", required=True, help="file for the raw NDEF message; '-' prints hex to stdout"
+    )
+    encode.set_defaults(func=_run(_encode))
+
+    decode = commands.add_parser("decode", help="decode and verify a tag's NDEF message")
+    decode.add_argument("file", type=Path, help="NDEF message: binary, or hex text")
+    decode.add_argument("--uid", required=True, help="UID of the tag the message was read from")
+    decode.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="ID=PUB.pem",
+        help="trusted public key (repeatable)",
+    )
+    decode.set_defaults(func=_run(_decode))
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _run(handler: Handler) -> Handler:
+    """Wrap a handler: usage/config/key-file errors become one line on stderr and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (_UsageError, KeyFileError, ValueError) as err:
+            print(f"edge-agent tag {args.tag_command}: {err}", file=sys.stderr)
+        except ConfigError as err:  # every problem, one per line, each file:line: key: message
+            for problem in err.problems:
+                print(problem, file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _parse_uid(text: str) -> bytes:
+    cleaned = re.sub(r"[\s:]", "", text)
+    try:
+        uid = bytes.fromhex(cleaned)
+    except ValueError:
+        raise _UsageError(f"--uid {text!r} is not hex") from None
+    if not 4 <= len(uid) <= 10:
+        raise _UsageError(f"--uid {text!r}: a tag UID is 4 to 10 bytes, got {len(uid)}")
+    return uid
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    check_key_id(args.key_id)
+    private_path, public_path = generate_keypair(args.key_id, args.out)
+    print(f"private key {private_path} (keep it on the MES, mode 0600)")
+    print(f"public key  {public_path} (give it to stations: --trust {args.key_id}={public_path})")
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    uid = _parse_uid(args.uid)
+    key_id = check_key_id(args.key_id if args.key_id else args.key.stem)
+    if args.capacity is not None:
+        if args.capacity <= 0:
+            raise _UsageError("--capacity must be a positive number of bytes")
+        capacity, tag_name = args.capacity, f"{args.capacity}-byte tag"
+    else:
+        tag_name = args.tag or DEFAULT_TAG
+        capacity = TAG_CAPACITY[tag_name]
+    recipe = load_recipe(args.recipe)
+    key = load_private_key(args.key)
+    try:
+        message = encode_tag(recipe, uid, key, key_id, capacity, issued_at=args.issued_at)
+    except ValueError as err:
+        raise _UsageError(f"{args.recipe}: does not fit a {tag_name}: {err}") from None
+    # Slot size for the summary: the payload of the last record, which is a progress slot.
+    contents = decode_tag(message, uid, KeyRing({key_id: key.public_key()}))
+    if args.out == "-":
+        print(message.hex())
+    else:
+        try:
+            Path(args.out).write_bytes(message)
+        except OSError as err:
+            raise _UsageError(f"{args.out}: cannot write: {err.strerror}") from None
+    print(
+        f"part {recipe.part_id}: {len(message)}/{capacity} bytes ({tag_name}), "
+        f"{len(recipe.steps)} steps, progress slots 2 x {contents.slot_size} bytes, "
+        f"tag {uid_hex(uid)}, key {key_id}",
+        file=sys.stderr if args.out == "-" else sys.stdout,
+    )
+    return 0
+
+
+def _read_message(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise _UsageError(f"{path}: cannot read: {err.strerror}") from None
+    # An NDEF message starts with a header byte that has MB set (>= 0x80), never an ASCII hex digit.
+    text = data.decode("ascii", errors="replace")
+    if data and re.fullmatch(r"[0-9A-Fa-f\s]+", text):
+        try:
+            return bytes.fromhex("".join(text.split()))
+        except ValueError:
+            raise _UsageError(f"{path}: looks like hex but has an odd number of digits") from None
+    return data
+
+
+def _keyring(specs: list[str]) -> KeyRing:
+    if not specs:
+        raise _UsageError("give at least one --trust ID=PUB.pem")
+    keys = {}
+    for spec in specs:
+        key_id, sep, path = spec.partition("=")
+        if not sep or not path:
+            raise _UsageError(f"--trust {spec!r}: expected ID=PATH")
+        keys[check_key_id(key_id)] = load_public_key(path)
+    return KeyRing(keys)
+
+
+def _decode(args: argparse.Namespace) -> int:
+    uid = _parse_uid(args.uid)
+    keyring = _keyring(args.trust)
+    message = _read_message(args.file)
+    try:
+        contents = decode_tag(message, uid, keyring)
+    except PartRejected as err:
+        print(f"REJECTED {err.reason}: {err}")
+        return 1
+    print(_describe(contents))
+    return 0
+
+
+def _time(unix: int | None) -> str:
+    if unix is None:
+        return "-"
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _describe(contents: TagContents) -> str:
+    t, p = contents.traveler, contents.progress
+    lines = [
+        f"VALID tag {uid_hex(contents.uid)}: traveler v1 signed by key {t.key_id!r}",
+        f"  part     {t.part_id}",
+        f"  product  {t.product} / {t.variant}",
+        f"  order    {t.order}",
+        f"  lot      {t.material_lot or '-'}",
+        f"  issued   {_time(t.issued_at)}",
+        f"  digest   {t.digest.hex()}",
+        f"  message  {len(contents.message)} bytes, progress slots 2 x {contents.slot_size} bytes",
+        f"  progress seq {p.seq} in slot {'AB'[contents.current_slot]} "
+        f"(slot A: {contents.slot_notes[0]}, slot B: {contents.slot_notes[1]})",
+        "  steps",
+    ]
+    for i, step in enumerate(t.steps):
+        params = " ".join(f"{k}={v!r}" for k, v in step.parameters.items())
+        record = p.records[i] if i < len(p.records) else None
+        done = (
+            "not done"
+            if record is None
+            else f"{record.status.value} at {record.station} {_time(record.time)}"
+        )
+        lines.append(f"    {i + 1}. {step.operation} @ {step.station or 'any station'}: {done}")
+        lines.append(f"       {params or '(no parameters)'}")
+    return "\n".join(lines)
