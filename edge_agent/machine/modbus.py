@@ -1,0 +1,460 @@
+"""Modbus TCP driver on pymodbus's asyncio client.
+
+A profile point names a table (holding, input, coil, discrete), an address and a type; values are
+converted by ``codec`` and requests are planned by ``modbus_plan`` (as few as the protocol allows).
+Every failure is a ``MachineError`` that names the device, the Modbus function, the address range
+and the points involved; exception responses carry the Modbus exception code's name.
+
+Connection policy: one TCP connection, opened on demand. When it is lost the next call reconnects
+at once; when connecting fails, further attempts back off exponentially (with jitter, capped at
+``reconnect_max``) and calls in between fail fast instead of hammering a PLC that is down.
+pymodbus's own background reconnect is disabled (``reconnect_delay=0``) so that it does not race ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.pdu import ModbusPDU
+
+from ..errors import MachineError, MachineFault
+from . import codec
+from .driver import MachineDriver, RawValue
+from .modbus_plan import (
+    BIT_TABLES,
+    MAX_WRITE_REGISTERS,
+    Request,
+    Span,
+    Table,
+    plan_reads,
+    plan_writes,
+)
+from .profile import BasePoint, PointType, Profile
+
+__all__ = [
+    "POINT_MODEL",
+    "SETTINGS_MODEL",
+    "ModbusDriver",
+    "ModbusPoint",
+    "ModbusSettings",
+    "create",
+]
+
+
+class ModbusPoint(BasePoint):
+    """One value in one of the four Modbus tables."""
+
+    table: Table
+    address: int = Field(ge=0, le=65535)
+    byte_order: codec.Order = "big"  # bytes inside each 16-bit register
+    word_order: codec.Order = "big"  # registers of a 32/64-bit value
+    encoding: codec.Encoding = "ascii"  # string points only
+    read_only: bool = False  # e.g. a 'done' coil the PLC owns: the handshake must not write it
+
+    @field_validator("table")
+    @classmethod
+    def _bits_hold_bools(cls, v: Table, info: ValidationInfo) -> Table:
+        type_ = info.data.get("type")  # absent when the type itself was invalid
+        if v in BIT_TABLES and type_ is not None and type_ is not PointType.BOOL:
+            raise ValueError(
+                f"a {v} holds one bit: the point's type must be bool, not {type_.value}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.type is PointType.STRING:
+            if self.length is None:
+                raise ValueError("string points need 'length' (characters)")
+            if self.registers > MAX_WRITE_REGISTERS:
+                raise ValueError(
+                    f"length {self.length} needs {self.registers} registers; at most "
+                    f"{MAX_WRITE_REGISTERS} fit one request"
+                )
+        elif self.length is not None:
+            raise ValueError("'length' applies to string points only")
+        if self.type in (PointType.BOOL, PointType.STRING) and (
+            self.scale != 1.0 or self.offset != 0.0
+        ):
+            raise ValueError(f"{self.type.value} points cannot have a scale or offset")
+        if self.address + self.registers - 1 > 65535:
+            raise ValueError(
+                f"address {self.address} + {self.registers} registers runs past address 65535"
+            )
+        return self
+
+    @property
+    def writable(self) -> bool:
+        return self.table in ("holding", "coil") and not self.read_only
+
+    @property
+    def registers(self) -> int:
+        """Addresses the point occupies (bits: one)."""
+        return 1 if self.table in BIT_TABLES else self.register_format().registers
+
+    def register_format(self) -> codec.Format:
+        return codec.Format(
+            type=self.type,
+            byte_order=self.byte_order,
+            word_order=self.word_order,
+            scale=self.scale,
+            offset=self.offset,
+            length=self.length,
+            encoding=self.encoding,
+        )
+
+
+class ModbusSettings(BaseModel):
+    """The ``machine:`` section of the config for a Modbus TCP machine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(min_length=1)
+    port: int = Field(502, ge=1, le=65535)
+    unit_id: int = Field(1, ge=0, le=255)
+    timeout: float = Field(1.0, gt=0, le=60, description="seconds per request and per connect")
+    retries: int = Field(1, ge=0, le=10, description="resends of a request that got no answer")
+    poll_interval: float = Field(0.005, gt=0, le=10, description="seconds between reads in a wait")
+    reconnect_min: float = Field(
+        0.1, gt=0, le=60, description="first backoff after a failed connect"
+    )
+    reconnect_max: float = Field(30.0, gt=0, le=3600, description="longest backoff")
+    max_gap: int = Field(0, ge=0, le=120, description="unused registers a read may bridge")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> Self:
+        if self.reconnect_min > self.reconnect_max:
+            raise ValueError("reconnect_min must not exceed reconnect_max")
+        return self
+
+
+POINT_MODEL = ModbusPoint
+SETTINGS_MODEL = ModbusSettings
+
+
+def create(settings: ModbusSettings | Mapping[str, Any], profile: Profile) -> ModbusDriver:
+    if not isinstance(settings, ModbusSettings):
+        settings = ModbusSettings.model_validate(dict(settings))
+    return ModbusDriver(settings, profile)
+
+
+_READ_FUNCTION: dict[Table, str] = {
+    "holding": "read_holding_registers",
+    "input": "read_input_registers",
+    "coil": "read_coils",
+    "discrete": "read_discrete_inputs",
+}
+
+# The device is there but busy: worth another try later, unlike e.g. ILLEGAL_ADDRESS.
+_TRANSIENT_CODES = {
+    ExcCodes.ACKNOWLEDGE,
+    ExcCodes.DEVICE_BUSY,
+    ExcCodes.GATEWAY_PATH_UNAVIABLE,
+    ExcCodes.GATEWAY_NO_RESPONSE,
+}
+
+
+class ModbusDriver(MachineDriver):
+    """A Modbus TCP connection to one machine, addressed through a profile's points."""
+
+    def __init__(self, settings: ModbusSettings, profile: Profile) -> None:
+        self.settings = settings
+        self.profile = profile
+        self.device = f"modbus {settings.host}:{settings.port} unit {settings.unit_id}"
+        self._points: dict[str, ModbusPoint] = {}
+        for name, point in profile.points.items():
+            if not isinstance(point, ModbusPoint):
+                raise TypeError(f"point '{name}' of profile {profile.name} is not a Modbus point")
+            self._points[name] = point
+        self._formats = {n: p.register_format() for n, p in self._points.items()}
+        self._client: AsyncModbusTcpClient | None = None
+        self._lost: asyncio.Future[None] | None = None  # resolved when the peer drops us
+        self._connect_lock = asyncio.Lock()
+        self._failures = 0  # consecutive failed connects
+        self._retry_at = 0.0  # monotonic time before which we do not try again
+        self._last_error = ""
+
+    # -- connection ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.connected
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self.connected:
+                return
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:
+                raise MachineError(
+                    f"unreachable, next attempt in {wait:.2f} s (last error: {self._last_error})",
+                    device=self.device,
+                )
+            try:
+                await self._open()
+            except MachineError as err:
+                self._failures += 1
+                backoff = self.settings.reconnect_min * 2 ** (self._failures - 1)
+                # Jitter so that many gateways restarted together do not knock in step.
+                delay = min(self.settings.reconnect_max, backoff * random.uniform(0.8, 1.2))
+                self._retry_at = time.monotonic() + delay
+                self._last_error = str(err).removeprefix(f"{self.device}: ")
+                raise
+            self._failures = 0
+            self._retry_at = 0.0
+
+    async def _open(self) -> None:
+        await self._drop()
+        s = self.settings
+        lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        client = AsyncModbusTcpClient(
+            s.host,
+            port=s.port,
+            name=self.device,
+            timeout=s.timeout,
+            retries=s.retries,
+            reconnect_delay=0,  # 0 disables pymodbus's background reconnect; we do our own
+            reconnect_delay_max=0,
+            trace_connect=functools.partial(_on_connection, lost),
+        )
+        # client.connect() swallows the reason (it returns False); open the transport the same way
+        # it does so that "connection refused" or a DNS failure reaches the error message.
+        reason = ""
+        try:
+            await asyncio.wait_for(client.ctx.call_create(), timeout=s.timeout)
+        except TimeoutError:
+            reason = f"no answer within {s.timeout} s"
+        except socket.gaierror as err:
+            reason = f"cannot resolve host name: {err.strerror}"
+        except OSError as err:
+            # asyncio's strerror is "Connect call failed (...)"; the errno says why.
+            reason = os.strerror(err.errno) if err.errno else str(err) or type(err).__name__
+        if reason or not client.connected:
+            with contextlib.suppress(Exception):
+                client.close()
+            raise MachineError(
+                f"cannot connect to {s.host}:{s.port}: {reason or 'connection failed'}",
+                device=self.device,
+            )
+        self._client, self._lost = client, lost
+
+    async def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):  # never raises, whatever state the client is in
+            await self._drop()
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def _point(self, name: str) -> ModbusPoint:
+        try:
+            return self._points[name]
+        except KeyError:
+            raise ValueError(f"{name}: no such point in profile {self.profile.name}") from None
+
+    def encode(self, point: str, value: Any) -> RawValue:
+        p = self._point(point)
+        if p.table in BIT_TABLES:
+            return codec.encode_bit(value, point)
+        return codec.encode(self._formats[point], value, point)
+
+    def raw_for_report(self, raw: RawValue) -> Any:
+        return bool(raw) if isinstance(raw, bool) else [int(w) for w in raw]
+
+    def _span(self, name: str) -> Span:
+        p = self._point(name)
+        return Span(name, p.table, p.address, p.registers)
+
+    # -- I/O ----------------------------------------------------------------------------------
+
+    async def write(self, values: Mapping[str, RawValue]) -> None:
+        spans = []
+        for name, raw in values.items():
+            p = self._point(name)
+            if not p.writable:
+                raise ValueError(f"{name}: {p.table} {p.address} is read-only")
+            self._check_raw(name, p, raw)
+            spans.append(self._span(name))
+        for req in plan_writes(spans):
+            if req.table == "coil":
+                bits = [bool(values[s.name]) for s in req.spans]
+                if len(bits) == 1:
+                    await self._execute("write_coil", req, bits)
+                else:
+                    await self._execute("write_coils", req, bits)
+            else:
+                words = [w for s in req.spans for w in values[s.name]]
+                await self._execute("write_registers", req, words)
+
+    def _check_raw(self, name: str, p: ModbusPoint, raw: RawValue) -> None:
+        # The wire form comes from encode(); refuse anything else rather than guess.
+        if p.table in BIT_TABLES:
+            if not isinstance(raw, bool):
+                raise ValueError(f"{name}: wire value {raw!r} for a {p.table} must be a bool")
+            return
+        ok = (
+            isinstance(raw, list | tuple)
+            and len(raw) == p.registers
+            and all(
+                isinstance(w, int) and not isinstance(w, bool) and 0 <= w <= 0xFFFF for w in raw
+            )
+        )
+        if not ok:
+            raise ValueError(f"{name}: wire value {raw!r} is not {p.registers} register word(s)")
+
+    async def read(self, points: Sequence[str]) -> dict[str, Any]:
+        names = list(dict.fromkeys(points))
+        out: dict[str, Any] = {}
+        for req in plan_reads([self._span(n) for n in names], max_gap=self.settings.max_gap):
+            function = _READ_FUNCTION[req.table]
+            response = await self._execute(function, req, None)
+            data: list[Any] = (
+                list(response.bits) if req.table in BIT_TABLES else list(response.registers)
+            )
+            if len(data) < req.count:
+                raise MachineFault(
+                    f"{self._where(function, req)}: short response, {len(data)} of {req.count}",
+                    device=self.device,
+                )
+            for span in req.spans:
+                at = req.offset(span)
+                if req.table in BIT_TABLES:
+                    out[span.name] = bool(data[at])
+                    continue
+                try:
+                    out[span.name] = codec.decode(
+                        self._formats[span.name], data[at : at + span.count], span.name
+                    )
+                except ValueError as err:
+                    raise MachineFault(
+                        f"{self._where(function, req)}: {err}", device=self.device
+                    ) from err
+        return {n: out[n] for n in names}
+
+    async def wait_until(self, point: str, expected: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = (await self.read([point]))[point]
+            if _equal(value, expected):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MachineFault(
+                    f"{point} did not become {_show(expected)} within {float(timeout)} s "
+                    f"(last value {_show(value)})",
+                    device=self.device,
+                )
+            await asyncio.sleep(min(self.settings.poll_interval, remaining))
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _where(self, function: str, req: Request) -> str:
+        names = ", ".join(s.name for s in req.spans)
+        return f"{function} address {req.address} count {req.count} ({names})"
+
+    def _request(
+        self, client: AsyncModbusTcpClient, function: str, req: Request, payload: list[Any] | None
+    ) -> Awaitable[ModbusPDU]:
+        unit = self.settings.unit_id
+        a, n = req.address, req.count
+        if function == "read_holding_registers":
+            return client.read_holding_registers(a, count=n, device_id=unit)
+        if function == "read_input_registers":
+            return client.read_input_registers(a, count=n, device_id=unit)
+        if function == "read_coils":
+            return client.read_coils(a, count=n, device_id=unit)
+        if function == "read_discrete_inputs":
+            return client.read_discrete_inputs(a, count=n, device_id=unit)
+        assert payload is not None
+        if function == "write_registers":
+            return client.write_registers(a, payload, device_id=unit)
+        if function == "write_coils":
+            return client.write_coils(a, payload, device_id=unit)
+        if function == "write_coil":
+            return client.write_coil(a, payload[0], device_id=unit)
+        raise AssertionError(function)
+
+    async def _execute(self, function: str, req: Request, payload: list[Any] | None) -> ModbusPDU:
+        await self.connect()
+        client, lost = self._client, self._lost
+        assert client is not None and lost is not None
+        where = self._where(function, req)
+        task = asyncio.ensure_future(self._request(client, function, req, payload))
+        try:
+            # pymodbus keeps waiting for an answer on a dropped connection until its timeout;
+            # the peer closing the socket is an answer too.
+            waiters: set[asyncio.Future[Any]] = {task, lost}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+            await self._drop()
+            raise MachineError(f"{where}: connection lost", device=self.device)
+        try:
+            response = task.result()
+        except ModbusIOException as err:
+            # Close so that a late answer can never be taken for the next request's.
+            await self._drop()
+            s = self.settings
+            raise MachineError(
+                f"{where}: no response within {s.timeout} s ({s.retries} retries)",
+                device=self.device,
+            ) from err
+        except ConnectionException as err:
+            await self._drop()
+            raise MachineError(f"{where}: not connected", device=self.device) from err
+        except ModbusException as err:
+            await self._drop()
+            raise MachineError(f"{where}: {err}", device=self.device) from err
+        if response.isError():
+            code = response.exception_code
+            try:
+                label = ExcCodes(code).name
+            except ValueError:
+                label = "UNKNOWN_EXCEPTION"
+            message = f"{where}: device answered {label} (Modbus exception code {code})"
+            if code in _TRANSIENT_CODES:
+                raise MachineError(message, device=self.device, retryable=True)
+            raise MachineFault(message, device=self.device, code=code)
+        return response
+
+
+def _on_connection(lost: asyncio.Future[None], up: bool) -> None:
+    if not up and not lost.done():
+        lost.set_result(None)
+
+
+def _equal(value: Any, expected: Any) -> bool:
+    if isinstance(value, bool) or isinstance(expected, bool):
+        return bool(value == expected)
+    if isinstance(value, int | float) and isinstance(expected, int | float):
+        return math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-9)
+    return bool(value == expected)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
