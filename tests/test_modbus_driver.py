@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from edge_agent.errors import MachineError, MachineFault
+from edge_agent.errors import ConfigError, MachineError, MachineFault
 from edge_agent.machine.modbus import ModbusDriver, ModbusSettings, create
 from edge_agent.machine.profile import Profile, load_profile
 from edge_agent.sim.reference_plc import ReferencePlc
@@ -468,3 +468,25 @@ def test_settings_defaults_and_refusals() -> None:
     ):
         with pytest.raises(ValueError):
             ModbusSettings(host="plc.local", **bad)
+
+
+def test_profile_constants_are_checked_when_the_driver_is_created(
+    tmp_path: Path, reference_plc_settings: ModbusSettings
+) -> None:
+    text = PROFILE.read_text(encoding="utf-8")
+    text = text.replace("  - write: program ", "  - {write: program, value: 70000}")
+    text = text.replace(
+        "      dwell: dwell\n    results",
+        "      dwell: {point: dwell, default: 20000}\n    results",
+    )
+    profile = load_profile(tmp_path / "p.yaml", text)  # the generic checks let both pass
+    with pytest.raises(ConfigError) as err:
+        create(reference_plc_settings, profile)
+    assert [(p.path, p.message) for p in err.value.problems] == [
+        ("handshake[1]", "program: 70000 does not fit u16 (representable range 0..65535)"),
+        (
+            "operations.drill.parameters.dwell.default",
+            "dwell: 20000 is outside the safe range 0.0..10000.0",
+        ),
+    ]
+    assert err.value.problems[0].file == str(tmp_path / "p.yaml")

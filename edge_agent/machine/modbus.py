@@ -30,7 +30,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
-from ..errors import MachineError, MachineFault
+from ..errors import ConfigError, ConfigProblem, MachineError, MachineFault
 from . import codec
 from .driver import MachineDriver, RawValue
 from .modbus_plan import (
@@ -42,7 +42,7 @@ from .modbus_plan import (
     plan_reads,
     plan_writes,
 )
-from .profile import BasePoint, PointType, Profile
+from .profile import BasePoint, PointType, Profile, WritePoint
 
 __all__ = [
     "POINT_MODEL",
@@ -146,9 +146,50 @@ SETTINGS_MODEL = ModbusSettings
 
 
 def create(settings: ModbusSettings | Mapping[str, Any], profile: Profile) -> ModbusDriver:
+    """A driver for ``profile``; ConfigError when a constant in the profile cannot be written."""
     if not isinstance(settings, ModbusSettings):
         settings = ModbusSettings.model_validate(dict(settings))
-    return ModbusDriver(settings, profile)
+    driver = ModbusDriver(settings, profile)
+    _check_constants(driver, profile)
+    return driver
+
+
+def _check_constants(driver: ModbusDriver, profile: Profile) -> None:
+    """Encode every value the profile itself supplies (handshake values, program numbers,
+    parameter defaults) now, so that a bad one stops the agent at start instead of failing a
+    handshake halfway, after the parameters went to the machine."""
+    problems: list[ConfigProblem] = []
+
+    def check(path: str, point: str, value: Any, lo: float | None, hi: float | None) -> None:
+        try:
+            driver.encode(point, value)
+        except ValueError as err:
+            problems.append(ConfigProblem(profile.source, None, path, str(err)))
+            return
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+            message = f"{point}: {value} is outside the safe range {lo}..{hi}"
+            problems.append(ConfigProblem(profile.source, None, path, message))
+
+    for section in ("handshake", "on_abort"):
+        for i, step in enumerate(getattr(profile, section)):
+            if not isinstance(step, WritePoint) or step.write not in profile.points:
+                continue
+            point = profile.points[step.write]
+            if step.value is not None:
+                check(f"{section}[{i}]", step.write, step.value, point.min, point.max)
+                continue
+            for name, op in profile.operations.items():
+                if op.program is not None:
+                    path = f"operations.{name}.program"
+                    check(path, step.write, op.program, point.min, point.max)
+    for name, op in profile.operations.items():
+        for param, spec in op.parameters.items():
+            if spec.default is not None:
+                path = f"operations.{name}.parameters.{param}.default"
+                check(path, spec.point, spec.default, *profile.parameter_limits(name, param))
+    if problems:
+        raise ConfigError(problems)
 
 
 _READ_FUNCTION: dict[Table, str] = {
