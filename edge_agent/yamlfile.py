@@ -151,6 +151,8 @@ def _add_suggestions(problems: list[ConfigProblem], model: type[BaseModel]) -> N
 def _known_keys(model: type[BaseModel], parents: list[str]) -> list[str]:
     current: Any = model
     for part in parents:
+        if part.isdigit():  # a list index: the item model was already found through list[...]
+            continue
         fields = getattr(current, "model_fields", None)
         if fields is None or part not in fields:
             return []

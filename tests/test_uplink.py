@@ -11,11 +11,15 @@ from tests.fixtures_broker import MqttRecorder
 
 
 def make_uplink(broker: EmbeddedBroker, **kw: object) -> MqttUplink:
-    config = BrokerConfig(host=broker.host, port=broker.port, reconnect_min=0.05, reconnect_max=0.2, **kw)  # type: ignore[arg-type]
+    config = BrokerConfig(
+        host=broker.host, port=broker.port, reconnect_min=0.05, reconnect_max=0.2, **kw
+    )  # type: ignore[arg-type]
     return MqttUplink(config, "gw-test", "edge-agent-gw-test")
 
 
-async def test_status_online_then_offline_retained(broker: EmbeddedBroker, recorder: MqttRecorder) -> None:
+async def test_status_online_then_offline_retained(
+    broker: EmbeddedBroker, recorder: MqttRecorder
+) -> None:
     uplink = make_uplink(broker)
     await uplink.start(lambda: {"gateway_id": "gw-test"})
     assert await uplink.wait_connected(5)
@@ -40,7 +44,9 @@ async def _wait_messages(r: MqttRecorder, n: int) -> list[tuple[str, bytes, bool
     raise AssertionError("no message")
 
 
-async def test_last_will_when_connection_dies(broker: EmbeddedBroker, recorder: MqttRecorder) -> None:
+async def test_last_will_when_connection_dies(
+    broker: EmbeddedBroker, recorder: MqttRecorder
+) -> None:
     uplink = make_uplink(broker, keepalive=5)
     await uplink.start(lambda: {})
     assert await uplink.wait_connected(5)

@@ -217,7 +217,12 @@ def _tighter(a: float | None, b: float | None, pick: Any) -> float | None:
 def load_profile(path: str | Path, text: str | None = None) -> Profile:
     """Load and validate a firmware profile; raise ConfigError listing every problem."""
     file = str(path)
-    raw = Path(path).read_bytes() if text is None else text.encode()
+    try:
+        raw = Path(path).read_bytes() if text is None else text.encode()
+    except OSError as err:
+        raise ConfigError(
+            [ConfigProblem(file, None, "", f"cannot read firmware profile: {err.strerror}")]
+        ) from err
     data, lines = load_yaml(path, raw.decode("utf-8"))
     try:
         doc = ProfileDoc.model_validate(data)

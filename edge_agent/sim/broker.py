@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import socket
 import tempfile
@@ -75,6 +76,8 @@ class EmbeddedBroker:
                     "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
                 },
             }
+            # amqtt logs every probe connection as an error; the demo's own output is what matters.
+            logging.getLogger("amqtt").setLevel(logging.CRITICAL)
             self._amqtt = Broker(config)
             await self._amqtt.start()
         await wait_listening(self.host, self.port)

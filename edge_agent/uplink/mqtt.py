@@ -20,6 +20,7 @@ import contextlib
 import json
 import random
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +78,7 @@ class MqttUplink:
         self._client.on_socket_unregister_write = self._on_socket_unregister_write
 
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
         self._connack: asyncio.Future[ReasonCode] | None = None
@@ -104,6 +106,7 @@ class MqttUplink:
     async def start(self, status: StatusFn) -> None:
         """Begin connecting in the background; returns at once (a broker that is down is not fatal)."""
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._status_fn = status
         self._tasks = [
             asyncio.create_task(self._supervise(), name="mqtt-supervisor"),
@@ -152,11 +155,9 @@ class MqttUplink:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._client.loop_read()  # let paho notice the closed socket and release it
         sock = self._client.socket()
-        if sock is not None and self._loop is not None:
-            self._loop.remove_reader(sock)
-            self._loop.remove_writer(sock)
+        if sock is not None:
+            self._unwatch(sock)
 
     # ----------------------------------------------------------------- connection supervisor
 
@@ -285,23 +286,39 @@ class MqttUplink:
             self._acked.set()
             self._wake.set()
 
-    # Socket plumbing: paho tells us which socket to watch; connect() runs in a worker thread,
-    # so registration goes through call_soon_threadsafe.
+    # Socket plumbing: paho tells us which socket to watch. connect() runs in a worker thread, so
+    # registration is handed to the loop; a socket closed before that runs is skipped.
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        loop.call_soon_threadsafe(lambda: loop.add_reader(sock, client.loop_read))
+        self._in_loop(lambda: self._watch(sock, client.loop_read, write=False))
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._loop.remove_reader, sock)
-        self._loop.call_soon_threadsafe(self._loop.remove_writer, sock)
+        self._unwatch(sock)  # paho closes the socket right after: unregister now, not later
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        loop.call_soon_threadsafe(lambda: loop.add_writer(sock, client.loop_write))
+        self._in_loop(lambda: self._watch(sock, client.loop_write, write=True))
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(lambda: self._unwatch(sock, read=False))
+
+    def _in_loop(self, fn: Callable[[], None]) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._loop.remove_writer, sock)
+        if threading.get_ident() == self._loop_thread:
+            fn()
+        else:
+            self._loop.call_soon_threadsafe(fn)
+
+    def _watch(self, sock: Any, callback: Callable[[], Any], *, write: bool) -> None:
+        assert self._loop is not None
+        if sock.fileno() == -1:
+            return
+        if write:
+            self._loop.add_writer(sock, callback)
+        else:
+            self._loop.add_reader(sock, callback)
+
+    def _unwatch(self, sock: Any, *, read: bool = True) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            if read:
+                self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)

@@ -1,0 +1,137 @@
+"""The daemon: wires config to reader, station cycle, machine driver and uplink, and runs them.
+
+Ordered start: uplink first (so the first report has somewhere to go), then the machine, the reader
+last. Ordered stop: the reader first (no new parts), the cycle in flight finishes or is aborted
+with the machine left idle, the machine is closed, the uplink flushes and says offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import structlog
+
+from . import __version__
+from .config import AgentConfig
+from .errors import MachineError
+from .instructions.signing import KeyRing
+from .machine import registry
+from .machine.driver import MachineDriver
+from .station.cycle import CycleReport, StationCycle
+from .tag.reader import ScanEvent, ScanKind, TagReader
+from .tag.registry import create_reader
+from .uplink.mqtt import MqttUplink
+from .uplink.outbox import Outbox
+
+log = structlog.get_logger("agent")
+
+
+class Agent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        reader: TagReader | None = None,
+        driver: MachineDriver | None = None,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self.config = config
+        self.reader = reader or create_reader(config.reader)
+        self.driver = driver or registry.driver_module(config.profile.driver).create(
+            config.machine, config.profile
+        )
+        self.keyring = KeyRing.from_files({k: str(p) for k, p in config.trusted_keys.items()})
+        self.uplink = MqttUplink(
+            config.broker,
+            config.gateway_id,
+            config.client_id,
+            outbox=outbox,
+            offline_status=self._offline("connection lost"),
+        )
+        self.cycle = StationCycle(
+            gateway_id=config.gateway_id,
+            station=config.station,
+            profile=config.profile,
+            driver=self.driver,
+            keyring=self.keyring,
+            reader=self.reader,
+            publish=lambda report: self.uplink.publish("cycles", report, qos=1),
+            write_back=config.cycle.write_back,
+        )
+        self.reports: asyncio.Queue[CycleReport] = asyncio.Queue()  # for the demo and tests
+        self._started = time.time()
+        self._current: asyncio.Task[CycleReport] | None = None
+
+    def status(self) -> dict[str, Any]:
+        p = self.config.profile
+        return {
+            "gateway_id": self.config.gateway_id,
+            "station": self.config.station,
+            "version": __version__,
+            "profile": {"name": p.name, "version": p.version, "hash": p.content_hash},
+            "machine": self.driver.device,
+            "reader": self.reader.name,
+            "started": self._started,
+        }
+
+    def _offline(self, reason: str) -> dict[str, Any]:
+        return {"state": "offline", "gateway_id": self.config.gateway_id, "reason": reason}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then shut down in order."""
+        await self.uplink.start(self.status)
+        try:
+            await self.driver.connect()
+        except MachineError as err:  # not fatal: cycles fail with a report until it is back
+            log.warning(
+                "machine not reachable at start; will retry",
+                device=self.driver.device,
+                error=str(err),
+            )
+        await self.reader.start()
+        log.info(
+            "agent started",
+            gateway=self.config.gateway_id,
+            station=self.config.station,
+            profile=self.config.profile.name,
+        )
+        events = asyncio.create_task(self._consume(), name="reader-events")
+        await stop.wait()
+        await self.shutdown(events)
+
+    async def _consume(self) -> None:
+        async for event in self.reader.events():
+            if event.kind is not ScanKind.ARRIVED:
+                continue
+            await self._run_cycle(event)
+
+    async def _run_cycle(self, event: ScanEvent) -> None:
+        self._current = asyncio.create_task(self.cycle.run(event), name=f"cycle-{event.uid.hex()}")
+        try:
+            report = await asyncio.shield(self._current)
+        except asyncio.CancelledError:
+            # Shutdown: let the cycle in flight finish (bounded in shutdown()).
+            raise
+        self.reports.put_nowait(report)
+        self._current = None
+
+    async def shutdown(self, events: asyncio.Task[None]) -> None:
+        log.info("stopping: no new parts")
+        await self.reader.stop()
+        events.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await events
+        current = self._current
+        if current is not None and not current.done():
+            log.info("waiting for the cycle in flight", timeout_s=self.config.cycle.drain_timeout)
+            done, _ = await asyncio.wait({current}, timeout=self.config.cycle.drain_timeout)
+            if not done:
+                current.cancel()  # the cycle aborts the machine cleanly before it ends
+                with contextlib.suppress(asyncio.CancelledError):
+                    await current
+        await self.driver.close()
+        await self.uplink.stop(self._offline("shutdown"), timeout=10)
+        log.info("agent stopped", backlog=self.uplink.backlog)

@@ -1,0 +1,268 @@
+"""``edge-agent demo``: the whole station in one process, on embedded defaults.
+
+An embedded reference PLC (pymodbus server), an embedded MQTT broker (mosquitto, else amqtt), a
+simulated reader fed with signed demo parts of several variants, and the agent itself, configured
+through a generated config file exactly as ``edge-agent run`` is. Each part arrives with its first
+step already done by the previous station, so the agent has to pick its own step from the progress.
+The closing summary counts the cycle reports that came back through the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .agent import Agent
+from .config import load_config
+from .instructions.format import TAG_CAPACITY, decode_tag, encode_tag, update_progress
+from .instructions.model import Step, StepRecord, StepStatus
+from .instructions.recipe import Recipe
+from .instructions.signing import KeyRing, generate_keypair, load_private_key
+from .sim.broker import EmbeddedBroker
+from .tag.simulated import SimulatedReader, SimulatedTag
+
+STATION = "st-20"
+GATEWAY = "demo-gw"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    parts: int = 20
+    machine: str | None = None  # HOST:PORT of an external reference PLC
+    broker: str | None = None  # HOST:PORT of an external broker
+    profile: Path | None = None
+    rate: float = 0.0  # parts per second, 0 = as fast as the station goes
+
+
+def find_profile(name: str = "reference-plc.yaml") -> Path:
+    """The shipped profile: in the source tree, the working directory, or the installed data dir."""
+    candidates = [
+        Path.cwd() / "firmware_profiles" / name,
+        Path(__file__).resolve().parent.parent / "firmware_profiles" / name,
+        Path(sys.prefix) / "share" / "edge-agent" / "firmware_profiles" / name,
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"firmware profile {name} not found; give one with --profile")
+
+
+def demo_steps(i: int) -> tuple[str, str, list[Step]]:
+    """Part i's product, variant and routing: st-10 drills, st-20 (us) varies by variant, st-30 presses."""
+    k = i % 4
+    drill = {
+        "spindle_speed": 1000 + 100 * k,
+        "feed_rate": 250.5,
+        "depth": 5.0 + k,
+        "tool": 1 + k,
+        "dwell": 100,
+    }
+    mine: tuple[str, str, str, dict[str, Any]] = [
+        (
+            "bracket",
+            "B-short",
+            "drill",
+            {
+                "spindle_speed": 1200 + 50 * i,
+                "feed_rate": 300.0,
+                "depth": 12.5,
+                "tool": 3,
+                "dwell": 200,
+            },
+        ),
+        (
+            "bracket",
+            "B-long",
+            "mill",
+            {
+                "spindle_speed": 2400,
+                "feed_rate": 420.5 + i,
+                "depth": 6.25,
+                "tool": 7,
+                "coolant_temp": 18.5,
+            },
+        ),
+        (
+            "housing",
+            "H-std",
+            "press",
+            {"force": 25000 + 1000 * i, "dwell": 500, "coolant_temp": 21.0},
+        ),
+        (
+            "housing",
+            "H-xl",
+            "drill",
+            {"spindle_speed": 900, "feed_rate": 180.0, "depth": 32.0 + k, "tool": 12, "dwell": 400},
+        ),
+    ][k]
+    press = {"force": 40000, "dwell": 300, "coolant_temp": 20.0}
+    steps = [
+        Step("drill", drill, "st-10"),
+        Step(mine[2], mine[3], STATION),
+        Step("press", press, "st-30"),
+    ]
+    return mine[0], mine[1], steps
+
+
+def demo_uid(i: int) -> bytes:
+    return b"\x04" + hashlib.sha256(f"demo-part-{i}".encode()).digest()[:6]
+
+
+def _parse_hostport(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SystemExit(f"edge-agent demo: --{what} must be HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+class _Subscriber:
+    """Counts the cycle reports that come back through the broker."""
+
+    def __init__(self, host: str, port: int, topic: str) -> None:
+        self.reports: dict[str, dict[str, Any]] = {}
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"edge-agent-demo-listener-{time.time_ns()}"
+        )
+        self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(1, 2)
+        self._client.connect_async(host, port)
+        self._client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with contextlib.suppress(ValueError):
+            report = json.loads(msg.payload)
+            self.reports[report["id"]] = report  # the id makes redelivered duplicates harmless
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+
+def format_report(n: int, report: dict[str, Any]) -> str:
+    part = report.get("part") or {}
+    step = report.get("step")
+    head = f"{n:>4}  {part.get('id', '?'):<10} {part.get('variant', ''):<8}"
+    where = (
+        f"step {step['index'] + 1}/{step['count']} {step['operation']:<6}"
+        if step
+        else "step -/-" + " " * 7
+    )
+    ms = report["durations_ms"].get("total", 0.0)
+    if report["status"] != "ok":
+        return f"{head} {where} {report['status'].upper()} {report['reason']}: {report['error']}  [{ms:.1f} ms]"
+    params = " ".join(
+        f"{p['name']}={p['value']}{(' ' + p['unit']) if p.get('unit') else ''}"
+        for p in report["parameters"]
+    )
+    cycles = report["results"].get("cycle_count")
+    return f"{head} {where} {params} -> ok, cycle #{cycles}  [{ms:.1f} ms]"
+
+
+async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
+    from .sim.reference_plc import ReferencePlc
+
+    work = tempfile.TemporaryDirectory(prefix="edge-agent-demo-")
+    workdir = Path(work.name)
+    plc: ReferencePlc | None = None
+    broker: EmbeddedBroker | None = None
+    try:
+        if options.machine:
+            machine_host, machine_port = _parse_hostport(options.machine, "machine")
+        else:
+            plc = ReferencePlc()
+            machine_host, machine_port = await plc.start("127.0.0.1", 0)
+        if options.broker:
+            broker_host, broker_port = _parse_hostport(options.broker, "broker")
+        else:
+            broker = EmbeddedBroker()
+            await broker.start()
+            broker_host, broker_port = broker.host, broker.port
+
+        private_path, public_path = generate_keypair("demo", workdir)
+        profile = options.profile.resolve() if options.profile else find_profile()
+        config_path = workdir / "demo.yaml"
+        config_path.write_text(
+            f"gateway_id: {GATEWAY}\nstation: {STATION}\n"
+            "reader: {type: simulated}\n"
+            f"machine: {{profile: {json.dumps(str(profile))}, host: {machine_host}, port: {machine_port}}}\n"
+            f"broker: {{host: {broker_host}, port: {broker_port}, reconnect_min: 0.2, reconnect_max: 5}}\n"
+            f"trusted_keys: {{demo: {json.dumps(str(public_path))}}}\n"
+        )
+        config = load_config(config_path)
+        print(
+            f"edge-agent demo: {options.parts} parts, station {STATION}, machine {machine_host}:{machine_port}"
+            f" ({'embedded reference PLC' if plc else 'external'}), broker {broker_host}:{broker_port}"
+            f" ({broker.kind + ', embedded' if broker else 'external'}), profile {config.profile.name} {config.profile.version}",
+            file=out,
+        )
+        reader = SimulatedReader()
+        agent = Agent(config, reader=reader)
+        listener = _Subscriber(broker_host, broker_port, agent.uplink.topic("cycles"))
+        stop = asyncio.Event()
+        runner = asyncio.create_task(agent.run(stop))
+        await agent.uplink.wait_connected(5)
+
+        key = load_private_key(private_path)
+        keyring = KeyRing({"demo": key.public_key()})
+        started = time.perf_counter()
+        for i in range(options.parts):
+            if options.rate > 0:
+                await asyncio.sleep(max(0.0, started + i / options.rate - time.perf_counter()))
+            product, variant, steps = demo_steps(i)
+            recipe = Recipe.from_steps(
+                part_id=f"P-{i + 1:05d}",
+                product=product,
+                variant=variant,
+                order=f"ORD-{4700 + i // 5}",
+                steps=steps,
+            )
+            uid = demo_uid(i)
+            message = encode_tag(recipe, uid, key, "demo", TAG_CAPACITY["ntag215"])
+            contents = decode_tag(message, uid, keyring)  # the previous station's write-back
+            done = contents.progress.with_record(
+                0, StepRecord(StepStatus.OK, "st-10", int(time.time())), len(steps)
+            )
+            reader.present(SimulatedTag(uid, update_progress(contents, done)))
+            report = await asyncio.wait_for(agent.reports.get(), timeout=60)
+            print(format_report(i + 1, report.as_message()), file=out)
+            reader.remove(uid)
+
+        delivered = await agent.uplink.flush(timeout=60)
+        for _ in range(200):  # the listener's copies trail the broker's PUBACKs slightly
+            if len(listener.reports) >= options.parts:
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+        await runner
+        listener.close()
+        received = list(listener.reports.values())
+        counts = {
+            s: sum(1 for r in received if r["status"] == s) for s in ("ok", "rejected", "failed")
+        }
+        missing = options.parts - len(received)
+        summary = (
+            f"{counts['ok']} cycles ok, {counts['rejected']} rejected, {counts['failed']} failed"
+        )
+        if missing or not delivered:
+            summary += f" ({missing} reports not received through the broker)"
+        print(summary, file=out)
+        return 0 if counts["ok"] == options.parts and not missing else 1
+    finally:
+        if plc is not None:
+            await plc.stop()
+        if broker is not None:
+            await broker.stop()
+            broker.close()
+        work.cleanup()

@@ -1,0 +1,100 @@
+"""A whole station wired from a real config file, for the cycle tests and the benchmark."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge_agent.agent import Agent
+from edge_agent.config import load_config
+from edge_agent.instructions.format import TAG_CAPACITY, decode_tag, encode_tag, update_progress
+from edge_agent.instructions.model import Step, StepRecord, StepStatus
+from edge_agent.instructions.recipe import Recipe
+from edge_agent.instructions.signing import KeyRing, generate_keypair, load_private_key
+from edge_agent.station.cycle import CycleReport
+from edge_agent.tag.simulated import SimulatedReader, SimulatedTag
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILE = REPO / "firmware_profiles" / "reference-plc.yaml"
+
+DRILL = {"spindle_speed": 1500, "feed_rate": 320.5, "depth": 12.5, "tool": 3, "dwell": 200}
+MILL = {"spindle_speed": 2400, "feed_rate": 410.0, "depth": 6.25, "tool": 7, "coolant_temp": 18.5}
+PRESS = {"force": 25000, "dwell": 500, "coolant_temp": 21.0}
+
+
+@dataclass
+class Station:
+    agent: Agent
+    reader: SimulatedReader
+    key: Ed25519PrivateKey
+    keyring: KeyRing
+    tmp: Path
+
+    def tag(
+        self,
+        steps: list[Step],
+        uid: bytes = b"\x04\x11\x22\x33\x44\x55\x66",
+        done: int = 0,
+        key: Ed25519PrivateKey | None = None,
+        part_id: str = "P-1",
+    ) -> SimulatedTag:
+        """A freshly encoded tag whose first ``done`` steps are marked done by earlier stations."""
+        recipe = Recipe.from_steps(
+            part_id=part_id, product="bracket", variant="B-long", order="ORD-1", steps=steps
+        )
+        message = encode_tag(recipe, uid, key or self.key, "mes", TAG_CAPACITY["ntag215"])
+        if done:
+            contents = decode_tag(message, uid, self.keyring)
+            progress = contents.progress
+            for i in range(done):
+                progress = progress.with_record(
+                    i, StepRecord(StepStatus.OK, f"st-{i}", int(time.time())), len(steps)
+                )
+            message = update_progress(contents, progress)
+        return SimulatedTag(uid, message)
+
+    async def cycle(self, tag: SimulatedTag, timeout: float = 10) -> CycleReport:
+        self.reader.present(tag)
+        report = await asyncio.wait_for(self.agent.reports.get(), timeout)
+        self.reader.remove(tag.uid)
+        return report
+
+
+def write_config(
+    tmp: Path, plc_port: int, broker_port: int, *, station: str = "st-20", extra: str = ""
+) -> Path:
+    _private, public = generate_keypair("mes", tmp)
+    path = tmp / "station.yaml"
+    path.write_text(
+        f"gateway_id: gw-test\nstation: {station}\nreader: {{type: simulated}}\n"
+        f"machine: {{profile: {json.dumps(str(PROFILE))}, host: 127.0.0.1, port: {plc_port}, timeout: 0.5, reconnect_max: 0.5}}\n"
+        f"broker: {{host: 127.0.0.1, port: {broker_port}, reconnect_min: 0.05, reconnect_max: 0.3}}\n"
+        f"trusted_keys: {{mes: {json.dumps(str(public))}}}\n{extra}"
+    )
+    return path
+
+
+@asynccontextmanager
+async def running_station(
+    tmp: Path, plc_port: int, broker_port: int, **kw: str
+) -> AsyncIterator[Station]:
+    path = write_config(tmp, plc_port, broker_port, **kw)
+    config = load_config(path)
+    reader = SimulatedReader()
+    agent = Agent(config, reader=reader)
+    key = load_private_key(tmp / "mes.key")
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    await agent.uplink.wait_connected(5)
+    try:
+        yield Station(agent, reader, key, KeyRing({"mes": key.public_key()}), tmp)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
