@@ -93,3 +93,29 @@ async def test_broker_absent_at_start_is_not_fatal(broker: EmbeddedBroker) -> No
     assert await uplink.wait_connected(5)
     assert await uplink.flush(5)
     await uplink.stop({"state": "offline"})
+
+
+async def test_subscriptions_survive_reconnect(broker: EmbeddedBroker) -> None:
+    uplink = make_uplink(broker)
+    got: list[tuple[str, bytes]] = []
+    uplink.subscribe("cmd/#", lambda topic, payload, props: got.append((topic, payload)))
+    await uplink.start(lambda: {})
+    assert await uplink.wait_connected(5)
+    sender = MqttRecorder(broker.host, broker.port, "unused")
+    await sender.ready()
+    sender._client.publish("edge/gw-test/cmd/status", b"1", qos=1).wait_for_publish(5)
+    await broker.kill()
+    await broker.start()
+    assert await uplink.wait_connected(5)
+    await asyncio.sleep(0.2)
+    sender2 = MqttRecorder(broker.host, broker.port, "unused")
+    await sender2.ready()
+    sender2._client.publish("edge/gw-test/cmd/pause", b"2", qos=1).wait_for_publish(5)
+    for _ in range(100):
+        if len(got) >= 2:
+            break
+        await asyncio.sleep(0.02)
+    assert got == [("edge/gw-test/cmd/status", b"1"), ("edge/gw-test/cmd/pause", b"2")]
+    sender.close()
+    sender2.close()
+    await uplink.stop({"state": "offline"})

@@ -35,6 +35,8 @@ from .outbox import MemoryOutbox, Outbox, OutMessage
 log = structlog.get_logger("uplink")
 
 StatusFn = Callable[[], dict[str, Any]]
+#: Called on the event loop with (topic, payload, MQTT 5 properties or None) for each message.
+MessageHandler = Callable[[str, bytes, Any], None]
 
 
 def dumps(payload: dict[str, Any]) -> bytes:
@@ -72,6 +74,7 @@ class MqttUplink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._client.on_message = self._on_message
         self._client.on_socket_open = self._on_socket_open
         self._client.on_socket_close = self._on_socket_close
         self._client.on_socket_register_write = self._on_socket_register_write
@@ -88,6 +91,9 @@ class MqttUplink:
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id
         self._last_sent = 0  # outbox id of the newest message handed to paho on this connection
         self._status_fn: StatusFn = lambda: {}
+        self._subscriptions: dict[
+            str, tuple[int, MessageHandler]
+        ] = {}  # full topic filter -> handler
         self._stopping = False
 
     # ----------------------------------------------------------------- public API
@@ -121,6 +127,17 @@ class MqttUplink:
         message = self.outbox.put(self.topic(suffix), dumps(payload), qos, retain)
         self._wake.set()
         return message
+
+    def subscribe(self, suffix: str, handler: MessageHandler, *, qos: int = 1) -> str:
+        """Deliver messages on ``<prefix>/<gateway_id>/<suffix>`` (wildcards allowed) to ``handler``.
+
+        Subscriptions are renewed on every reconnect. Returns the full topic filter.
+        """
+        topic = self.topic(suffix)
+        self._subscriptions[topic] = (qos, handler)
+        if self.connected:
+            self._client.subscribe(topic, qos=qos)
+        return topic
 
     async def wait_connected(self, timeout: float) -> bool:
         try:
@@ -267,6 +284,8 @@ class MqttUplink:
         self._inflight.clear()
         self._last_sent = 0
         self._connected.set()
+        for topic, (qos, _) in self._subscriptions.items():
+            client.subscribe(topic, qos=qos)
         status = {"state": "online", **self._status_fn(), "backlog": len(self.outbox)}
         client.publish(self.topic("status"), dumps(status), qos=1, retain=True)
         self._wake.set()
@@ -285,6 +304,14 @@ class MqttUplink:
             self.outbox.ack(message_id)
             self._acked.set()
             self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        for topic, (_, handler) in self._subscriptions.items():
+            if mqtt.topic_matches_sub(topic, msg.topic):
+                try:
+                    handler(msg.topic, bytes(msg.payload), getattr(msg, "properties", None))
+                except Exception:  # a handler bug must not take the link down
+                    log.exception("message handler failed", topic=msg.topic)
 
     # Socket plumbing: paho tells us which socket to watch. connect() runs in a worker thread, so
     # registration is handed to the loop; a socket closed before that runs is skipped.
