@@ -35,25 +35,31 @@ sys.path.insert(0, str(REPO))
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 # ----------------------------------------------------------------------------- agent phase
 
 
 async def agent_phase(plc_port: int, broker_port: int, cycles: int) -> dict[str, Any]:
-    from tests.station_harness import DRILL, PRESS, running_station
-
     from edge_agent.instructions.model import Step
     from edge_agent.log import setup_logging
+    from tests.station_harness import DRILL, PRESS, running_station
 
     setup_logging("error", "console")
     to_report: list[float] = []
     to_ack: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         async with running_station(Path(tmp), plc_port, broker_port) as station:
-            steps = [Step("drill", DRILL, "st-10"), Step("drill", DRILL, "st-20"), Step("press", PRESS, "st-30")]
-            tags = [station.tag(steps, uid=b"\x04" + i.to_bytes(6, "big"), done=1) for i in range(cycles + 20)]
+            steps = [
+                Step("drill", DRILL, "st-10"),
+                Step("drill", DRILL, "st-20"),
+                Step("press", PRESS, "st-30"),
+            ]
+            tags = [
+                station.tag(steps, uid=b"\x04" + i.to_bytes(6, "big"), done=1)
+                for i in range(cycles + 20)
+            ]
             for i, tag in enumerate(tags):
                 t0 = time.perf_counter()
                 station.reader.present(tag)
@@ -68,7 +74,12 @@ async def agent_phase(plc_port: int, broker_port: int, cycles: int) -> dict[str,
                     to_report.append((t1 - t0) * 1000)
                     to_ack.append((t2 - t0) * 1000)
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"to_report": to_report, "to_ack": to_ack, "rss_mib": rss_kib / 1024, "modules": sorted(m for m in sys.modules if m.startswith("asyncua"))[:1]}
+    return {
+        "to_report": to_report,
+        "to_ack": to_ack,
+        "rss_mib": rss_kib / 1024,
+        "modules": sorted(m for m in sys.modules if m.startswith("asyncua"))[:1],
+    }
 
 
 # ----------------------------------------------------------------------------- floor phase
@@ -130,19 +141,32 @@ async def main(cycles: int) -> None:
 
     a, a_ack, f = agent["to_report"], agent["to_ack"], floor["times"]
     med_a, med_f = statistics.median(a), statistics.median(f)
-    print(f"cycles                  {len(a)} (after 20 warm-up), {per_cycle} Modbus requests per cycle")
+    print(
+        f"cycles                  {len(a)} (after 20 warm-up), {per_cycle} Modbus requests per cycle"
+    )
     print(f"agent: event -> report  median {med_a:.3f} ms   p99 {pct(a, 0.99):.3f} ms")
-    print(f"agent: event -> PUBACK  median {statistics.median(a_ack):.3f} ms   p99 {pct(a_ack, 0.99):.3f} ms")
+    print(
+        f"agent: event -> PUBACK  median {statistics.median(a_ack):.3f} ms   p99 {pct(a_ack, 0.99):.3f} ms"
+    )
     print(f"floor: bare pymodbus    median {med_f:.3f} ms   p99 {pct(f, 0.99):.3f} ms")
     print(f"ratio (median)          {med_a / med_f:.2f}")
     overhead = [x - med_f for x in a]
-    print(f"agent overhead          median {statistics.median(overhead):.3f} ms   p99 {pct(overhead, 0.99):.3f} ms")
-    print(f"agent peak RSS          {agent['rss_mib']:.1f} MiB  (asyncua imported: {'yes' if agent['modules'] else 'no'})")
+    print(
+        f"agent overhead          median {statistics.median(overhead):.3f} ms   p99 {pct(overhead, 0.99):.3f} ms"
+    )
+    print(
+        f"agent peak RSS          {agent['rss_mib']:.1f} MiB  (asyncua imported: {'yes' if agent['modules'] else 'no'})"
+    )
 
 
 async def _child(*args: str) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--phase", *args, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)}
+        sys.executable,
+        __file__,
+        "--phase",
+        *args,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     out, _ = await proc.communicate()
     if proc.returncode:
@@ -154,7 +178,9 @@ async def _child(*args: str) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=1000)
-    parser.add_argument("--phase", nargs=4, metavar=("NAME", "PLC_PORT", "ARG", "CYCLES"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--phase", nargs=4, metavar=("NAME", "PLC_PORT", "ARG", "CYCLES"), help=argparse.SUPPRESS
+    )
     ns = parser.parse_args()
     if ns.phase:
         name, port, arg, n = ns.phase

@@ -22,7 +22,7 @@ import random
 import socket
 import time
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pymodbus.client import AsyncModbusTcpClient
@@ -360,10 +360,13 @@ class ModbusDriver(MachineDriver):
         if not ok:
             raise ValueError(f"{name}: wire value {raw!r} is not {p.registers} register word(s)")
 
-    async def read(self, points: Sequence[str]) -> dict[str, Any]:
+    async def read(self, points: Sequence[str], *, max_gap: int | None = None) -> dict[str, Any]:
+        """``max_gap``: unused addresses a request may bridge (default: the connection's setting);
+        telemetry groups pass the gap their profile declares for that memory area."""
         names = list(dict.fromkeys(points))
         out: dict[str, Any] = {}
-        for req in plan_reads([self._span(n) for n in names], max_gap=self.settings.max_gap):
+        gap = self.settings.max_gap if max_gap is None else max_gap
+        for req in plan_reads([self._span(n) for n in names], max_gap=gap):
             function = _READ_FUNCTION[req.table]
             response = await self._execute(function, req, None)
             data: list[Any] = (
@@ -433,51 +436,67 @@ class ModbusDriver(MachineDriver):
         raise AssertionError(function)
 
     async def _execute(self, function: str, req: Request, payload: list[Any] | None) -> ModbusPDU:
-        await self.connect()
+        if not self.connected:
+            await self.connect()
         client, lost = self._client, self._lost
         assert client is not None and lost is not None
-        where = self._where(function, req)
-        task = asyncio.ensure_future(self._request(client, function, req, payload))
+        # pymodbus keeps waiting for an answer on a dropped connection until its timeout; the peer
+        # closing the socket is an answer too. The request is awaited in this task (no extra task
+        # per request: this is the hot path) and a lost connection cancels it.
+        current = asyncio.current_task()
+        assert current is not None
+        pending = True
+        cut = False
+
+        def on_lost(_: asyncio.Future[None]) -> None:
+            nonlocal cut
+            if pending:  # a callback that runs after the answer arrived must not cancel anything
+                cut = True
+                current.cancel()
+
+        lost.add_done_callback(on_lost)
+        failure: BaseException | None = None
         try:
-            # pymodbus keeps waiting for an answer on a dropped connection until its timeout;
-            # the peer closing the socket is an answer too.
-            waiters: set[asyncio.Future[Any]] = {task, lost}
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            task.cancel()
-            raise
-        if not task.done():
-            task.cancel()
-            await asyncio.wait({task})
-            await self._drop()
-            raise MachineError(f"{where}: connection lost", device=self.device)
-        try:
-            response = task.result()
-        except ModbusIOException as err:
-            # Close so that a late answer can never be taken for the next request's.
-            await self._drop()
-            s = self.settings
-            raise MachineError(
-                f"{where}: no response within {s.timeout} s ({s.retries} retries)",
-                device=self.device,
-            ) from err
-        except ConnectionException as err:
-            await self._drop()
-            raise MachineError(f"{where}: not connected", device=self.device) from err
-        except ModbusException as err:
-            await self._drop()
-            raise MachineError(f"{where}: {err}", device=self.device) from err
+            response = await self._request(client, function, req, payload)
+        except (asyncio.CancelledError, ModbusException) as err:
+            failure = err
+        finally:
+            pending = False
+            lost.remove_done_callback(on_lost)
+        if failure is not None:
+            await self._fail(self._where(function, req), failure, cut=cut, task=current)
         if response.isError():
             code = response.exception_code
             try:
                 label = ExcCodes(code).name
             except ValueError:
                 label = "UNKNOWN_EXCEPTION"
-            message = f"{where}: device answered {label} (Modbus exception code {code})"
+            message = f"{self._where(function, req)}: device answered {label} (Modbus exception code {code})"
             if code in _TRANSIENT_CODES:
                 raise MachineError(message, device=self.device, retryable=True)
             raise MachineFault(message, device=self.device, code=code)
         return response
+
+    async def _fail(
+        self, where: str, err: BaseException, *, cut: bool, task: asyncio.Task[Any]
+    ) -> NoReturn:
+        """Translate a failed request into MachineError; close so no late answer is misread."""
+        if isinstance(err, asyncio.CancelledError):
+            if not cut:
+                raise err  # shutdown or another cancellation: not ours to swallow
+            task.uncancel()
+            await self._drop()
+            raise MachineError(f"{where}: connection lost", device=self.device) from None
+        await self._drop()
+        if isinstance(err, ModbusIOException):
+            s = self.settings
+            raise MachineError(
+                f"{where}: no response within {s.timeout} s ({s.retries} retries)",
+                device=self.device,
+            ) from err
+        if isinstance(err, ConnectionException):
+            raise MachineError(f"{where}: not connected", device=self.device) from err
+        raise MachineError(f"{where}: {err}", device=self.device) from err
 
 
 def _on_connection(lost: asyncio.Future[None], up: bool) -> None:

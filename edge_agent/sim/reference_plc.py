@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import signal
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pymodbus.constants import ExcCodes
@@ -52,8 +53,16 @@ _TABLE_OF.update(dict.fromkeys((3, 6, 16, 22, 23), "holding"))
 class ReferencePlc:
     """The reference PLC. ``await start()``, talk Modbus to ``host:port``, ``await stop()``."""
 
-    def __init__(self, *, done_delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        done_delay: float = 0.0,
+        on_request: Callable[[int, int, int, list[Any] | None], None] | None = None,
+    ) -> None:
         self.done_delay = done_delay  # seconds from the trigger's rising edge to done
+        #: Called with (function code, address, count, values written or None) for every request:
+        #: the benchmark records the agent's exact request sequence with it.
+        self.on_request = on_request
         self.host = "127.0.0.1"
         self.port = 0
         #: Function codes of every request received (e.g. ``requests[16]``: write_registers).
@@ -154,6 +163,14 @@ class ReferencePlc:
     def _trace_pdu(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU:
         if not sending:
             self.requests[pdu.function_code] += 1
+            if self.on_request is not None:
+                fc = pdu.function_code
+                values: list[Any] | None = None
+                if fc in (5, 15):
+                    values = [bool(b) for b in pdu.bits[: max(1, pdu.count)]]
+                elif fc in (6, 16):
+                    values = list(pdu.registers)
+                self.on_request(fc, pdu.address, pdu.count, values)
         return pdu
 
     async def _action(
