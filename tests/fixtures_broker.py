@@ -73,8 +73,8 @@ class MqttRecorder:
         return found
 
     def close(self) -> None:
+        self._client.disconnect()  # wakes paho's thread at once; loop_stop() alone waits up to 1 s
         self._client.loop_stop()
-        self._client.disconnect()
 
 
 @pytest_asyncio.fixture
