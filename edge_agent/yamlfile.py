@@ -61,6 +61,8 @@ def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, Lines]:
         source = Path(path).read_text(encoding="utf-8") if text is None else text
     except OSError as err:
         raise ConfigError([ConfigProblem(file, None, "", f"cannot read: {err.strerror}")]) from err
+    except UnicodeDecodeError as err:
+        raise ConfigError([ConfigProblem(file, None, "", f"not UTF-8 text (byte {err.start})")]) from err
     try:
         node = yaml.compose(source, Loader=_Loader)
     except yaml.MarkedYAMLError as err:
@@ -127,16 +129,19 @@ def validate(model: type[Model], data: Any, file: str, lines: Lines) -> Model:
         return model.model_validate(data)
     except ValidationError as err:
         problems = problems_from_validation(err, file, lines)
-        _add_suggestions(problems, model)
+        add_suggestions(problems, model)
         raise ConfigError(problems) from err
 
 
-def _add_suggestions(problems: list[ConfigProblem], model: type[BaseModel]) -> None:
-    """For an unknown key, name the closest known key at that level ("did you mean ...")."""
+def add_suggestions(problems: list[ConfigProblem], model: type[BaseModel], skip: int = 0) -> None:
+    """For an unknown key, name the closest known key at that level ("did you mean ...").
+
+    ``skip``: leading key-path parts that lie outside ``model`` (e.g. 2 for ``points.<name>``).
+    """
     for i, problem in enumerate(problems):
         if problem.message != "unknown key":
             continue
-        parts = problem.path.replace("[", ".").replace("]", "").split(".")
+        parts = problem.path.replace("[", ".").replace("]", "").split(".")[skip:]
         known = _known_keys(model, parts[:-1])
         close = difflib.get_close_matches(parts[-1], known, n=1)
         if close:

@@ -109,7 +109,7 @@ def test_unknown_key(tmp_path: Path) -> None:
     )
     assert [(p.path, p.message) for p in problems] == [
         ("points.tool.address", "required key is missing"),
-        ("points.tool.adress", "unknown key"),
+        ("points.tool.adress", "unknown key (did you mean 'address'?)"),
     ]
     assert {p.line for p in problems} == {line_of(text, "adress")}
 
@@ -217,3 +217,31 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "points.trigger.table",
         "points.dwell.table",
     }
+
+
+def test_misspelt_default_is_reported_once(tmp_path: Path) -> None:
+    problems, _, text = broken(
+        tmp_path, ("driver: modbus\n", "driver: modbus\ndefaults: {word_ordr: little}\n")
+    )
+    assert [(p.path, p.message) for p in problems] == [
+        ("defaults.word_ordr", "unknown key (did you mean 'word_order'?)")
+    ]
+    assert problems[0].line == line_of(text, "word_ordr")
+
+
+def test_wait_value_of_the_wrong_kind_is_refused_at_load(tmp_path: Path) -> None:
+    problems, _, text = broken(
+        tmp_path, ("{wait: done, equals: true, timeout: 5}", "{wait: done, equals: 1, timeout: 5}")
+    )
+    [problem] = problems
+    assert problem.path == "handshake[3]" and "use true or false" in problem.message
+    assert problem.line == line_of(text, "equals: 1")
+
+
+def test_profile_that_is_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(REFERENCE.read_text(encoding="utf-8").replace("°C", "\xb0C").encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_profile(path)
+    [problem] = err.value.problems
+    assert problem.file == str(path) and "not UTF-8" in problem.message

@@ -10,6 +10,7 @@ the handshake as declared steps. Validation runs in three stages and reports eve
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 from enum import StrEnum
@@ -19,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError, ConfigProblem
-from ..yamlfile import Lines, load_yaml, problems_from_validation
+from ..yamlfile import Lines, add_suggestions, load_yaml, problems_from_validation
 from . import registry
 
 
@@ -149,6 +150,39 @@ HandshakeStep = (
 )
 
 
+class TelemetryPoint(_Strict):
+    """One watched point: reported when it moves by more than ``deadband`` (0: any change)."""
+
+    deadband: float = Field(0.0, ge=0)
+
+
+class TelemetryGroup(_Strict):
+    """Points read together every ``interval`` s and reported by exception, one message per read.
+
+    Every ``full_every`` s (and after a gap in the data) the report carries every point.
+    ``max_gap`` is how many unused addresses a read may bridge to merge requests (Modbus).
+    """
+
+    interval: float = Field(gt=0, le=3600)
+    full_every: float = Field(60.0, gt=0, le=86400)
+    max_gap: int = Field(8, ge=0, le=120)
+    qos: Literal[0, 1] = 1
+    points: dict[str, TelemetryPoint] = Field(min_length=1)
+
+    @field_validator("points", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        # `points: [a, b]` is short for `points: {a: {}, b: {}}`; `a: 5` for `a: {deadband: 5}`
+        if isinstance(v, list):
+            return {name: {} for name in v}
+        if isinstance(v, dict):
+            return {
+                k: ({} if d is None else {"deadband": d} if isinstance(d, int | float) else d)
+                for k, d in v.items()
+            }
+        return v
+
+
 def _step_from_yaml(v: Any) -> Any:
     # `- write_parameters` (a bare word) is short for `- {action: write_parameters}`
     return {"action": v} if isinstance(v, str) else v
@@ -168,6 +202,7 @@ class ProfileDoc(_Strict):
         min_length=1
     )
     on_abort: list[Annotated[HandshakeStep, Field(union_mode="left_to_right")]] = []
+    telemetry: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+$")], TelemetryGroup] = {}
 
     @field_validator("handshake", "on_abort", mode="before")
     @classmethod
@@ -194,6 +229,7 @@ class Profile:
         self.operations = doc.operations
         self.handshake = doc.handshake
         self.on_abort = doc.on_abort
+        self.telemetry = doc.telemetry
         self.source = source
         self.content_hash = digest  # "sha256:<hex>" of the file's bytes, reported with every cycle
 
@@ -223,7 +259,11 @@ def load_profile(path: str | Path, text: str | None = None) -> Profile:
         raise ConfigError(
             [ConfigProblem(file, None, "", f"cannot read firmware profile: {err.strerror}")]
         ) from err
-    data, lines = load_yaml(path, raw.decode("utf-8"))
+    try:
+        source = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError([ConfigProblem(file, None, "", f"not UTF-8 text (byte {err.start})")]) from err
+    data, lines = load_yaml(path, source)
     try:
         doc = ProfileDoc.model_validate(data)
     except ValidationError as err:
@@ -242,12 +282,20 @@ def _validate_points(
     doc: ProfileDoc, file: str, lines: Lines, problems: list[ConfigProblem]
 ) -> dict[str, BasePoint]:
     model: type[BasePoint] = registry.driver_module(doc.driver).POINT_MODEL
+    # A misspelt default is one mistake, reported once at `defaults`, not once per point.
+    defaults = {k: v for k, v in doc.defaults.items() if k in model.model_fields}
+    for key in doc.defaults.keys() - defaults.keys():
+        close = difflib.get_close_matches(key, list(model.model_fields), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        problems.append(ConfigProblem(file, lines.get(("defaults", key)), f"defaults.{key}", "unknown key" + hint))
     points: dict[str, BasePoint] = {}
     for name, spec in doc.points.items():
         try:
-            points[name] = model.model_validate({**doc.defaults, **spec})
+            points[name] = model.model_validate({**defaults, **spec})
         except ValidationError as err:
-            problems.extend(problems_from_validation(err, file, lines, ("points", name)))
+            found = problems_from_validation(err, file, lines, ("points", name))
+            add_suggestions(found, model, skip=2)
+            problems.extend(found)
     return points
 
 
@@ -310,12 +358,31 @@ def _check_references(
             elif isinstance(step, ResetPoint):
                 known(step.reset, path, write=True)
             elif isinstance(step, (WaitFor, ReadError)):
-                known(step.wait if isinstance(step, WaitFor) else step.read_error, path)
+                name = step.wait if isinstance(step, WaitFor) else step.read_error
+                if known(name, path) and isinstance(step, WaitFor):
+                    mismatch = _value_kind_mismatch(points[name].type, step.equals)
+                    if mismatch:
+                        problem(path, f"equals {step.equals!r}: {mismatch}")
+
+    for group_name, group in doc.telemetry.items():
+        for point_name in group.points:
+            known(point_name, ("telemetry", group_name, "points", point_name))
 
     if doc.on_abort == [] and any(isinstance(s, SetPoint) for s in doc.handshake):
         problem(
             ("handshake",), "sets a trigger but has no 'on_abort' steps to reset it after a failure"
         )
+
+
+def _value_kind_mismatch(type_: PointType, value: Any) -> str | None:
+    """Why ``value`` can never be read from a point of ``type_`` (a wait would always time out)."""
+    if type_ is PointType.BOOL:
+        return None if isinstance(value, bool) else "the point is a bool: use true or false"
+    if type_ is PointType.STRING:
+        return None if isinstance(value, str) else "the point is a string"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"the point is a number ({type_.value})"
+    return None
 
 
 def _check_point_limits(point: BasePoint, problem: Any) -> None:
