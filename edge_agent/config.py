@@ -39,7 +39,20 @@ class SimulatedReaderConfig(_Strict):
     poll_interval: float = Field(0.2, gt=0, le=10)
 
 
-ReaderConfig = Annotated[SimulatedReaderConfig, Field(discriminator="type")]
+class NfcReaderConfig(_Strict):
+    """An NFC reader through nfcpy; ``device`` as nfcpy takes it (docs/readers.md)."""
+
+    type: Literal["nfc"]
+    name: str = "nfc"
+    device: str = Field("usb", pattern=r"^(usb|tty|com|udp)(:.*)?$")  # usb:VID:PID, tty:USB0:pn532
+    targets: list[Literal["106A", "106B", "212F", "424F"]] = Field(
+        default=["106A", "106B", "212F"], min_length=1
+    )
+    poll_interval: float = Field(0.1, gt=0, le=5)  # between senses, and presence checks
+    backoff_max: float = Field(30.0, gt=0, le=600)  # longest wait between attempts to open it
+
+
+ReaderConfig = Annotated[SimulatedReaderConfig | NfcReaderConfig, Field(discriminator="type")]
 
 
 class BrokerConfig(_Strict):
@@ -100,7 +113,7 @@ class AgentConfig:
     source: str
     gateway_id: str
     station: str
-    reader: SimulatedReaderConfig
+    reader: SimulatedReaderConfig | NfcReaderConfig
     machine: Any  # the driver's SETTINGS_MODEL instance
     profile: Profile
     broker: BrokerConfig
@@ -161,7 +174,7 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         keys[key_id] = resolved
 
     reader = doc.reader
-    if reader.directory is not None:
+    if isinstance(reader, SimulatedReaderConfig) and reader.directory is not None:
         reader = reader.model_copy(update={"directory": _resolve(base, reader.directory)})
 
     if problems or profile is None:

@@ -12,4 +12,14 @@ def create_reader(config: Any) -> TagReader:
         from .simulated import SimulatedReader
 
         return SimulatedReader(config.name, config.directory, config.poll_interval)
+    if config.type == "nfc":
+        from .nfc import NfcReader  # nfcpy itself is imported by the reader thread
+
+        return NfcReader(
+            config.name,
+            config.device,
+            targets=tuple(config.targets),
+            poll_interval=config.poll_interval,
+            backoff_max=config.backoff_max,
+        )
     raise KeyError(config.type)

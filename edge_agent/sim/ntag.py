@@ -1,0 +1,270 @@
+"""An NTAG213/215/216 tag that nfcpy's ``udp`` reader driver can talk to.
+
+nfcpy can emulate only Type 3 tags itself. This simulator answers the frames nfcpy's udp driver
+sends (datagrams ``"106A <hex>"``) with the NTAG21x command set over a memory image:
+anticollision (SENS_REQ, SDD/SEL cascade levels 1-2), GET_VERSION, READ (16 bytes, roll-over),
+WRITE (one 4-byte page; the CC page is one-time programmable: bits are OR-ed) and NAK for anything
+else. So everything above the radio - nfcpy's tag detection, its Type 2 NDEF code and our reader
+backend - runs for real.
+
+One socket stays bound for the simulator's lifetime: an emulator built on nfcpy's own listen loop
+re-binds per listen and races the reader (field-notes.md). A tag can be presented, removed, or
+torn away after a given number of written bytes, which is how the tear test cuts a write short.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PAGE = 4
+
+# kind -> (total pages, CC size byte, GET_VERSION storage byte); from the NTAG213/215/216 datasheet.
+KINDS = {
+    "NTAG213": (45, 0x12, 0x0F),
+    "NTAG215": (135, 0x3E, 0x11),
+    "NTAG216": (231, 0x6D, 0x13),
+}
+SENS_RES = bytes([0x44, 0x00])
+SAK_CASCADE, SAK_DONE = 0x04, 0x00
+ACK, NAK = b"\x0a", b"\x00"
+
+
+def _bcc(data: bytes) -> int:
+    return functools.reduce(operator.xor, data, 0)
+
+
+@dataclass
+class NtagImage:
+    """The whole memory of one tag: pages 0-2 UID/lock, page 3 CC, user memory, config pages."""
+
+    kind: str
+    memory: bytearray
+
+    @classmethod
+    def blank(cls, kind: str, uid: bytes, *, ndef: bool = True) -> NtagImage:
+        """A tag as it leaves the factory: CC written, an empty NDEF TLV (``ndef=False``: no CC)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown tag kind {kind!r}, expected one of {', '.join(KINDS)}")
+        if len(uid) != 7:
+            raise ValueError(f"an NTAG UID is 7 bytes, got {len(uid)}")
+        pages, cc_size, _ = KINDS[kind]
+        memory = bytearray(pages * PAGE)
+        memory[0:4] = uid[0:3] + bytes([_bcc(b"\x88" + uid[0:3])])
+        memory[4:8] = uid[3:7]
+        memory[8] = _bcc(uid[3:7])
+        memory[9] = 0x48  # internal byte
+        if ndef:
+            memory[12:16] = bytes([0xE1, 0x10, cc_size, 0x00])
+            memory[16:19] = bytes([0x03, 0x00, 0xFE])
+        return cls(kind, memory)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> NtagImage:
+        """An image as saved by ``to_bytes`` (a plain memory dump); the size gives the kind."""
+        for kind, (pages, _, _) in KINDS.items():
+            if len(data) == pages * PAGE:
+                return cls(kind, bytearray(data))
+        sizes = ", ".join(f"{pages * PAGE} ({kind})" for kind, (pages, _, _) in KINDS.items())
+        raise ValueError(f"a tag image is {sizes} bytes, got {len(data)}")
+
+    @classmethod
+    def load(cls, path: Path) -> NtagImage:
+        return cls.from_bytes(path.read_bytes())
+
+    def to_bytes(self) -> bytes:
+        return bytes(self.memory)
+
+    @property
+    def uid(self) -> bytes:
+        return bytes(self.memory[0:3] + self.memory[4:8])
+
+    @property
+    def pages(self) -> int:
+        return len(self.memory) // PAGE
+
+    @property
+    def user_pages(self) -> range:
+        """Pages the NDEF data area may use: from page 4 to the end of user memory."""
+        _, cc_size, _ = KINDS[self.kind]
+        return range(4, 4 + cc_size * 8 // PAGE)
+
+    def put_ndef(self, message: bytes) -> None:
+        """Lay ``message`` out as an NDEF TLV at page 4, as a tag programmed elsewhere would hold it."""
+        length = bytes([len(message)]) if len(message) < 255 else b"\xff" + len(message).to_bytes(2)
+        tlv = b"\x03" + length + message + b"\xfe"
+        area = self.user_pages
+        if len(tlv) - 1 > len(area) * PAGE:
+            raise ValueError(f"{len(message)} bytes do not fit a {self.kind}")
+        start = area.start * PAGE
+        self.memory[start : area.stop * PAGE] = bytes(len(area) * PAGE)
+        tlv = tlv[: len(area) * PAGE]  # a full tag has no room for the terminator
+        self.memory[start : start + len(tlv)] = tlv
+
+    def make_read_only(self) -> None:
+        """Set the CC write-access nibble, as a locked tag reports it."""
+        self.memory[15] |= 0x0F
+
+
+@dataclass
+class NtagSimulator:
+    """Serves one tag (or none) on a UDP port. ``device`` is the path to give nfcpy."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    tag: NtagImage | None = None
+    # Tests: after this many more bytes written by WRITE commands the tag leaves the field; the
+    # page being written when it happens keeps only its first bytes, like a real torn write.
+    tear_after_bytes: int | None = None
+    # Tests: after this many more commands (after anticollision) the tag leaves the field.
+    leave_after_commands: int | None = None
+    pages_written: list[int] = field(default_factory=list)
+    _sock: socket.socket | None = None
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _state: str = "idle"  # idle | ready1 | ready2 | active
+
+    @property
+    def device(self) -> str:
+        return f"udp:{self.host}:{self.port}"
+
+    def start(self) -> str:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.bind((self.host, self.port))
+        self.port = self._sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, name="ntag-sim", daemon=True)
+        self._thread.start()
+        return self.device
+
+    def stop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            # A datagram to ourselves wakes the blocking recvfrom; then the socket closes.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as waker:
+                waker.sendto(b"STOP", sock.getsockname())
+            if self._thread is not None:
+                self._thread.join(timeout=2)
+            sock.close()
+
+    def __enter__(self) -> NtagSimulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------------- the field
+
+    def present(self, tag: NtagImage) -> None:
+        with self._lock:
+            self.tag, self._state = tag, "idle"
+
+    def remove(self) -> NtagImage | None:
+        with self._lock:
+            tag, self.tag = self.tag, None
+            return tag
+
+    # ------------------------------------------------------------------------- the radio
+
+    def _serve(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        while self._sock is not None:
+            try:
+                datagram, addr = sock.recvfrom(1024)
+            except OSError:
+                return
+            if datagram == b"STOP":
+                continue
+            with self._lock:
+                reply = self._frame(datagram)
+            if reply is not None:
+                try:
+                    sock.sendto(reply, addr)
+                except OSError:
+                    return
+
+    def _frame(self, datagram: bytes) -> bytes | None:
+        if datagram.startswith(b"RFOFF"):
+            self._state = "idle"  # the reader dropped its field: the tag resets
+            return None
+        try:
+            brty, payload = datagram.split()
+            data = bytes.fromhex(payload.decode("ascii"))
+        except ValueError:
+            return None
+        if brty != b"106A":
+            return b"RFOFF"  # no tag of that technology: nfcpy's sense returns at once
+        if self.tag is None:
+            # An empty field. RFOFF makes nfcpy's sense return at once instead of waiting out its
+            # 1 s timeout; a command in flight gets an empty frame, a reception error, as when a
+            # real tag leaves mid-frame.
+            return b"RFOFF" if data in (b"\x26", b"\x52") else b"106A"
+        response = self._command(self.tag, data)
+        if response is None:
+            return None
+        return b"106A " + response.hex().encode() if response else b"106A"
+
+    def _command(self, tag: NtagImage, data: bytes) -> bytes | None:
+        uid = tag.uid
+        cl1 = bytes([0x88]) + uid[0:3] + bytes([_bcc(b"\x88" + uid[0:3])])
+        cl2 = uid[3:7] + bytes([_bcc(uid[3:7])])
+        if data in (b"\x26", b"\x52"):  # SENS_REQ / ALL_REQ
+            self._state = "ready1"
+            return SENS_RES
+        if data == b"\x93\x20" and self._state == "ready1":
+            return cl1
+        if data == b"\x93\x70" + cl1 and self._state == "ready1":
+            self._state = "ready2"
+            return bytes([SAK_CASCADE])
+        if data == b"\x95\x20" and self._state == "ready2":
+            return cl2
+        if data == b"\x95\x70" + cl2 and self._state == "ready2":
+            self._state = "active"
+            return bytes([SAK_DONE])
+        if self._state != "active":
+            return None  # a tag that is not selected stays silent
+        if self.leave_after_commands is not None:
+            if self.leave_after_commands <= 0:
+                self.tag = None
+                return b""
+            self.leave_after_commands -= 1
+        if data == b"\x60":  # GET_VERSION
+            return bytes([0x00, 0x04, 0x04, 0x02, 0x01, 0x00, KINDS[tag.kind][2], 0x03])
+        if len(data) == 2 and data[0] == 0x30:  # READ: 4 pages, rolling over at the end
+            start = data[1]
+            if start >= tag.pages:
+                return self._nak()
+            return b"".join(tag.memory[((start + i) % tag.pages) * PAGE :][:PAGE] for i in range(4))
+        if len(data) == 6 and data[0] == 0xA2:  # WRITE one page
+            return self._write(tag, data[1], data[2:6])
+        return self._nak()  # unsupported (e.g. nfcpy's AUTHENTICATE probe): NAK, back to idle
+
+    def _nak(self) -> bytes:
+        self._state = "idle"
+        return NAK
+
+    def _write(self, tag: NtagImage, page: int, value: bytes) -> bytes | None:
+        writable = page == 2 or page == 3 or page in tag.user_pages
+        if not writable or (page != 3 and tag.memory[15] & 0x0F):
+            return self._nak()
+        offset = page * PAGE
+        if page == 3:  # capability container: one-time programmable
+            value = bytes(
+                a | b for a, b in zip(tag.memory[offset : offset + 4], value, strict=True)
+            )
+        if self.tear_after_bytes is not None and self.tear_after_bytes < PAGE:
+            kept = self.tear_after_bytes
+            tag.memory[offset : offset + kept] = value[:kept]
+            self.tear_after_bytes = None
+            self.tag = None  # pulled away mid-write: a garbled frame instead of the ACK
+            return b""
+        if self.tear_after_bytes is not None:
+            self.tear_after_bytes -= PAGE
+        tag.memory[offset : offset + PAGE] = value
+        self.pages_written.append(page)
+        return ACK

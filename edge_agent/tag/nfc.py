@@ -1,0 +1,367 @@
+"""NFC readers through nfcpy: ``reader: {type: nfc, device: usb | usb:VID:PID | tty:USB0:pn532 | udp:HOST:PORT}``.
+
+nfcpy is blocking, so one thread owns the reader: it opens the device (retrying with capped
+backoff while it is absent), senses, activates the tag in the field, holds it while it stays and
+serves ReadTag/WriteTag requests from the event loop through a queue. Results and scan events go
+back with ``call_soon_threadsafe``. Tag I/O never happens outside that thread.
+
+Presence: a tag arriving gives one ARRIVED event; while it stays in the field nothing more; when
+it leaves, one LEFT. A tag presented again is a new presence (same UID, whatever progress it has).
+
+Write-back on Type 2 tags (NTAG21x, Ultralight): when the new message has the length of the one
+on the tag, only the 4-byte pages that differ are written, and the NDEF TLV length is never touched
+(nfcpy's own NDEF write zeroes it first, which a tear would leave as an empty tag). The pages
+written are read back and compared. Other tag types go through nfcpy's NDEF write and a full
+read-back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from ..errors import TagIOError
+from .reader import ScanEvent, ScanKind, TagReader
+
+log = structlog.get_logger("reader.nfc")
+
+Opener = Callable[[str], Any]  # device path -> an open nfc.ContactlessFrontend
+
+
+def open_frontend(device: str) -> Any:
+    import nfc
+
+    return nfc.ContactlessFrontend(device)
+
+
+@dataclass
+class _Request:
+    uid: bytes
+    run: Callable[[Any], Any]  # gets the nfcpy tag, runs in the reader thread
+    future: concurrent.futures.Future[Any]
+
+
+class NfcReader(TagReader):
+    def __init__(
+        self,
+        name: str = "nfc",
+        device: str = "usb",
+        *,
+        targets: tuple[str, ...] = ("106A", "106B", "212F"),
+        poll_interval: float = 0.1,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+        opener: Opener = open_frontend,
+    ) -> None:
+        self.name = name
+        self.device = device
+        self.targets = targets
+        self.poll_interval = poll_interval
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self._opener = opener
+        self._events: asyncio.Queue[ScanEvent | None] = asyncio.Queue()
+        self._requests: queue.Queue[_Request] = queue.Queue()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._present: bytes | None = None  # UID of the tag held in the field
+        self._fresh: bytes | None = None  # the NDEF read at arrival, until the first write
+        self.connected = threading.Event()  # the device is open (tests, health)
+        self.last_write_pages: list[int] = []  # pages written by the last write (tests, benchmark)
+
+    # ------------------------------------------------------------------ TagReader
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name=f"nfc-{self.name}", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            # Every blocking nfcpy call in the thread is bounded (poll interval, frame timeouts).
+            await asyncio.to_thread(self._thread.join, 5.0)
+            if self._thread.is_alive():
+                log.warning("nfc reader thread did not stop in time", reader=self.name)
+        self._fail_pending("the reader is stopping")
+        self._events.put_nowait(None)
+
+    async def events(self) -> AsyncIterator[ScanEvent]:
+        while (event := await self._events.get()) is not None:
+            yield event
+
+    async def read_ndef(self, uid: bytes) -> bytes:
+        result: bytes = await self._call(uid, self._read)
+        return result
+
+    async def write_ndef(self, uid: bytes, message: bytes, previous: bytes | None = None) -> None:
+        await self._call(uid, lambda tag: self._write(tag, message, previous))
+
+    async def _call(self, uid: bytes, run: Callable[[Any], Any]) -> Any:
+        if self._stopping.is_set():
+            raise TagIOError(f"reader {self.name} is stopped")
+        if self._present != uid:
+            raise TagIOError(f"tag {uid.hex().upper()} is not in the field of reader {self.name}")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._requests.put(_Request(uid, run, future))
+        return await asyncio.wrap_future(future)
+
+    # ------------------------------------------------------------------ the reader thread
+
+    def _run(self) -> None:
+        delay, failures = self.backoff_min, 0
+        while not self._stopping.is_set():
+            try:
+                clf = self._opener(self.device)
+            except (OSError, ValueError, TypeError) as err:
+                failures += 1
+                # WARNING once, then DEBUG: an absent reader must not flood the log at 3 a.m.
+                level = log.warning if failures == 1 else log.debug
+                level(
+                    "nfc reader not available; retrying",
+                    reader=self.name,
+                    device=self.device,
+                    error=str(err) or type(err).__name__,
+                    retry_in_s=delay,
+                )
+                self._stopping.wait(delay)
+                delay = min(delay * 2, self.backoff_max)
+                continue
+            if failures:
+                log.info("nfc reader recovered", reader=self.name, device=self.device)
+            else:
+                log.info("nfc reader opened", reader=self.name, device=self.device)
+            delay, failures = self.backoff_min, 0
+            self.connected.set()
+            try:
+                self._scan(clf)
+            except OSError as err:  # unplugged: nfcpy's drivers raise IOError from the device
+                failures = 1
+                log.warning(
+                    "nfc reader lost; retrying",
+                    reader=self.name,
+                    device=self.device,
+                    error=str(err) or type(err).__name__,
+                )
+            finally:
+                self.connected.clear()
+                self._leave()
+                self._fail_pending(f"reader {self.name} ({self.device}) is not available")
+                with contextlib.suppress(Exception):
+                    clf.close()
+            if failures:
+                self._stopping.wait(delay)
+
+    def _scan(self, clf: Any) -> None:
+        import nfc.clf
+        import nfc.tag
+
+        targets = [nfc.clf.RemoteTarget(brty) for brty in self.targets]
+        while not self._stopping.is_set():
+            self._fail_pending("no tag in the field")
+            target = clf.sense(*targets, iterations=1)
+            tag = nfc.tag.activate(clf, target) if target is not None else None
+            if tag is None:
+                self._stopping.wait(self.poll_interval)
+                continue
+            self._hold(tag)
+
+    def _hold(self, tag: Any) -> None:
+        """One presence: ARRIVED, serve requests while the tag stays, LEFT."""
+        uid = bytes(tag.identifier)
+        capacity = 0
+        self._fresh = None
+        with contextlib.suppress(*_tag_errors()):
+            # Read once at arrival: the cycle's ReadTag comes right after and can use it.
+            if tag.ndef is not None and tag.ndef.is_readable:
+                self._fresh, capacity = bytes(tag.ndef.octets), tag.ndef.capacity
+        self._present = uid
+        self._emit(ScanEvent(uid, ScanKind.ARRIVED, self.name, time.time(), _kind(tag), capacity))
+        try:
+            while not self._stopping.is_set():
+                try:
+                    request = self._requests.get(timeout=self.poll_interval)
+                except queue.Empty:
+                    if not _present(tag):
+                        return
+                    continue
+                if self._serve(tag, request) and not _present(tag):
+                    return
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        uid, self._present, self._fresh = self._present, None, None
+        if uid is not None:
+            self._emit(ScanEvent(uid, ScanKind.LEFT, self.name, time.time()))
+
+    def _serve(self, tag: Any, request: _Request) -> bool:
+        """Run one request; True when it failed (the caller then checks the tag is still there)."""
+        if not request.future.set_running_or_notify_cancel():
+            return False  # the caller gave up (cancelled) before the thread got to it
+        uid = request.uid.hex().upper()
+        try:
+            if request.uid != self._present:
+                raise TagIOError(f"tag {uid} is not in the field of reader {self.name}")
+            result = request.run(tag)
+        except TagIOError as err:
+            _resolve(request.future, error=err)
+            return True
+        except _tag_errors() as err:
+            error = TagIOError(f"tag {uid} on reader {self.name} ({self.device}): {_why(err)}")
+            error.__cause__ = err
+            _resolve(request.future, error=error)
+            return True
+        except OSError as err:
+            _resolve(request.future, error=TagIOError(f"reader {self.name} lost: {err}"))
+            raise
+        _resolve(request.future, result=result)
+        return False
+
+    def _fail_pending(self, why: str) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            uid = request.uid.hex().upper()
+            _resolve(request.future, error=TagIOError(f"tag {uid}: {why}"))
+
+    def _emit(self, event: ScanEvent) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closed between the check and the call
+                self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    # ------------------------------------------------------------------ ReadTag / WriteTag
+
+    def _ndef(self, tag: Any, *, fresh: bool) -> Any:
+        uid = bytes(tag.identifier).hex().upper()
+        if fresh:
+            tag._ndef = None  # nfcpy caches the NDEF area; force a read from the tag
+        ndef = tag.ndef
+        if ndef is None and not _present(tag):
+            raise TagIOError(f"tag {uid} left the field during the read")
+        if ndef is None:
+            raise TagIOError(
+                f"tag {uid} ({_kind(tag)}) holds no NDEF data area: not formatted "
+                "(edge-agent tag write formats it) or not readable"
+            )
+        if not ndef.is_readable:
+            raise TagIOError(f"tag {uid} ({_kind(tag)}): NDEF area is read-protected")
+        return ndef
+
+    def _read(self, tag: Any) -> bytes:
+        if self._fresh is not None:
+            data, self._fresh = self._fresh, None
+            return data
+        return bytes(self._ndef(tag, fresh=True).octets)
+
+    def _write(self, tag: Any, message: bytes, previous: bytes | None) -> None:
+        import nfc.tag.tt2
+
+        uid = bytes(tag.identifier).hex().upper()
+        self._fresh = None
+        ndef = self._ndef(tag, fresh=False)
+        if not ndef.is_writeable:
+            raise TagIOError(f"tag {uid} ({_kind(tag)}) is read-only")
+        if len(message) > ndef.capacity:
+            raise TagIOError(
+                f"tag {uid} ({_kind(tag)}) holds {ndef.capacity} bytes, the message has "
+                f"{len(message)} ({len(message) - ndef.capacity} over)"
+            )
+        on_tag = bytes(ndef.octets)
+        if (
+            isinstance(tag, nfc.tag.tt2.Type2Tag)
+            and len(on_tag) == len(message)
+            and (previous is None or previous == on_tag)
+        ):
+            pages = _write_changed_pages(ndef, message)
+            self.last_write_pages = pages
+            expected = bytes(ndef._tag_memory[: len(ndef._tag_memory)])
+            for first in sorted({p - p % 4 for p in pages}):  # READ returns 4 pages
+                if bytes(tag.read(first)) != expected[first * 4 : first * 4 + 16]:
+                    raise TagIOError(f"tag {uid}: read-back of pages {first}-{first + 3} differs")
+            ndef._data = bytearray(message)
+            return
+        ndef.octets = message
+        self.last_write_pages = []
+        if bytes(self._ndef(tag, fresh=True).octets) != message:
+            raise TagIOError(f"tag {uid}: the NDEF message read back differs from the one written")
+
+
+def _write_changed_pages(ndef: Any, message: bytes) -> list[int]:
+    """Put ``message`` into the NDEF TLV's value (length unchanged) and write the pages that differ.
+
+    Uses nfcpy's own memory image of the tag from the last read (TLV offset, lock/reserved bytes to
+    skip) and its page-diffing ``synchronize``.
+    """
+    memory = ndef._tag_memory
+    skip = ndef._skip_bytes
+    offset = ndef._ndef_tlv_offset + (2 if len(message) < 255 else 4)
+    changed: set[int] = set()
+    for index, octet in enumerate(message):
+        while offset + index in skip:
+            offset += 1
+        if memory[offset + index] != octet:
+            memory[offset + index] = octet
+            changed.add((offset + index) // 4)
+    memory.synchronize()
+    return sorted(changed)
+
+
+def _present(tag: Any) -> bool:
+    try:
+        return bool(tag.is_present)
+    except _tag_errors():
+        return False
+
+
+def _tag_errors() -> tuple[type[BaseException], ...]:
+    import nfc.clf
+    import nfc.tag
+
+    # RuntimeError: nfcpy's Type 2 transceive raises it for a broken link it does not classify.
+    return (
+        nfc.tag.TagCommandError,
+        nfc.clf.CommunicationError,
+        RuntimeError,
+        AttributeError,
+        ValueError,
+    )
+
+
+def _why(err: BaseException) -> str:
+    import nfc.tag
+
+    if isinstance(err, nfc.tag.TagCommandError):
+        return f"tag command failed ({err}); was the tag moved away?"
+    return str(err) or type(err).__name__
+
+
+def _kind(tag: Any) -> str:
+    product = str(getattr(tag, "product", "") or tag.type)
+    return product.removeprefix("NXP ")
+
+
+def _resolve(
+    future: concurrent.futures.Future[Any],
+    *,
+    result: Any = None,
+    error: BaseException | None = None,
+) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
