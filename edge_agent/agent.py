@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -24,7 +25,8 @@ from .station.cycle import CycleReport, StationCycle
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
 from .uplink.mqtt import MqttUplink
-from .uplink.outbox import Outbox
+from .uplink.outbox import Keep, MemoryOutbox, Outbox
+from .uplink.outbox_sqlite import SqliteOutbox
 
 log = structlog.get_logger("agent")
 
@@ -44,11 +46,13 @@ class Agent:
             config.machine, config.profile
         )
         self.keyring = KeyRing.from_files({k: str(p) for k, p in config.trusted_keys.items()})
+        self._alarm_at = 0.0  # last outbox_dropped event
+        self._dropped = 0  # messages dropped since that event
         self.uplink = MqttUplink(
             config.broker,
             config.gateway_id,
             config.client_id,
-            outbox=outbox,
+            outbox=outbox if outbox is not None else self._open_outbox(),
             offline_status=self._offline("connection lost"),
         )
         self.cycle = StationCycle(
@@ -65,6 +69,50 @@ class Agent:
         self._started = time.time()
         self._current: asyncio.Task[CycleReport] | None = None
 
+    def _open_outbox(self) -> Outbox:
+        if self.config.state_dir is None:
+            log.warning("no state_dir: the outbox is in memory and lost if the agent stops")
+            return MemoryOutbox()
+        return SqliteOutbox(
+            self.config.state_dir / "outbox.sqlite3",
+            max_messages=self.config.outbox.max_messages,
+            telemetry_max_age=self.config.outbox.telemetry_max_age,
+            on_drop=self._outbox_dropped,
+        )
+
+    def _outbox_dropped(self, count: int, keep: Keep) -> None:
+        # One event a minute at most: the event itself goes through the full outbox.
+        self._dropped += count
+        now = time.time()
+        if now - self._alarm_at < 60:
+            return
+        self._alarm_at, dropped, self._dropped = now, self._dropped, 0
+        self.uplink.publish(
+            "events",
+            {
+                "schema": "edge-agent/event/1",
+                "event": "outbox_dropped",
+                "gateway_id": self.config.gateway_id,
+                "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+                "dropped": dropped,
+                "class": keep.name.lower(),
+                "backlog": self.uplink.backlog,
+            },
+        )
+
+    async def _wait_outbox_room(self, event: ScanEvent) -> None:
+        """Only cycle reports left and the outbox at its limit: take no part rather than lose one."""
+        if not self.uplink.outbox.full:
+            return
+        log.error(
+            "outbox full of cycle reports: not accepting parts until the broker takes them",
+            tag=event.uid.hex().upper(),
+            backlog=self.uplink.backlog,
+            oldest_age_s=self.uplink.oldest_age,
+        )
+        await self.uplink.wait_outbox_room()
+        log.info("outbox has room again: accepting parts", backlog=self.uplink.backlog)
+
     def status(self) -> dict[str, Any]:
         p = self.config.profile
         return {
@@ -75,6 +123,7 @@ class Agent:
             "machine": self.driver.device,
             "reader": self.reader.name,
             "started": self._started,
+            "accepting_parts": not self.uplink.outbox.full,
         }
 
     def _offline(self, reason: str) -> dict[str, Any]:
@@ -106,6 +155,7 @@ class Agent:
         async for event in self.reader.events():
             if event.kind is not ScanKind.ARRIVED:
                 continue
+            await self._wait_outbox_room(event)
             await self._run_cycle(event)
 
     async def _run_cycle(self, event: ScanEvent) -> None:
@@ -134,4 +184,5 @@ class Agent:
                     await current
         await self.driver.close()
         await self.uplink.stop(self._offline("shutdown"), timeout=10)
-        log.info("agent stopped", backlog=self.uplink.backlog)
+        log.info("agent stopped", backlog=self.uplink.backlog, oldest_age_s=self.uplink.oldest_age)
+        self.uplink.outbox.close()

@@ -12,11 +12,18 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError, ConfigProblem
 from .machine import registry
@@ -55,17 +62,79 @@ class NfcReaderConfig(_Strict):
 ReaderConfig = Annotated[SimulatedReaderConfig | NfcReaderConfig, Field(discriminator="type")]
 
 
+class TlsConfig(_Strict):
+    ca_file: Path  # CA bundle that signed the broker's certificate
+    cert_file: Path | None = None  # client certificate, when the broker asks for one
+    key_file: Path | None = None
+    verify_hostname: bool = True  # the broker's certificate must name the host we connect to
+
+
+_URI = re.compile(r"^(mqtts?)://(\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+)(?::(\d{1,5}))?/?$")
+
+
+def parse_broker_uri(uri: str) -> tuple[bool, str, int]:
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` -> (tls, host, port)."""
+    m = _URI.match(uri)
+    if not m:
+        raise ValueError(f"'{uri}' is not mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+    tls = m.group(1) == "mqtts"
+    port = int(m.group(3) or (8883 if tls else 1883))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"'{uri}': port must be 1-65535")
+    return tls, m.group(2).strip("[]"), port
+
+
 class BrokerConfig(_Strict):
     host: str = "localhost"
     port: int = Field(1883, ge=1, le=65535)
+    # Brokers tried in turn (failover); when given, host and port are not used.
+    uris: list[str] = []
     client_id: str | None = None  # default: edge-agent-<gateway_id>, unique per gateway
     keepalive: int = Field(30, ge=5, le=3600)
     username: str | None = None
     password: str | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    tls: TlsConfig | None = None
+    # false: the broker keeps our session (subscriptions, commands queued while we were away)
+    clean_session: bool = False
+    session_expiry: int = Field(86400, ge=0)  # MQTT 5: seconds the broker keeps the session
     topic_prefix: str = "edge"
     inflight: int = Field(20, ge=1, le=1000)  # QoS 1 messages awaiting PUBACK at once
     reconnect_min: float = Field(0.5, gt=0)
     reconnect_max: float = Field(60.0, gt=0)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_number(cls, v: Any) -> Any:
+        # YAML reads `protocol: 5` as a number and `5.0` as a float
+        return {5: "5", "5.0": "5"}.get(v, v) if not isinstance(v, bool) else v
+
+    @field_validator("uris")
+    @classmethod
+    def _uris(cls, v: list[str]) -> list[str]:
+        schemes = {parse_broker_uri(uri)[0] for uri in v}
+        if len(schemes) > 1:
+            raise ValueError("use mqtt:// for every broker or mqtts:// for every broker, not both")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_matches_uris(self) -> BrokerConfig:
+        if self.tls is not None and self.uris and not self.use_tls:
+            raise ValueError("broker.tls is set but the uris say mqtt://; use mqtts://")
+        return self
+
+    @property
+    def use_tls(self) -> bool:
+        """TLS when a ``tls:`` block is given or the URIs say mqtts:// (then the system's CAs)."""
+        if self.uris:
+            return parse_broker_uri(self.uris[0])[0]
+        return self.tls is not None
+
+    @property
+    def endpoints(self) -> list[tuple[str, int]]:
+        if self.uris:
+            return [parse_broker_uri(uri)[1:] for uri in self.uris]
+        return [(self.host, self.port)]
 
     @field_validator("topic_prefix")
     @classmethod
@@ -82,6 +151,13 @@ class CycleConfig(_Strict):
     drain_timeout: float = Field(30.0, gt=0)  # at shutdown: how long the cycle in flight may finish
 
 
+class OutboxConfig(_Strict):
+    """Bounds of the disk outbox in ``state_dir`` (docs/mqtt.md, Delivery)."""
+
+    max_messages: int = Field(100_000, ge=10)
+    telemetry_max_age: float | None = Field(None, gt=0)  # seconds; older telemetry is dropped
+
+
 class LogConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -95,6 +171,8 @@ class AgentConfigDoc(_Strict):
     broker: BrokerConfig = BrokerConfig()
     trusted_keys: dict[str, Path] = Field(min_length=1)
     cycle: CycleConfig = CycleConfig()
+    state_dir: Path | None = None  # the disk outbox lives here; without it, in memory only
+    outbox: OutboxConfig = OutboxConfig()
     log: LogConfig = LogConfig()
 
     @field_validator("trusted_keys")
@@ -120,6 +198,8 @@ class AgentConfig:
     trusted_keys: dict[str, Path]
     cycle: CycleConfig
     log: LogConfig
+    state_dir: Path | None = None
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
 
     @property
     def client_id(self) -> str:
@@ -177,6 +257,25 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
     if isinstance(reader, SimulatedReaderConfig) and reader.directory is not None:
         reader = reader.model_copy(update={"directory": _resolve(base, reader.directory)})
 
+    broker = doc.broker
+    if broker.tls is not None:
+        tls_paths = {}
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(broker.tls, name)
+            if value is None:
+                continue
+            tls_paths[name] = resolved = _resolve(base, value)
+            if not resolved.is_file():
+                problems.append(
+                    ConfigProblem(
+                        file,
+                        lines.get(("broker", "tls", name)),
+                        f"broker.tls.{name}",
+                        f"no such file: {resolved}",
+                    )
+                )
+        broker = broker.model_copy(update={"tls": broker.tls.model_copy(update=tls_paths)})
+
     if problems or profile is None:
         raise ConfigError(problems)
     return AgentConfig(
@@ -186,10 +285,12 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         reader=reader,
         machine=machine,
         profile=profile,
-        broker=doc.broker,
+        broker=broker,
         trusted_keys=keys,
         cycle=doc.cycle,
         log=doc.log,
+        state_dir=_resolve(base, doc.state_dir) if doc.state_dir is not None else None,
+        outbox=doc.outbox,
     )
 
 

@@ -70,6 +70,7 @@ async def test_happy_path_programs_machine_and_reports(
     assert report.tag_write == "ok"
     # And the report went upstream, exactly as produced.
     [sent] = await recorder.wait_for("gw-test/cycles", 1)
+    assert sent.pop("seq") >= 1  # the uplink's per-gateway sequence number
     assert sent == report.as_message()
     assert sent["profile"]["hash"].startswith("sha256:")
     assert sent["key_id"] == "mes" and sent["tag_uid"] == tag.uid.hex().upper()
@@ -245,5 +246,7 @@ async def test_broker_down_reports_delivered_exactly_as_produced(
         await recorder.ready()
         assert await station.agent.uplink.flush(10)
         received = await recorder.wait_for("gw-test/cycles", 6)
+        seqs = [m.pop("seq") for m in received]
+        assert seqs == sorted(seqs)
         assert received == [r.as_message() for r in produced]
         recorder.close()

@@ -10,7 +10,7 @@ link goes down, DEBUG while it stays down, one INFO when it recovers.
 
 Delivery: every QoS 1 message goes through the outbox and leaves it only on PUBACK. After a
 reconnect, whatever was not acknowledged is sent again, oldest first; consumers drop duplicates by
-the message id carried in each payload.
+the message id carried in each payload, and see gaps or order by its per-gateway ``seq``.
 """
 
 from __future__ import annotations
@@ -20,17 +20,22 @@ import contextlib
 import json
 import random
 import socket
+import ssl
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ..config import BrokerConfig
-from .outbox import MemoryOutbox, Outbox, OutMessage
+from .outbox import Keep, MemoryOutbox, Outbox, OutMessage
 
 log = structlog.get_logger("uplink")
 
@@ -41,6 +46,22 @@ MessageHandler = Callable[[str, bytes, Any], None]
 
 def dumps(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def classify(suffix: str) -> Keep:
+    """What a full outbox may drop: cycle reports never, telemetry first."""
+    if suffix == "cycles":
+        return Keep.RECORD
+    return Keep.TELEMETRY if suffix.split("/")[0] == "telemetry" else Keep.EVENT
+
+
+#: CONNACK reasons that another attempt with the same settings cannot fix: wait longest.
+_AUTH_REFUSED = {
+    "Not authorized",
+    "Bad user name or password",
+    "Banned",
+    "Client identifier not valid",
+}
 
 
 class MqttUplink:
@@ -57,14 +78,27 @@ class MqttUplink:
         self.gateway_id = gateway_id
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
         self._prefix = f"{broker.topic_prefix}/{gateway_id}"
+        self._v5 = broker.protocol == "5"
+        # A persistent session (clean_session false) keeps what the broker queued for us (commands)
+        # while we were away; our own publishes are redelivered from the outbox either way.
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=True,  # nothing is queued for us by the broker; the outbox owns redelivery
+            protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311,
+            clean_session=None if self._v5 else broker.clean_session,
         )
         if broker.username:
             self._client.username_pw_set(broker.username, broker.password)
+        if broker.use_tls:
+            tls = broker.tls
+            self._client.tls_set(
+                ca_certs=str(tls.ca_file) if tls else None,
+                certfile=str(tls.cert_file) if tls and tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls and tls.key_file else None,
+            )
+            self._client.tls_insecure_set(bool(tls and not tls.verify_hostname))
+        self._endpoints = broker.endpoints
+        self._endpoint = 0  # index of the broker tried next / connected to
         offline = offline_status or {
             "state": "offline",
             "gateway_id": gateway_id,
@@ -121,12 +155,35 @@ class MqttUplink:
         ]
 
     def publish(
-        self, suffix: str, payload: dict[str, Any], *, qos: int = 1, retain: bool = False
-    ) -> OutMessage:
-        """Queue a message. It is delivered when the broker is reachable, in order."""
-        message = self.outbox.put(self.topic(suffix), dumps(payload), qos, retain)
+        self,
+        suffix: str,
+        payload: dict[str, Any],
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        keep: Keep | None = None,
+    ) -> OutMessage | None:
+        """Queue a message. It is delivered when the broker is reachable, in order.
+
+        The payload gains a stable ``id`` (kept if it has one) and the per-gateway ``seq``, so
+        consumers can drop redelivered duplicates. None when a full outbox refused it (telemetry).
+        """
+        body = {"id": uuid.uuid4().hex, **payload}
+        message = self.outbox.put(
+            self.topic(suffix),
+            lambda seq: dumps({**body, "seq": seq}),
+            qos,
+            retain,
+            classify(suffix) if keep is None else keep,
+        )
         self._wake.set()
         return message
+
+    @property
+    def oldest_age(self) -> float:
+        """Seconds the oldest unacknowledged message has waited (0 when none)."""
+        oldest = self.outbox.oldest_created()
+        return round(max(0.0, time.time() - oldest), 1) if oldest is not None else 0.0
 
     def subscribe(self, suffix: str, handler: MessageHandler, *, qos: int = 1) -> str:
         """Deliver messages on ``<prefix>/<gateway_id>/<suffix>`` (wildcards allowed) to ``handler``.
@@ -159,6 +216,12 @@ class MqttUplink:
                 await asyncio.wait_for(self._acked.wait(), min(remaining, 0.5))
         return True
 
+    async def wait_outbox_room(self) -> None:
+        """Return once the outbox is below its limit: each PUBACK makes room."""
+        while self.outbox.full:
+            self._acked.clear()
+            await self._acked.wait()
+
     async def stop(self, offline_status: dict[str, Any], timeout: float = 5.0) -> None:
         """Publish the offline status, deliver what is queued (bounded), disconnect."""
         self.publish("status", offline_status, qos=1, retain=True)
@@ -180,63 +243,91 @@ class MqttUplink:
 
     async def _supervise(self) -> None:
         failures = 0
+        reported: set[tuple[str, str]] = set()  # (broker, reason) logged during this outage
         while not self._stopping:
-            reason = await self._connect_once()
-            if reason is None:
+            address = self._address
+            failed = await self._connect_once()
+            if failed is None:
+                backlog = {"backlog": len(self.outbox), "oldest_age_s": self.oldest_age}
                 if failures:
-                    log.info("broker link recovered", broker=self._address, attempts=failures + 1)
+                    log.info(
+                        "broker link recovered", broker=address, attempts=failures + 1, **backlog
+                    )
                 else:
-                    log.info("broker connected", broker=self._address)
+                    log.info("broker connected", broker=address, **backlog)
                 failures = 0
+                reported.clear()
                 self._lost.clear()
                 await self._lost.wait()
                 if self._stopping:
                     return
                 log.warning(
-                    "broker link lost; reconnecting", broker=self._address, backlog=len(self.outbox)
+                    "broker link lost; reconnecting",
+                    broker=address,
+                    backlog=len(self.outbox),
+                    oldest_age_s=self.oldest_age,
                 )
                 continue
+            reason, refused = failed
             failures += 1
-            delay = self._backoff(failures)
-            level = log.warning if failures == 1 else log.debug
+            # Failover: the next broker in the list; the backoff grows with each round of the list.
+            self._endpoint = (self._endpoint + 1) % len(self._endpoints)
+            delay = self._backoff(-(-failures // len(self._endpoints)), longest=refused)
+            # One WARNING per broker and reason; the same failure again is DEBUG (no log flood).
+            level = log.debug if (address, reason) in reported else log.warning
+            reported.add((address, reason))
             level(
                 "broker unreachable",
-                broker=self._address,
+                broker=address,
                 reason=reason,
                 retry_in_s=round(delay, 2),
                 attempt=failures,
+                backlog=len(self.outbox),
             )
             await asyncio.sleep(delay)
 
     @property
     def _address(self) -> str:
-        return f"{self._broker.host}:{self._broker.port}"
+        host, port = self._endpoints[self._endpoint]
+        return f"{'mqtts' if self._broker.use_tls else 'mqtt'}://{host}:{port}"
 
-    def _backoff(self, failures: int) -> float:
+    def _backoff(self, failures: int, *, longest: bool = False) -> float:
         # Full jitter: uniformly random in [min, capped exponential]; spreads a fleet's reconnects.
-        cap = min(
-            self._broker.reconnect_max, self._broker.reconnect_min * 2 ** min(failures - 1, 16)
-        )
+        # A refused login cannot fix itself quickly: it waits with the longest cap at once.
+        exponent = 16 if longest else min(failures - 1, 16)
+        cap = min(self._broker.reconnect_max, self._broker.reconnect_min * 2**exponent)
         return random.uniform(self._broker.reconnect_min, max(cap, self._broker.reconnect_min))
 
-    async def _connect_once(self) -> str | None:
-        """Connect and wait for CONNACK. Returns None on success, else the reason in words."""
+    async def _connect_once(self) -> tuple[str, bool] | None:
+        """Connect and wait for CONNACK. None on success, else (reason in words, login refused)."""
         assert self._loop is not None
         self._connack = self._loop.create_future()
+        host, port = self._endpoints[self._endpoint]
+        kwargs: dict[str, Any] = {}
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = (
+                0 if self._broker.clean_session else self._broker.session_expiry
+            )
+            kwargs = {"clean_start": self._broker.clean_session, "properties": props}
         try:
             await asyncio.to_thread(
-                self._client.connect, self._broker.host, self._broker.port, self._broker.keepalive
+                self._client.connect, host, port, self._broker.keepalive, **kwargs
             )
+        except ssl.SSLCertVerificationError as err:
+            return f"TLS: broker certificate rejected: {err.verify_message}", False
+        except ssl.SSLError as err:
+            return f"TLS: {err.reason or err}", False
         except (OSError, socket.gaierror) as err:
-            return err.strerror or str(err)
+            return err.strerror or str(err) or type(err).__name__, False
         try:
             code = await asyncio.wait_for(self._connack, timeout=10)
         except TimeoutError:
             self._client.disconnect()
-            return "no CONNACK within 10 s"
+            return "no CONNACK within 10 s", False
         if code.is_failure:
             self._client.disconnect()
-            return f"broker refused the connection: {code}"
+            return f"broker refused the connection: {code}", str(code) in _AUTH_REFUSED
         return None
 
     # ----------------------------------------------------------------- sending
@@ -286,7 +377,12 @@ class MqttUplink:
         self._connected.set()
         for topic, (qos, _) in self._subscriptions.items():
             client.subscribe(topic, qos=qos)
-        status = {"state": "online", **self._status_fn(), "backlog": len(self.outbox)}
+        status = {
+            "state": "online",
+            **self._status_fn(),
+            "backlog": len(self.outbox),
+            "oldest_age_s": self.oldest_age,
+        }
         client.publish(self.topic("status"), dumps(status), qos=1, retain=True)
         self._wake.set()
 
@@ -300,7 +396,12 @@ class MqttUplink:
         self, client: mqtt.Client, userdata: Any, mid: int, code: ReasonCode, props: Any
     ) -> None:
         message_id = self._inflight.pop(mid, None)
-        if message_id is not None:
+        if message_id is not None and code.is_failure:
+            # MQTT 5: the broker refused this message (not authorized, quota, ...). It stays in
+            # the outbox and is offered again after the next reconnect, never silently dropped.
+            log.error("broker refused a message", reason=str(code), outbox_id=message_id)
+            self._wake.set()
+        elif message_id is not None:
             self.outbox.ack(message_id)
             self._acked.set()
             self._wake.set()
@@ -316,7 +417,17 @@ class MqttUplink:
     # Socket plumbing: paho tells us which socket to watch. connect() runs in a worker thread, so
     # registration is handed to the loop; a socket closed before that runs is skipped.
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(lambda: self._watch(sock, client.loop_read, write=False))
+        self._in_loop(lambda: self._watch(sock, self._read, write=False))
+
+    def _read(self) -> None:
+        self._client.loop_read()
+        # TLS: records already decrypted wait inside the SSL object, where the selector cannot
+        # see them; read them now or PUBACKs stall until the next byte arrives.
+        for _ in range(1000):
+            sock = self._client.socket()
+            if sock is None or not getattr(sock, "pending", lambda: 0)():
+                break
+            self._client.loop_read()
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._unwatch(sock)  # paho closes the socket right after: unregister now, not later

@@ -1,0 +1,245 @@
+"""The outbox on disk: SQLite in WAL mode, one file in the agent's state directory.
+
+A message is committed with ``synchronous=FULL`` (the WAL is fsynced) before ``put`` returns, so it
+survives ``kill -9`` and power loss from the moment the caller holds it. Acknowledgements are
+committed with ``synchronous=NORMAL``: the next durable put carries them to disk; losing a few on
+power loss only means a duplicate that consumers drop by the message id.
+
+Bounded by ``max_messages``. When full, a new message makes room by dropping the oldest message of
+the lowest class (telemetry, then events); records (cycle reports) are never dropped. A telemetry
+message that finds no telemetry or event to drop is refused. A record is always stored, even over
+the limit; ``full`` then tells the station to stop taking parts until the broker drains the outbox.
+
+The file is opened with an exclusive lock: a second agent on the same state directory fails at
+start instead of interleaving sequence numbers.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import structlog
+
+from ..errors import EdgeAgentError
+from .outbox import Keep, OutMessage, Payload, render
+
+log = structlog.get_logger("outbox")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the per-gateway sequence number, never reused
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    keep INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_class ON messages (keep, id);
+"""
+
+#: (messages dropped, class dropped from) -> None; called after the drop is committed.
+DropFn = Callable[[int, Keep], None]
+
+
+class OutboxError(EdgeAgentError):
+    """The outbox file cannot be opened or written: the agent must not run without it."""
+
+
+class SqliteOutbox:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_messages: int = 100_000,
+        telemetry_max_age: float | None = None,
+        on_drop: DropFn | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.max_messages = max_messages
+        self.telemetry_max_age = telemetry_max_age
+        self.on_drop = on_drop
+        self.dropped = 0  # since start, all classes
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Autocommit mode: transactions are explicit (_tx) or one statement each.
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=1.0)
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise OutboxError(f"{self.path}: SQLite refused WAL mode (got {mode})")
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._db.executescript(_SCHEMA)  # the first write takes the exclusive lock
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._durable = True
+            rows = self._db.execute("SELECT keep, count(*) FROM messages GROUP BY keep")
+            self._by_class = {k: 0 for k in Keep}
+            for keep, n in rows:
+                self._by_class[Keep(keep)] = n
+            seq = self._db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+            ).fetchone()
+        except sqlite3.OperationalError as err:
+            hint = " (another edge-agent uses this state directory)" if "locked" in str(err) else ""
+            raise OutboxError(f"{self.path}: cannot open the outbox: {err}{hint}") from err
+        except sqlite3.DatabaseError as err:
+            # Never replaced silently: it may hold undelivered cycle reports.
+            raise OutboxError(
+                f"{self.path}: the outbox is not a readable SQLite file ({err}); "
+                "move it aside to start with an empty outbox"
+            ) from err
+        self._next = (seq[0] if seq else 0) + 1
+        self._purged = 0.0
+        if len(self):
+            log.info(
+                "outbox has a backlog from the last run",
+                path=str(self.path),
+                backlog=len(self),
+                oldest_age_s=self._age(),
+            )
+
+    # ----------------------------------------------------------------- the Outbox protocol
+
+    def put(
+        self, topic: str, payload: Payload, qos: int, retain: bool, keep: Keep = Keep.RECORD
+    ) -> OutMessage | None:
+        seq = self._next
+        message = OutMessage(seq, topic, render(payload, seq), qos, retain, keep, time.time())
+        dropped: tuple[int, Keep] | None = None
+        with self._tx(durable=True):
+            self._purge_old_telemetry(message.created)
+            if len(self) >= self.max_messages:
+                dropped = self._make_room(keep, len(self) - self.max_messages + 1)
+                if dropped is None:
+                    self._refused(message)
+                    return None
+            self._db.execute(
+                "INSERT INTO messages (id, topic, payload, qos, retain, keep, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (seq, topic, message.payload, qos, retain, int(keep), message.created),
+            )
+        self._next += 1
+        self._by_class[keep] += 1
+        if dropped is not None and dropped[0]:
+            self._report_drop(*dropped)
+        return message
+
+    def oldest(self, limit: int, after: int = 0) -> list[OutMessage]:
+        rows = self._db.execute(
+            "SELECT id, topic, payload, qos, retain, keep, created FROM messages"
+            " WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit),
+        )
+        return [OutMessage(i, t, p, q, bool(r), Keep(k), c) for i, t, p, q, r, k, c in rows]
+
+    def ack(self, message_id: int) -> None:
+        self._set_durable(False)
+        row = self._db.execute(
+            "DELETE FROM messages WHERE id = ? RETURNING keep", (message_id,)
+        ).fetchone()
+        if row is not None:  # not already dropped
+            self._by_class[Keep(row[0])] -= 1
+
+    def __len__(self) -> int:
+        return sum(self._by_class.values())
+
+    @property
+    def full(self) -> bool:
+        return self._by_class[Keep.RECORD] >= self.max_messages
+
+    def oldest_created(self) -> float | None:
+        row = self._db.execute("SELECT created FROM messages ORDER BY id LIMIT 1").fetchone()
+        return float(row[0]) if row else None
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ----------------------------------------------------------------- internals
+
+    def count(self, keep: Keep) -> int:
+        return self._by_class[keep]
+
+    def _age(self) -> float:
+        oldest = self.oldest_created()
+        return round(time.time() - oldest, 1) if oldest is not None else 0.0
+
+    @contextmanager
+    def _tx(self, *, durable: bool) -> Iterator[None]:
+        self._set_durable(durable)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _set_durable(self, durable: bool) -> None:
+        if durable != self._durable:
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._durable = durable
+
+    def _make_room(self, keep: Keep, needed: int) -> tuple[int, Keep] | None:
+        """Drop ``needed`` messages a new ``keep`` message may displace; None if there are not enough."""
+        # Telemetry displaces only telemetry; events and records displace telemetry, then events.
+        ceiling = min(keep, Keep.EVENT)
+        victims = sum(n for k, n in self._by_class.items() if k <= ceiling)
+        if victims < needed and keep != Keep.RECORD:
+            return None
+        rows = self._db.execute(
+            "DELETE FROM messages WHERE id IN"
+            " (SELECT id FROM messages WHERE keep <= ? ORDER BY keep, id LIMIT ?) RETURNING keep",
+            (int(ceiling), needed),
+        ).fetchall()
+        lowest = Keep.RECORD
+        for (k,) in rows:
+            self._by_class[Keep(k)] -= 1
+            lowest = min(lowest, Keep(k))
+        return len(rows), lowest
+
+    def _purge_old_telemetry(self, now: float) -> None:
+        if self.telemetry_max_age is None or now - self._purged < 1.0:
+            return
+        self._purged = now
+        rows = self._db.execute(
+            "DELETE FROM messages WHERE keep = ? AND created < ? RETURNING id",
+            (int(Keep.TELEMETRY), now - self.telemetry_max_age),
+        ).fetchall()
+        if rows:
+            self._by_class[Keep.TELEMETRY] -= len(rows)
+            self.dropped += len(rows)
+            log.warning(
+                "outbox: dropped telemetry older than the age limit",
+                dropped=len(rows),
+                max_age_s=self.telemetry_max_age,
+                backlog=len(self),
+            )
+            if self.on_drop is not None:
+                self.on_drop(len(rows), Keep.TELEMETRY)
+
+    def _refused(self, message: OutMessage) -> None:
+        self.dropped += 1
+        log.warning(
+            "outbox full: new message dropped",
+            topic=message.topic,
+            keep=message.keep.name.lower(),
+            backlog=len(self),
+            max_messages=self.max_messages,
+        )
+        if self.on_drop is not None:
+            self.on_drop(1, message.keep)
+
+    def _report_drop(self, n: int, keep: Keep) -> None:
+        self.dropped += n
+        log.warning(
+            "outbox full: dropped the oldest messages",
+            dropped=n,
+            keep=keep.name.lower(),
+            backlog=len(self),
+            max_messages=self.max_messages,
+        )
+        if self.on_drop is not None:
+            self.on_drop(n, keep)
