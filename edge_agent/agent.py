@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -16,11 +17,14 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .config import AgentConfig
+from .config import AgentConfig, load_config
 from .errors import MachineError
 from .instructions.signing import KeyRing
+from .line.commands import Commands
+from .line.telemetry import Telemetry
 from .machine import registry
 from .machine.driver import MachineDriver
+from .machine.profile import Profile
 from .station.cycle import CycleReport, StationCycle
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
@@ -68,6 +72,13 @@ class Agent:
         self.reports: asyncio.Queue[CycleReport] = asyncio.Queue()  # for the demo and tests
         self._started = time.time()
         self._current: asyncio.Task[CycleReport] | None = None
+        # Held by a cycle for its whole run: commands write and reloads swap only between cycles.
+        self.machine_lock = asyncio.Lock()
+        self.paused = False  # by the line: arriving parts are refused, the machine is left alone
+        self.telemetry = self._telemetry()
+        self.commands = Commands(
+            self, allowed=frozenset(config.commands.allowed), publish=self._publish
+        )
 
     def _open_outbox(self) -> Outbox:
         if self.config.state_dir is None:
@@ -113,6 +124,21 @@ class Agent:
         await self.uplink.wait_outbox_room()
         log.info("outbox has room again: accepting parts", backlog=self.uplink.backlog)
 
+    def _publish(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
+        self.uplink.publish(suffix, payload, qos=qos)
+
+    def _telemetry(self) -> Telemetry:
+        return Telemetry(
+            gateway_id=self.config.gateway_id,
+            profile=self.config.profile,
+            driver=self.driver,
+            publish=self._publish,
+        )
+
+    @property
+    def profile(self) -> Profile:
+        return self.config.profile
+
     def status(self) -> dict[str, Any]:
         p = self.config.profile
         return {
@@ -131,6 +157,7 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in order."""
+        self.uplink.subscribe("cmd/+", self.commands.on_message)
         await self.uplink.start(self.status)
         try:
             await self.driver.connect()
@@ -140,6 +167,7 @@ class Agent:
                 device=self.driver.device,
                 error=str(err),
             )
+        self.telemetry.start()
         await self.reader.start()
         log.info(
             "agent started",
@@ -155,11 +183,28 @@ class Agent:
         async for event in self.reader.events():
             if event.kind is not ScanKind.ARRIVED:
                 continue
+            if self.paused:
+                self._refuse_paused(event)
+                continue
             await self._wait_outbox_room(event)
             await self._run_cycle(event)
 
+    def _refuse_paused(self, event: ScanEvent) -> None:
+        p = self.config.profile
+        report = CycleReport(self.config.gateway_id, self.config.station, event.uid.hex().upper())
+        report.reason, report.error = "paused", "the station is paused by the line; part not taken"
+        report.profile = {"name": p.name, "version": p.version, "hash": p.content_hash}
+        self.uplink.publish("cycles", report.as_message(), qos=1)
+        self.reports.put_nowait(report)
+
+    async def _cycle_locked(self, event: ScanEvent) -> CycleReport:
+        async with self.machine_lock:
+            return await self.cycle.run(event)
+
     async def _run_cycle(self, event: ScanEvent) -> None:
-        self._current = asyncio.create_task(self.cycle.run(event), name=f"cycle-{event.uid.hex()}")
+        self._current = asyncio.create_task(
+            self._cycle_locked(event), name=f"cycle-{event.uid.hex()}"
+        )
         try:
             report = await asyncio.shield(self._current)
         except asyncio.CancelledError:
@@ -182,7 +227,77 @@ class Agent:
                 current.cancel()  # the cycle aborts the machine cleanly before it ends
                 with contextlib.suppress(asyncio.CancelledError):
                     await current
+        await self.commands.drain()
+        await self.telemetry.stop()
         await self.driver.close()
         await self.uplink.stop(self._offline("shutdown"), timeout=10)
         log.info("agent stopped", backlog=self.uplink.backlog, oldest_age_s=self.uplink.oldest_age)
         self.uplink.outbox.close()
+
+    # ------------------------------------------------------------------ steered by the line
+
+    def line_status(self) -> dict[str, Any]:
+        return {
+            **self.status(),
+            "paused": self.paused,
+            "cycle_running": self.machine_lock.locked(),
+            "machine_connected": self.driver.connected,
+            "telemetry": self.telemetry.status(),
+            "backlog": self.uplink.backlog,
+        }
+
+    def pause(self) -> dict[str, Any]:
+        running = self.machine_lock.locked()
+        if not self.paused:
+            log.warning("paused by the line: no new parts", cycle_running=running)
+        self.paused = True
+        return {"paused": True, "cycle_running": running}
+
+    def resume(self) -> dict[str, Any]:
+        if self.paused:
+            log.info("resumed by the line")
+        self.paused = False
+        return {"paused": False}
+
+    async def reload(self) -> dict[str, Any]:
+        """Read the config and its profile again; swap them in between cycles.
+
+        Everything is validated (and the new driver created) before anything changes, so an invalid
+        file leaves the station running as it was. Identity and broker changes need a restart.
+        """
+        old = self.config
+        new = load_config(old.source)
+        restart = [
+            k
+            for k in ("gateway_id", "station", "reader", "broker", "log")
+            if getattr(new, k) != getattr(old, k)
+        ]
+        machine_changed = (
+            new.profile.content_hash != old.profile.content_hash or new.machine != old.machine
+        )
+        driver = (
+            registry.driver_module(new.profile.driver).create(new.machine, new.profile)
+            if machine_changed
+            else self.driver
+        )
+        keyring = KeyRing.from_files({k: str(p) for k, p in new.trusted_keys.items()})
+        async with self.machine_lock:
+            await self.telemetry.stop()
+            if driver is not self.driver:
+                await self.driver.close()
+                self.driver = self.cycle.driver = driver
+                self.cycle.profile = new.profile
+            self.cycle.keyring = self.keyring = keyring
+            self.cycle.write_back = new.cycle.write_back
+            self.commands.allowed = frozenset(new.commands.allowed)
+            # What needs a restart keeps its running value, so status stays true.
+            self.config = dataclasses.replace(new, **{k: getattr(old, k) for k in restart})
+            self.telemetry = self._telemetry()
+            self.telemetry.start()
+        p = new.profile
+        log.info("configuration reloaded", profile=p.name, version=p.version, restart=restart)
+        return {
+            "profile": {"name": p.name, "version": p.version, "hash": p.content_hash},
+            "machine_reloaded": machine_changed,
+            "restart_required": restart,
+        }

@@ -151,6 +151,19 @@ class CycleConfig(_Strict):
     drain_timeout: float = Field(30.0, gt=0)  # at shutdown: how long the cycle in flight may finish
 
 
+CommandName = Literal["status", "read", "write", "pause", "resume", "reload"]
+
+
+class CommandsConfig(_Strict):
+    """Commands from the line (docs/line-integration.md). Default: only those that change nothing."""
+
+    allowed: list[CommandName] = [
+        "status",
+        "read",
+    ]
+    adjustments: bool = False  # apply the line's retained parameter adjustment set
+
+
 class OutboxConfig(_Strict):
     """Bounds of the disk outbox in ``state_dir`` (docs/mqtt.md, Delivery)."""
 
@@ -171,6 +184,7 @@ class AgentConfigDoc(_Strict):
     broker: BrokerConfig = BrokerConfig()
     trusted_keys: dict[str, Path] = Field(min_length=1)
     cycle: CycleConfig = CycleConfig()
+    commands: CommandsConfig = CommandsConfig()
     state_dir: Path | None = None  # the disk outbox lives here; without it, in memory only
     outbox: OutboxConfig = OutboxConfig()
     log: LogConfig = LogConfig()
@@ -198,6 +212,7 @@ class AgentConfig:
     trusted_keys: dict[str, Path]
     cycle: CycleConfig
     log: LogConfig
+    commands: CommandsConfig
     state_dir: Path | None = None
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
 
@@ -289,6 +304,7 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         trusted_keys=keys,
         cycle=doc.cycle,
         log=doc.log,
+        commands=doc.commands,
         state_dir=_resolve(base, doc.state_dir) if doc.state_dir is not None else None,
         outbox=doc.outbox,
     )

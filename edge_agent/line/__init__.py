@@ -1,0 +1,1 @@
+"""Line integration: machine telemetry, commands from the line, live parameter adjustments."""

@@ -1,0 +1,288 @@
+"""Commands from the line on ``edge/<gateway_id>/cmd/<name>``, answered on ``edge/<gateway_id>/reply/<name>``.
+
+A command is a JSON object ``{"id": <correlation id>, "params": {...}}``. Every command gets exactly one
+reply carrying the same ``id``: ``ok: true`` with a ``result``, or ``ok: false`` with an ``error``
+whose ``code`` is stable. Nothing a sender can put in a message crashes the agent: malformed JSON,
+an unknown or disallowed command and invalid parameters are error replies. With MQTT 5 the
+correlation data stands in for a missing ``id``.
+
+Writes go through the same checks as a cycle's parameters (the profile's type, scaling and safe
+limits) and are refused while a station cycle holds the machine; points the handshake drives
+(trigger, program) belong to the cycle and are never written from the line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Protocol, TypeVar, get_args
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from ..config import CommandName
+from ..errors import ConfigError, MachineError
+from ..machine.driver import MachineDriver
+from ..machine.profile import Profile, ResetPoint, SetPoint, WaitFor, WritePoint
+from ..station.cycle import _check_value, _jsonable
+from .telemetry import iso
+
+log = structlog.get_logger("commands")
+
+#: Every command the agent knows; ``commands.allowed`` in the config picks from these.
+COMMANDS: tuple[str, ...] = get_args(CommandName)
+
+Publish = Callable[[str, dict[str, Any], int], object]
+
+
+class StationControl(Protocol):
+    """What commands may do to the station (the Agent implements it)."""
+
+    @property
+    def profile(self) -> Profile: ...
+
+    @property
+    def driver(self) -> MachineDriver: ...
+
+    #: Held by a station cycle for its whole run, and by a write command for its write.
+    machine_lock: asyncio.Lock
+
+    def line_status(self) -> dict[str, Any]: ...
+
+    def pause(self) -> dict[str, Any]: ...
+
+    def resume(self) -> dict[str, Any]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+
+class CommandError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(_Params):
+    pass
+
+
+class ReadParams(_Params):
+    points: list[str] = Field(min_length=1, max_length=500)
+
+
+class WriteParams(_Params):
+    values: dict[str, float | int | bool | str] = Field(min_length=1, max_length=123)
+
+
+M = TypeVar("M", bound=_Params)
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: Annotated[str, Field(min_length=1, max_length=200)] | StrictInt
+    params: dict[str, Any] = {}
+
+
+class Commands:
+    """Subscribes to ``cmd/+`` and answers every message on ``reply/<name>``."""
+
+    def __init__(
+        self, station: StationControl, *, allowed: frozenset[str], publish: Publish
+    ) -> None:
+        self.station = station
+        self.allowed = allowed
+        self.publish = publish
+        self._tasks: set[asyncio.Task[dict[str, Any]]] = set()
+        self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
+            "status": self._status,
+            "read": self._read,
+            "write": self._write,
+            "pause": self._pause,
+            "resume": self._resume,
+            "reload": self._reload,
+        }
+
+    def on_message(self, topic: str, payload: bytes, properties: Any) -> None:
+        """The uplink's handler (runs on the event loop): answer in a task of its own."""
+        name = topic.rsplit("/", 1)[-1]
+        task = asyncio.create_task(self.handle(name, payload, properties), name=f"cmd-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait for the commands in flight (bounded), at shutdown."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def handle(self, name: str, payload: bytes, properties: Any = None) -> dict[str, Any]:
+        """Run command ``name`` and publish its reply. Never raises (except CancelledError)."""
+        t0 = time.perf_counter()
+        correlation: str | int | None = _correlation_data(properties)
+        reply: dict[str, Any] = {"schema": "edge-agent/reply/1", "command": name}
+        try:
+            try:
+                data = json.loads(payload)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CommandError("malformed", f"not JSON: {err}") from None
+            if isinstance(data, dict) and "id" not in data and correlation is not None:
+                data = {**data, "id": correlation}
+            if isinstance(data, dict) and isinstance(data.get("id"), str | int):
+                correlation = data["id"]
+            try:
+                envelope = Envelope.model_validate(data)
+            except ValidationError as err:
+                raise CommandError("malformed", _first_error(err)) from None
+            handler = self._handlers.get(name)
+            if handler is None:
+                raise CommandError(
+                    "unknown_command", f"unknown command '{name}' (known: {', '.join(COMMANDS)})"
+                )
+            if name not in self.allowed:
+                allowed = ", ".join(sorted(self.allowed)) or "none"
+                raise CommandError(
+                    "not_allowed",
+                    f"command '{name}' is not allowed on this gateway (commands.allowed: {allowed})",
+                )
+            result = await handler(envelope.params)
+            reply.update(ok=True, result=result)
+        except CommandError as err:
+            reply.update(ok=False, error={"code": err.code, "message": str(err)})
+        except MachineError as err:
+            reply.update(ok=False, error={"code": "machine_error", "message": str(err)})
+        except ConfigError as err:  # reload: the files on disk are invalid; nothing changed
+            reply.update(ok=False, error={"code": "invalid_config", "message": str(err)})
+        except Exception as err:  # a bug in one command must not take the agent down
+            log.exception("command failed", command=name)
+            reply.update(ok=False, error={"code": "internal", "message": repr(err)})
+        reply["id"] = correlation
+        reply["time"] = iso(time.time())
+        reply["duration_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        level = log.info if reply["ok"] else log.warning
+        level("command", command=name, id=correlation, ok=reply["ok"], error=reply.get("error"))
+        self.publish(f"reply/{name}", reply, 1)
+        return reply
+
+    # ------------------------------------------------------------------ the commands
+
+    async def _status(self, params: dict[str, Any]) -> Any:
+        _params(NoParams, params)
+        return self.station.line_status()
+
+    async def _pause(self, params: dict[str, Any]) -> Any:
+        _params(NoParams, params)
+        return self.station.pause()
+
+    async def _resume(self, params: dict[str, Any]) -> Any:
+        _params(NoParams, params)
+        return self.station.resume()
+
+    async def _reload(self, params: dict[str, Any]) -> Any:
+        _params(NoParams, params)
+        return await self.station.reload()
+
+    async def _read(self, params: dict[str, Any]) -> Any:
+        p = _params(ReadParams, params)
+        profile = self.station.profile
+        unknown = [n for n in p.points if n not in profile.points]
+        if unknown:
+            raise CommandError("unknown_point", _unknown(unknown, profile))
+        values = await self.station.driver.read(p.points)
+        return {
+            "values": {n: _jsonable(v) for n, v in values.items()},
+            "time": iso(time.time()),
+        }
+
+    async def _write(self, params: dict[str, Any]) -> Any:
+        p = _params(WriteParams, params)
+        profile, driver = self.station.profile, self.station.driver
+        unknown = [n for n in p.values if n not in profile.points]
+        if unknown:
+            raise CommandError("unknown_point", _unknown(unknown, profile))
+        cycle_points = handshake_points(profile)
+        problems: list[str] = []
+        codes: set[str] = set()
+        encoded = {}
+        for name, value in p.values.items():
+            point = profile.points[name]
+            if not point.writable:
+                codes.add("read_only")
+                problems.append(f"{name} is read-only")
+                continue
+            if name in cycle_points:
+                codes.add("cycle_point")
+                problems.append(f"{name} is driven by the station cycle's handshake")
+                continue
+            problem = _check_value(name, value, point.type, point.min, point.max, point.unit)
+            if problem is None:
+                try:
+                    encoded[name] = driver.encode(name, value)
+                except ValueError as err:
+                    problem = str(err)
+            if problem is not None:
+                codes.add("out_of_limits" if "outside" in problem else "invalid_value")
+                problems.append(problem)
+        if problems:
+            code = codes.pop() if len(codes) == 1 else "invalid_value"
+            raise CommandError(code, "; ".join(problems) + " (nothing was written)")
+        lock = self.station.machine_lock
+        if lock.locked():
+            raise CommandError("busy", "a station cycle is running; nothing was written")
+        async with lock:
+            await driver.write(encoded)
+        return {
+            "written": {
+                n: {"value": v, "raw": driver.raw_for_report(encoded[n])}
+                for n, v in p.values.items()
+            }
+        }
+
+
+def handshake_points(profile: Profile) -> frozenset[str]:
+    """Points the handshake writes or waits on: they belong to the station cycle."""
+    names: set[str] = set()
+    for step in (*profile.handshake, *profile.on_abort):
+        if isinstance(step, WritePoint):
+            names.add(step.write)
+        elif isinstance(step, SetPoint):
+            names.add(step.set)
+        elif isinstance(step, ResetPoint):
+            names.add(step.reset)
+        elif isinstance(step, WaitFor):
+            names.add(step.wait)
+    return frozenset(names)
+
+
+def _params(model: type[M], params: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(params)
+    except ValidationError as err:
+        raise CommandError("invalid_params", _first_error(err, "params")) from None
+
+
+def _first_error(err: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in (prefix, *e["loc"]) if x != "")
+        parts.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "; ".join(parts)
+
+
+def _unknown(names: list[str], profile: Profile) -> str:
+    return (
+        f"no point named {', '.join(repr(n) for n in names)} in profile "
+        f"{profile.name} {profile.version}"
+    )
+
+
+def _correlation_data(properties: Any) -> str | None:
+    data = getattr(properties, "CorrelationData", None)
+    if isinstance(data, bytes | bytearray):
+        return bytes(data).decode("utf-8", "replace")
+    return None

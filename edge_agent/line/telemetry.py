@@ -1,0 +1,220 @@
+"""Machine telemetry: the profile's ``telemetry:`` groups, read on their interval, reported by exception.
+
+Each group is one task: read every point of the group in one driver call (the Modbus driver merges
+near-contiguous registers, bridging the group's ``max_gap``), then publish **one** message for the
+group holding the points that moved by more than their deadband since they were last reported.
+Every ``full_every`` seconds, and on the first read and after a recovery, the message carries every
+point, so a consumer that joins late or missed a message is whole again.
+
+A read that fails marks the group's points stale: one message with ``quality: stale`` and one
+``telemetry_stale`` event, then silence until the device answers again (``telemetry_recovered`` and
+a full report). Timestamps are taken when the read returned, not when the message left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import math
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from ..errors import MachineError
+from ..machine.driver import MachineDriver
+from ..machine.profile import Profile, TelemetryGroup
+from ..station.cycle import _jsonable  # the same JSON rendering as cycle results
+
+log = structlog.get_logger("telemetry")
+
+#: (topic suffix, payload, qos) -> queued
+Publish = Callable[[str, dict[str, Any], int], object]
+Read = Callable[[Sequence[str]], Awaitable[dict[str, Any]]]
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def moved(last: Any, value: Any, deadband: float) -> bool:
+    """Whether ``value`` is worth reporting after ``last`` was: beyond the deadband, or changed."""
+    if deadband > 0 and _number(last) and _number(value):
+        return not abs(value - last) <= deadband  # NaN compares false: reported
+    return bool(last != value)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+@dataclass
+class GroupState:
+    name: str
+    spec: TelemetryGroup
+    read: Read
+    sent: dict[str, Any] = field(default_factory=dict)  # last reported value per point
+    seq: int = 0
+    last_full: float = -math.inf  # monotonic time of the last full report
+    stale_since: float | None = None  # unix time the first failed read
+    last_read: float | None = None  # unix time of the last good read
+    reads: int = 0
+    failures: int = 0
+    error: str | None = None
+
+
+class Telemetry:
+    """Watches a profile's telemetry groups on one driver. ``start()``; ``stop()``."""
+
+    def __init__(
+        self,
+        *,
+        gateway_id: str,
+        profile: Profile,
+        driver: MachineDriver,
+        publish: Publish,
+    ) -> None:
+        self.gateway_id = gateway_id
+        self.driver = driver
+        self.publish = publish
+        self.groups = {
+            name: GroupState(name, spec, _reader(driver, spec.max_gap))
+            for name, spec in profile.telemetry.items()
+        }
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._run(g), name=f"telemetry-{g.name}")
+            for g in self.groups.values()
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def status(self) -> dict[str, Any]:
+        """Per group: quality and when it was last read (for the status command)."""
+        return {
+            g.name: {
+                "quality": "stale" if g.stale_since is not None else "good",
+                "last_read": iso(g.last_read) if g.last_read is not None else None,
+                "reads": g.reads,
+                "failures": g.failures,
+                **({"error": g.error} if g.error else {}),
+            }
+            for g in self.groups.values()
+        }
+
+    async def _run(self, g: GroupState) -> None:
+        loop = asyncio.get_running_loop()
+        interval = g.spec.interval
+        due = loop.time()
+        while True:
+            await self.poll(g)
+            due += interval
+            now = loop.time()
+            if due < now:  # the read overran its slot: skip the missed ticks, never burst
+                due = now
+            await asyncio.sleep(due - now)
+
+    async def poll(self, g: GroupState) -> None:
+        """One read of group ``g`` and, when something is worth reporting, one message."""
+        names = list(g.spec.points)
+        try:
+            values = await g.read(names)
+        except (MachineError, ValueError) as err:
+            g.failures += 1
+            g.error = str(err)
+            if g.stale_since is None:
+                g.stale_since = time.time()
+                self._stale(g, names, str(err))
+            return
+        now = time.time()
+        g.reads += 1
+        g.last_read = now
+        recovered = g.stale_since is not None
+        if recovered:
+            self._event(
+                "telemetry_recovered",
+                g,
+                names,
+                stale_s=round(now - (g.stale_since or now), 3),
+            )
+            log.info("telemetry recovered", group=g.name, device=self.driver.device)
+            g.stale_since, g.error = None, None
+        mono = time.monotonic()
+        full = recovered or mono - g.last_full >= g.spec.full_every
+        if full:
+            report = values
+            g.last_full = mono
+        else:
+            report = {
+                n: v
+                for n, v in values.items()
+                if n not in g.sent or moved(g.sent[n], v, g.spec.points[n].deadband)
+            }
+            if not report:
+                return
+        g.sent.update(report)
+        self._send(g, now, report, full=full, quality="good")
+
+    def _send(
+        self, g: GroupState, ts: float, values: dict[str, Any], *, full: bool, quality: str
+    ) -> None:
+        g.seq += 1
+        message = {
+            "schema": "edge-agent/telemetry/1",
+            "gateway_id": self.gateway_id,
+            "group": g.name,
+            "seq": g.seq,
+            "time": iso(ts),
+            "full": full,
+            "quality": quality,
+            "values": {n: _jsonable(v) for n, v in values.items()},
+        }
+        if quality != "good":
+            message["points"] = list(g.spec.points)
+            message["error"] = g.error
+        self.publish(f"telemetry/{g.name}", message, g.spec.qos)
+
+    def _stale(self, g: GroupState, names: list[str], error: str) -> None:
+        log.warning(
+            "telemetry stale: device not answering",
+            group=g.name,
+            device=self.driver.device,
+            error=error,
+        )
+        self._send(g, g.stale_since or time.time(), {}, full=False, quality="stale")
+        self._event("telemetry_stale", g, names, error=error)
+
+    def _event(self, event: str, g: GroupState, names: list[str], **extra: Any) -> None:
+        payload = {
+            "schema": "edge-agent/event/1",
+            "event": event,
+            "gateway_id": self.gateway_id,
+            "time": iso(time.time()),
+            "group": g.name,
+            "device": self.driver.device,
+            "points": names,
+            **extra,
+        }
+        self.publish("events", payload, 1)
+
+
+def _reader(driver: MachineDriver, max_gap: int) -> Read:
+    # Only Modbus has addresses to bridge. If its module was never imported, the driver cannot be
+    # a Modbus driver, and an OPC UA station does not pay for importing pymodbus.
+    modbus = sys.modules.get("edge_agent.machine.modbus")
+    if modbus is not None and isinstance(driver, modbus.ModbusDriver):
+        return functools.partial(driver.read, max_gap=max_gap)
+    return driver.read

@@ -1,0 +1,248 @@
+"""Commands from the line: a real mosquitto, the real reference PLC, the whole agent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.publish
+import pytest
+
+from edge_agent.instructions.model import Step
+from edge_agent.sim.broker import EmbeddedBroker
+from edge_agent.sim.reference_plc import ReferencePlc
+from tests.fixtures_broker import MqttRecorder
+from tests.station_harness import DRILL, Station, running_station
+
+ALL = "commands: {allowed: [status, read, write, pause, resume, reload]}\n"
+
+
+@pytest.fixture
+async def station(
+    tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker
+) -> AsyncIterator[Station]:
+    async with running_station(tmp_path, reference_plc.port, broker.port, extra=ALL) as s:
+        yield s
+
+
+class Line:
+    """The line's side: publishes a command, waits for the reply with the same id."""
+
+    def __init__(self, broker: EmbeddedBroker, recorder: MqttRecorder) -> None:
+        self.broker, self.recorder = broker, recorder
+        self.n = 0
+
+    async def send(self, name: str, payload: bytes | str) -> None:
+        await asyncio.to_thread(
+            paho.mqtt.publish.single,
+            f"edge/gw-test/cmd/{name}",
+            payload,
+            qos=1,
+            hostname=self.broker.host,
+            port=self.broker.port,
+        )
+
+    async def reply(self, name: str, index: int = 0, timeout: float = 5) -> dict[str, Any]:
+        return (await self.recorder.wait_for(f"gw-test/reply/{name}", index + 1, timeout))[index]
+
+    async def call(self, name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.n += 1
+        cid = f"c-{self.n}"
+        before = len(self.recorder.json(f"gw-test/reply/{name}"))
+        body: dict[str, Any] = {"id": cid}
+        if params is not None:
+            body["params"] = params
+        await self.send(name, json.dumps(body))
+        reply = await self.reply(name, before)
+        assert reply["id"] == cid and reply["command"] == name
+        return reply
+
+
+@pytest.fixture
+def line(broker: EmbeddedBroker, recorder: MqttRecorder) -> Line:
+    return Line(broker, recorder)
+
+
+async def in_cycle(station: Station, timeout: float = 5) -> None:
+    """Return once the station's cycle holds the machine."""
+    for _ in range(int(timeout / 0.005)):
+        if station.agent.machine_lock.locked():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("no cycle started")
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    path.write_text(path.read_text().replace(old, new))
+
+
+def error(reply: dict[str, Any]) -> str:
+    assert reply["ok"] is False, reply
+    assert reply["error"]["message"]
+    return str(reply["error"]["code"])
+
+
+async def test_status(station: Station, line: Line) -> None:
+    reply = await line.call("status")
+    assert reply["ok"] is True and reply["schema"] == "edge-agent/reply/1"
+    result = reply["result"]
+    assert result["gateway_id"] == "gw-test" and result["profile"]["name"] == "reference-plc"
+    assert result["paused"] is False and result["cycle_running"] is False
+    assert result["machine_connected"] is True
+    assert set(result["telemetry"]) == {"process", "setpoints"}
+
+
+async def test_read_named_points_with_scaling(
+    station: Station, line: Line, reference_plc: ReferencePlc
+) -> None:
+    reference_plc.poke("holding", 0, [1500, 3205])
+    reply = await line.call("read", {"points": ["spindle_speed", "feed_rate", "trigger"]})
+    assert reply["ok"] is True
+    assert reply["result"]["values"] == {
+        "spindle_speed": 1500,
+        "feed_rate": pytest.approx(320.5),
+        "trigger": False,
+    }
+    assert error(await line.call("read", {"points": ["nozzle"]})) == "unknown_point"
+
+
+async def test_write_named_points_with_scaling(
+    station: Station, line: Line, reference_plc: ReferencePlc
+) -> None:
+    reply = await line.call("write", {"values": {"feed_rate": 250.5, "tool": 7}})
+    assert reply["ok"] is True, reply
+    assert reply["result"]["written"]["feed_rate"] == {"value": 250.5, "raw": [2505]}
+    holding = reference_plc.snapshot()["holding"]
+    assert holding[1] == 2505 and holding[7] == 7
+
+
+@pytest.mark.parametrize(
+    ("values", "code", "words"),
+    [
+        ({"spindle_speed": 12001}, "out_of_limits", "above maximum 12000"),
+        ({"coolant_temp": 4.9}, "out_of_limits", "below minimum 5"),
+        ({"tool": "three"}, "invalid_value", "must be a number"),
+        ({"actual_tool": 3}, "read_only", "read-only"),
+        ({"done": True}, "read_only", "read-only"),
+        ({"trigger": True}, "cycle_point", "handshake"),
+        ({"program": 2}, "cycle_point", "handshake"),
+        ({"nozzle": 1}, "unknown_point", "nozzle"),
+    ],
+)
+async def test_write_refusals_leave_the_machine_untouched(
+    station: Station,
+    line: Line,
+    reference_plc: ReferencePlc,
+    values: dict[str, Any],
+    code: str,
+    words: str,
+) -> None:
+    before = reference_plc.snapshot()
+    writes = sum(reference_plc.requests[fc] for fc in (5, 6, 15, 16))
+    reply = await line.call("write", {"values": {"dwell": 100, **values}})
+    assert error(reply) == code
+    assert words in reply["error"]["message"]
+    assert reference_plc.snapshot() == before
+    assert sum(reference_plc.requests[fc] for fc in (5, 6, 15, 16)) == writes
+
+
+async def test_write_is_refused_while_a_cycle_runs(
+    station: Station, line: Line, reference_plc: ReferencePlc
+) -> None:
+    reference_plc.done_delay = 0.6
+    tag = station.tag([Step("drill", DRILL, "st-20")])
+    station.reader.present(tag)
+    await in_cycle(station)
+    reply = await line.call("write", {"values": {"dwell": 999}})
+    assert error(reply) == "busy"
+    report = await asyncio.wait_for(station.agent.reports.get(), 5)
+    assert report.status == "ok" and report.results["actual_dwell"] == DRILL["dwell"]
+    assert reference_plc.snapshot()["holding"][8] == DRILL["dwell"]
+    # Between cycles the same write goes through.
+    assert (await line.call("write", {"values": {"dwell": 999}}))["ok"] is True
+    assert reference_plc.snapshot()["holding"][8] == 999
+
+
+async def test_pause_lets_the_part_in_the_machine_finish_and_refuses_new_parts(
+    station: Station, line: Line, reference_plc: ReferencePlc, recorder: MqttRecorder
+) -> None:
+    reference_plc.done_delay = 0.4
+    first = station.tag([Step("drill", DRILL, "st-20")], uid=b"\x04\x00\x00\x00\x00\x00\x01")
+    station.reader.present(first)
+    await in_cycle(station)
+    reply = await line.call("pause")
+    assert reply["result"] == {"paused": True, "cycle_running": True}
+    report = await asyncio.wait_for(station.agent.reports.get(), 5)
+    assert report.status == "ok"  # the part in the machine finished
+    station.reader.remove(first.uid)
+
+    cycles = reference_plc.cycles
+    second = station.tag([Step("drill", DRILL, "st-20")], uid=b"\x04\x00\x00\x00\x00\x00\x02")
+    refused = await station.cycle(second)
+    assert refused.status == "rejected" and refused.reason == "paused"
+    assert refused.machine_state == "untouched" and reference_plc.cycles == cycles
+    sent = await recorder.wait_for("gw-test/cycles", 2)
+    assert sent[1]["reason"] == "paused" and sent[1]["tag_uid"] == "04000000000002"
+    assert (await line.call("status"))["result"]["paused"] is True
+
+    assert (await line.call("resume"))["result"] == {"paused": False}
+    assert (await station.cycle(second)).status == "ok"
+    assert reference_plc.cycles == cycles + 1
+
+
+async def test_malformed_and_unknown_commands_get_an_error_reply(
+    station: Station, line: Line
+) -> None:
+    await line.send("status", b"{not json")
+    reply = await line.reply("status")
+    assert error(reply) == "malformed" and reply["id"] is None
+    await line.send("status", b"[1, 2]")
+    assert error(await line.reply("status", 1)) == "malformed"
+    await line.send("status", json.dumps({"params": {}}))  # no id
+    assert "id" in (await line.reply("status", 2))["error"]["message"]
+    await line.send("status", b"\xff\xfe")
+    assert error(await line.reply("status", 3)) == "malformed"
+
+    assert error(await line.call("self_destruct")) == "unknown_command"
+    reply = await line.call("read", {"point": ["tool"]})
+    assert error(reply) == "invalid_params" and "params.point" in reply["error"]["message"]
+    assert error(await line.call("pause", {"now": True})) == "invalid_params"
+    # And the agent is still there.
+    assert (await line.call("status"))["ok"] is True
+
+
+async def test_commands_not_allowed_by_the_config(
+    tmp_path: Path,
+    reference_plc: ReferencePlc,
+    broker: EmbeddedBroker,
+    line: Line,
+) -> None:
+    async with running_station(tmp_path, reference_plc.port, broker.port):  # default: read-only
+        reply = await line.call("write", {"values": {"tool": 4}})
+        assert error(reply) == "not_allowed" and "read, status" in reply["error"]["message"]
+        assert error(await line.call("pause")) == "not_allowed"
+        assert reference_plc.snapshot()["holding"][7] == 0
+        assert (await line.call("read", {"points": ["tool"]}))["ok"] is True
+
+
+async def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(
+    station: Station, line: Line
+) -> None:
+    path = Path(station.agent.config.source)
+    edit(path, ALL, "commands: {allowed: [status, reload]}\n")
+    reply = await line.call("reload")
+    assert reply["ok"] is True, reply
+    assert reply["result"]["machine_reloaded"] is False
+    assert reply["result"]["restart_required"] == []
+    assert error(await line.call("read", {"points": ["tool"]})) == "not_allowed"
+
+    edit(path, "[status, reload]", "[status, reload, fly]")
+    reply = await line.call("reload")
+    assert error(reply) == "invalid_config"
+    assert (
+        f"{path}:" in reply["error"]["message"] and "commands.allowed" in reply["error"]["message"]
+    )
+    assert (await line.call("status"))["ok"] is True  # still running on the last good config
