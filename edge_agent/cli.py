@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="parts per second (default: as fast as the station goes)",
     )
+    demo.add_argument(
+        "--nfc",
+        action="store_true",
+        help="present every part as an NTAG215 through nfcpy's udp driver (simulated tag)",
+    )
     _log_options(demo, default_level="warning")
     demo.set_defaults(func=cmd_demo)
 
@@ -155,6 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker=args.broker,
         profile=args.profile,
         rate=args.rate,
+        nfc=args.nfc,
     )
     try:
         return asyncio.run(run_demo(options))

@@ -25,11 +25,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from .agent import Agent
 from .config import load_config
+from .errors import PartRejected
 from .instructions.format import TAG_CAPACITY, decode_tag, encode_tag, update_progress
 from .instructions.model import Step, StepRecord, StepStatus
 from .instructions.recipe import Recipe
 from .instructions.signing import KeyRing, generate_keypair, load_private_key
 from .sim.broker import EmbeddedBroker
+from .sim.ntag import NtagImage, NtagSimulator
 from .tag.simulated import SimulatedReader, SimulatedTag
 
 STATION = "st-20"
@@ -43,6 +45,7 @@ class DemoOptions:
     broker: str | None = None  # HOST:PORT of an external broker
     profile: Path | None = None
     rate: float = 0.0  # parts per second, 0 = as fast as the station goes
+    nfc: bool = False  # present every part as an NTAG215 through nfcpy's udp driver
 
 
 def find_profile(name: str = "reference-plc.yaml") -> Path:
@@ -150,6 +153,19 @@ class _Subscriber:
         self._client.loop_stop()
 
 
+def _read_back(tag: NtagImage, uid: bytes, keyring: KeyRing) -> str:
+    """What the part's tag says now, decoded from the simulated tag's memory after it left."""
+    message = tag.ndef_message()
+    if message is None:
+        return "read back: no NDEF message"
+    try:
+        progress = decode_tag(message, uid, keyring).progress
+    except PartRejected as err:
+        return f"read back: {err.reason}"
+    done = sum(1 for r in progress.records if r is not None and r.status is StepStatus.OK)
+    return f"read back: progress seq {progress.seq}, {done}/{len(progress.records)} steps done"
+
+
 def format_report(n: int, report: dict[str, Any]) -> str:
     part = report.get("part") or {}
     step = report.get("step")
@@ -177,6 +193,7 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
     workdir = Path(work.name)
     plc: ReferencePlc | None = None
     broker: EmbeddedBroker | None = None
+    ntag: NtagSimulator | None = None
     try:
         if options.machine:
             machine_host, machine_port = _parse_hostport(options.machine, "machine")
@@ -190,12 +207,19 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
             await broker.start()
             broker_host, broker_port = broker.host, broker.port
 
+        reader_yaml = "{type: simulated}"
+        if options.nfc:
+            ntag = NtagSimulator()
+            reader_yaml = (
+                f"{{type: nfc, device: '{ntag.start()}', targets: [106A], poll_interval: 0.02}}"
+            )
+
         private_path, public_path = generate_keypair("demo", workdir)
         profile = options.profile.resolve() if options.profile else find_profile()
         config_path = workdir / "demo.yaml"
         config_path.write_text(
             f"gateway_id: {GATEWAY}\nstation: {STATION}\n"
-            "reader: {type: simulated}\n"
+            f"reader: {reader_yaml}\n"
             f"machine: {{profile: {json.dumps(str(profile))}, host: {machine_host}, port: {machine_port}}}\n"
             f"broker: {{host: {broker_host}, port: {broker_port}, reconnect_min: 0.2, reconnect_max: 5}}\n"
             f"trusted_keys: {{demo: {json.dumps(str(public_path))}}}\n"
@@ -207,8 +231,8 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
             f" ({broker.kind + ', embedded' if broker else 'external'}), profile {config.profile.name} {config.profile.version}",
             file=out,
         )
-        reader = SimulatedReader()
-        agent = Agent(config, reader=reader)
+        reader = None if options.nfc else SimulatedReader()
+        agent = Agent(config, reader=reader)  # --nfc: the config's nfc reader, from the registry
         listener = _Subscriber(broker_host, broker_port, agent.uplink.topic("cycles"))
         stop = asyncio.Event()
         runner = asyncio.create_task(agent.run(stop))
@@ -234,10 +258,23 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
             done = contents.progress.with_record(
                 0, StepRecord(StepStatus.OK, "st-10", int(time.time())), len(steps)
             )
-            reader.present(SimulatedTag(uid, update_progress(contents, done)))
+            message = update_progress(contents, done)
+            if ntag is None:
+                assert reader is not None
+                reader.present(SimulatedTag(uid, message))
+            else:
+                tag = NtagImage.blank("NTAG215", uid)
+                tag.put_ndef(message)
+                ntag.present(tag)
             report = await asyncio.wait_for(agent.reports.get(), timeout=60)
-            print(format_report(i + 1, report.as_message()), file=out)
-            reader.remove(uid)
+            line = format_report(i + 1, report.as_message())
+            if ntag is None:
+                assert reader is not None
+                reader.remove(uid)
+            else:
+                ntag.remove()
+                line += f"  tag {report.tag_write}, {_read_back(tag, uid, keyring)}"
+            print(line, file=out)
 
         delivered = await agent.uplink.flush(timeout=60)
         for _ in range(200):  # the listener's copies trail the broker's PUBACKs slightly
@@ -265,4 +302,6 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
         if broker is not None:
             await broker.stop()
             broker.close()
+        if ntag is not None:
+            ntag.stop()
         work.cleanup()

@@ -18,6 +18,8 @@ from edge_agent.sim.ntag import NtagImage, NtagSimulator
 from edge_agent.tag.nfc import NfcReader
 from edge_agent.tag.reader import ScanEvent, ScanKind
 
+__all__ = ["nfc_reader", "ntag_sim"]
+
 UID = bytes.fromhex("04A1B2C3D4E5F6")
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 KEYRING = KeyRing({"mes": KEY.public_key()})

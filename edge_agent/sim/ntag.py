@@ -105,6 +105,30 @@ class NtagImage:
         tlv = tlv[: len(area) * PAGE]  # a full tag has no room for the terminator
         self.memory[start : start + len(tlv)] = tlv
 
+    def ndef_message(self) -> bytes | None:
+        """The NDEF message in the first NDEF TLV (after NULL/lock/memory TLVs), None if there is none.
+
+        For looking at a tag image without a reader (demo summary, tests); the agent reads tags only
+        through nfcpy.
+        """
+        if self.memory[12] != 0xE1:
+            return None
+        pos, end = 16, 16 + KINDS[self.kind][1] * 8
+        while pos < end:
+            t = self.memory[pos]
+            if t == 0x00:
+                pos += 1
+                continue
+            if t == 0xFE or pos + 1 >= end:
+                return None
+            length, pos = self.memory[pos + 1], pos + 2
+            if length == 0xFF:
+                length, pos = int.from_bytes(self.memory[pos : pos + 2]), pos + 2
+            if t == 0x03:
+                return bytes(self.memory[pos : pos + length])
+            pos += length
+        return None
+
     def make_read_only(self) -> None:
         """Set the CC write-access nibble, as a locked tag reports it."""
         self.memory[15] |= 0x0F
