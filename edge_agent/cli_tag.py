@@ -1,18 +1,21 @@
 """``edge-agent tag ...``: make signing keys, encode a recipe into tag bytes, decode and verify tag bytes.
 
-Exit codes: 0 success (decode: the tag is valid), 1 decode rejected the tag, 2 usage or config problem.
+Exit codes: 0 success (decode: the tag is valid), 1 decode rejected the tag, 2 usage or config problem,
+3 no reader, no tag, or the tag could not be read or written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .errors import ConfigError, PartRejected
+from .errors import ConfigError, PartRejected, TagIOError
 from .instructions.format import (
     DEFAULT_TAG,
     TAG_CAPACITY,
@@ -20,7 +23,9 @@ from .instructions.format import (
     decode_tag,
     encode_tag,
     uid_hex,
+    update_progress,
 )
+from .instructions.model import Progress
 from .instructions.recipe import load_recipe
 from .instructions.signing import (
     KeyFileError,
@@ -30,6 +35,9 @@ from .instructions.signing import (
     load_private_key,
     load_public_key,
 )
+
+if TYPE_CHECKING:  # nfcpy is imported only by the commands that use a reader
+    from .tag.nfc import TagSession
 
 
 class _UsageError(Exception):
@@ -74,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="trusted public key (repeatable)",
     )
     decode.set_defaults(func=_run(_decode))
+    _register_device_commands(commands)
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -90,6 +99,9 @@ def _run(handler: Handler) -> Handler:
         except ConfigError as err:  # every problem, one per line, each file:line: key: message
             for problem in err.problems:
                 print(problem, file=sys.stderr)
+        except TagIOError as err:
+            print(f"edge-agent tag {args.tag_command}: {err}", file=sys.stderr)
+            return 3
         return 2
 
     return run
@@ -220,3 +232,153 @@ def _describe(contents: TagContents) -> str:
         lines.append(f"    {i + 1}. {step.operation} @ {step.station or 'any station'}: {done}")
         lines.append(f"       {params or '(no parameters)'}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ commands on a tag in a reader
+
+
+def _register_device_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """write / read / reset-progress / erase on a tag in a reader, or on a tag image file."""
+
+    def where(p: argparse.ArgumentParser) -> None:
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument(
+            "--device", help="nfcpy reader path: usb, usb:VID:PID, tty:USB0:pn532, ..."
+        )
+        group.add_argument(
+            "--image", type=Path, help="a tag image file (NTAG213/215/216 memory dump) instead"
+        )
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a tag")
+
+    def trust(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--trust", action="append", default=[], metavar="ID=PUB.pem", help="trusted public key"
+        )
+
+    write = commands.add_parser(
+        "write", help="sign a recipe for the tag in the reader and write it"
+    )
+    write.add_argument("--recipe", required=True, type=Path, help="recipe YAML file")
+    write.add_argument("--key", required=True, type=Path, help="private key (PEM)")
+    write.add_argument("--key-id", help="key id written on the tag (default: key file stem)")
+    write.add_argument("--issued-at", type=int, help="unix seconds (default: now)")
+    write.add_argument("--uid", help="--image only: UID of a new image file")
+    write.add_argument(
+        "--tag",
+        choices=sorted(TAG_CAPACITY),
+        help=f"--image only: type of a new image (default {DEFAULT_TAG})",
+    )
+    where(write)
+    write.set_defaults(func=_run(_tag_write))
+
+    read = commands.add_parser("read", help="read, decode and verify the tag in the reader")
+    where(read)
+    trust(read)
+    read.set_defaults(func=_run(_tag_read))
+
+    reset = commands.add_parser("reset-progress", help="mark every step of the tag not done")
+    where(reset)
+    trust(reset)
+    reset.set_defaults(func=_run(_tag_reset))
+
+    erase = commands.add_parser("erase", help="leave an empty NDEF message on the tag")
+    where(erase)
+    erase.set_defaults(func=_run(_tag_erase))
+
+
+@contextlib.contextmanager
+def _session(
+    args: argparse.Namespace, *, save: bool, new_uid: bytes | None = None, new_kind: str = ""
+) -> Iterator[TagSession]:
+    """The tag in ``--device``, or the ``--image`` file served through nfcpy like a real tag."""
+    from .sim.ntag import NtagImage, NtagSimulator
+    from .tag.nfc import TagSession
+
+    if args.device:
+        with TagSession(args.device, args.timeout) as session:
+            yield session
+        return
+    path: Path = args.image
+    if path.exists():
+        try:
+            image = NtagImage.load(path)
+        except (OSError, ValueError) as err:
+            raise _UsageError(f"{path}: {err}") from None
+    elif new_uid is not None:
+        image = NtagImage.blank(new_kind.upper(), new_uid)
+    else:
+        raise _UsageError(f"{path}: no such tag image (tag write --image FILE --uid UID makes one)")
+    with NtagSimulator() as sim:
+        sim.present(image)
+        with TagSession(sim.device, args.timeout, targets=("106A",)) as session:
+            yield session
+    if save:
+        path.write_bytes(image.to_bytes())
+
+
+def _tag_write(args: argparse.Namespace) -> int:
+    key_id = check_key_id(args.key_id if args.key_id else args.key.stem)
+    recipe = load_recipe(args.recipe)
+    key = load_private_key(args.key)
+    new_uid = _parse_uid(args.uid) if args.uid else None
+    with _session(args, save=True, new_uid=new_uid, new_kind=args.tag or DEFAULT_TAG) as tag:
+        uid = uid_hex(tag.uid)
+        if not tag.formatted():
+            tag.format()
+            print(f"tag {uid} ({tag.kind}) had no NDEF data area: formatted")
+        capacity = tag.capacity()
+        try:
+            message = encode_tag(recipe, tag.uid, key, key_id, capacity, issued_at=args.issued_at)
+        except ValueError as err:
+            raise _UsageError(
+                f"{args.recipe}: does not fit tag {uid} ({tag.kind}, {capacity} bytes): {err}"
+            ) from None
+        tag.write(message)
+        print(
+            f"part {recipe.part_id}: {len(message)}/{capacity} bytes written to tag {uid} "
+            f"({tag.kind}) and read back, {len(recipe.steps)} steps, key {key_id}"
+        )
+    return 0
+
+
+def _tag_read(args: argparse.Namespace) -> int:
+    keyring = _keyring(args.trust)
+    with _session(args, save=False) as tag:
+        uid, kind = uid_hex(tag.uid), tag.kind
+        if not tag.formatted():
+            print(f"tag {uid} ({kind}): no NDEF data area (blank, not formatted)")
+            return 1
+        message, capacity = tag.read(), tag.capacity()
+    print(f"tag {uid} ({kind}): {len(message)}/{capacity} bytes")
+    try:
+        contents = decode_tag(message, tag.uid, keyring)
+    except PartRejected as err:
+        print(f"REJECTED {err.reason}: {err}")
+        return 1
+    print(_describe(contents))
+    return 0
+
+
+def _tag_reset(args: argparse.Namespace) -> int:
+    keyring = _keyring(args.trust)
+    with _session(args, save=True) as tag:
+        message = tag.read()
+        try:
+            contents = decode_tag(message, tag.uid, keyring)
+        except PartRejected as err:
+            print(f"REJECTED {err.reason}: {err}")
+            return 1
+        new = update_progress(contents, Progress())
+        pages = tag.write(new, previous=message)
+    print(
+        f"tag {uid_hex(tag.uid)}: progress reset, seq {contents.progress.seq + 1} in slot "
+        f"{'BA'[contents.current_slot]} ({len(pages)} pages written and read back)"
+    )
+    return 0
+
+
+def _tag_erase(args: argparse.Namespace) -> int:
+    with _session(args, save=True) as tag:
+        tag.format()
+    print(f"tag {uid_hex(tag.uid)} ({tag.kind}): erased, empty NDEF message")
+    return 0

@@ -23,7 +23,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,59 +244,157 @@ class NfcReader(TagReader):
 
     # ------------------------------------------------------------------ ReadTag / WriteTag
 
-    def _ndef(self, tag: Any, *, fresh: bool) -> Any:
-        uid = bytes(tag.identifier).hex().upper()
-        if fresh:
-            tag._ndef = None  # nfcpy caches the NDEF area; force a read from the tag
-        ndef = tag.ndef
-        if ndef is None and not _present(tag):
-            raise TagIOError(f"tag {uid} left the field during the read")
-        if ndef is None:
-            raise TagIOError(
-                f"tag {uid} ({_kind(tag)}) holds no NDEF data area: not formatted "
-                "(edge-agent tag write formats it) or not readable"
-            )
-        if not ndef.is_readable:
-            raise TagIOError(f"tag {uid} ({_kind(tag)}): NDEF area is read-protected")
-        return ndef
-
     def _read(self, tag: Any) -> bytes:
         if self._fresh is not None:
             data, self._fresh = self._fresh, None
             return data
-        return bytes(self._ndef(tag, fresh=True).octets)
+        return read_message(tag)
 
     def _write(self, tag: Any, message: bytes, previous: bytes | None) -> None:
-        import nfc.tag.tt2
-
-        uid = bytes(tag.identifier).hex().upper()
         self._fresh = None
-        ndef = self._ndef(tag, fresh=False)
-        if not ndef.is_writeable:
-            raise TagIOError(f"tag {uid} ({_kind(tag)}) is read-only")
-        if len(message) > ndef.capacity:
-            raise TagIOError(
-                f"tag {uid} ({_kind(tag)}) holds {ndef.capacity} bytes, the message has "
-                f"{len(message)} ({len(message) - ndef.capacity} over)"
-            )
-        on_tag = bytes(ndef.octets)
-        if (
-            isinstance(tag, nfc.tag.tt2.Type2Tag)
-            and len(on_tag) == len(message)
-            and (previous is None or previous == on_tag)
-        ):
-            pages = _write_changed_pages(ndef, message)
-            self.last_write_pages = pages
-            expected = bytes(ndef._tag_memory[: len(ndef._tag_memory)])
-            for first in sorted({p - p % 4 for p in pages}):  # READ returns 4 pages
-                if bytes(tag.read(first)) != expected[first * 4 : first * 4 + 16]:
-                    raise TagIOError(f"tag {uid}: read-back of pages {first}-{first + 3} differs")
-            ndef._data = bytearray(message)
-            return
-        ndef.octets = message
-        self.last_write_pages = []
-        if bytes(self._ndef(tag, fresh=True).octets) != message:
-            raise TagIOError(f"tag {uid}: the NDEF message read back differs from the one written")
+        self.last_write_pages = write_message(tag, message, previous)
+
+
+# ---------------------------------------------------------------------- tag I/O (in nfcpy's thread)
+
+
+def ndef_area(tag: Any, *, fresh: bool) -> Any:
+    """nfcpy's NDEF object of ``tag`` (``fresh``: read from the tag again), or TagIOError saying why not."""
+    uid = bytes(tag.identifier).hex().upper()
+    if fresh:
+        tag._ndef = None  # nfcpy caches the NDEF area; force a read from the tag
+    ndef = tag.ndef
+    if ndef is None and not _present(tag):
+        raise TagIOError(f"tag {uid} left the field during the read")
+    if ndef is None:
+        raise TagIOError(
+            f"tag {uid} ({_kind(tag)}) holds no NDEF data area: not formatted "
+            "(edge-agent tag write formats it) or not readable"
+        )
+    if not ndef.is_readable:
+        raise TagIOError(f"tag {uid} ({_kind(tag)}): NDEF area is read-protected")
+    return ndef
+
+
+def read_message(tag: Any) -> bytes:
+    return bytes(ndef_area(tag, fresh=True).octets)
+
+
+def write_message(tag: Any, message: bytes, previous: bytes | None = None) -> list[int]:
+    """Write ``message`` and verify it by reading back; the Type 2 pages written (empty: full write)."""
+    import nfc.tag.tt2
+
+    uid = bytes(tag.identifier).hex().upper()
+    ndef = ndef_area(tag, fresh=False)
+    if not ndef.is_writeable:
+        raise TagIOError(f"tag {uid} ({_kind(tag)}) is read-only")
+    if len(message) > ndef.capacity:
+        raise TagIOError(
+            f"tag {uid} ({_kind(tag)}) holds {ndef.capacity} bytes, the message has "
+            f"{len(message)} ({len(message) - ndef.capacity} over)"
+        )
+    on_tag = bytes(ndef.octets)
+    if (
+        isinstance(tag, nfc.tag.tt2.Type2Tag)
+        and len(on_tag) == len(message)
+        and (previous is None or previous == on_tag)
+    ):
+        pages = _write_changed_pages(ndef, message)
+        expected = bytes(ndef._tag_memory[: len(ndef._tag_memory)])
+        for first in sorted({p - p % 4 for p in pages}):  # READ returns 4 pages
+            if bytes(tag.read(first)) != expected[first * 4 : first * 4 + 16]:
+                raise TagIOError(f"tag {uid}: read-back of pages {first}-{first + 3} differs")
+        ndef._data = bytearray(message)
+        return pages
+    ndef.octets = message
+    if bytes(ndef_area(tag, fresh=True).octets) != message:
+        raise TagIOError(f"tag {uid}: the NDEF message read back differs from the one written")
+    return []
+
+
+_CC_SIZE = {"NTAG213": 0x12, "NTAG215": 0x3E, "NTAG216": 0x6D}  # CC byte 2: data area / 8
+
+
+class TagSession:
+    """One tag on one reader, blocking: for the ``edge-agent tag`` commands, not the daemon."""
+
+    def __init__(
+        self,
+        device: str,
+        timeout: float = 10.0,
+        targets: tuple[str, ...] = ("106A", "106B", "212F"),
+        opener: Opener = open_frontend,
+    ) -> None:
+        self.device, self.timeout, self.targets, self._opener = device, timeout, targets, opener
+        self.tag: Any = None
+        self._clf: Any = None
+
+    def __enter__(self) -> TagSession:
+        import nfc.clf
+        import nfc.tag
+
+        try:
+            self._clf = self._opener(self.device)
+        except (OSError, ValueError, TypeError) as err:
+            raise TagIOError(f"no reader at {self.device}: {err}") from err
+        targets = [nfc.clf.RemoteTarget(brty) for brty in self.targets]
+        deadline = time.monotonic() + self.timeout
+        while self.tag is None:
+            target = self._clf.sense(*targets, iterations=1)
+            self.tag = nfc.tag.activate(self._clf, target) if target is not None else None
+            if self.tag is None:
+                if time.monotonic() > deadline:
+                    self._clf.close()
+                    raise TagIOError(f"no tag on {self.device} within {self.timeout:g} s")
+                time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            self._clf.close()
+
+    @property
+    def uid(self) -> bytes:
+        return bytes(self.tag.identifier)
+
+    @property
+    def kind(self) -> str:
+        return _kind(self.tag)
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except _tag_errors() as err:
+            raise TagIOError(f"tag {self.uid.hex().upper()} on {self.device}: {_why(err)}") from err
+
+    def formatted(self) -> bool:
+        with self._errors():
+            self.tag._ndef = None
+            return self.tag.ndef is not None
+
+    def capacity(self) -> int:
+        with self._errors():
+            return int(ndef_area(self.tag, fresh=False).capacity)
+
+    def format(self) -> None:
+        """Give a blank or foreign-formatted tag an empty NDEF area (CC written if it has none)."""
+        with self._errors():
+            cc_size = _CC_SIZE.get(self.kind)
+            if not self.formatted() and cc_size is not None and self.tag.read(3)[:4] == bytes(4):
+                self.tag.write(3, bytes([0xE1, 0x10, cc_size, 0x00]))
+            if not self.tag.format() or not self.formatted():
+                raise TagIOError(
+                    f"tag {self.uid.hex().upper()} ({self.kind}) cannot be NDEF formatted"
+                )
+
+    def read(self) -> bytes:
+        with self._errors():
+            return read_message(self.tag)
+
+    def write(self, message: bytes, previous: bytes | None = None) -> list[int]:
+        with self._errors():
+            return write_message(self.tag, message, previous)
 
 
 def _write_changed_pages(ndef: Any, message: bytes) -> list[int]:
