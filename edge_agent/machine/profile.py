@@ -363,6 +363,11 @@ def _check_references(
                     mismatch = _value_kind_mismatch(points[name].type, step.equals)
                     if mismatch:
                         problem(path, f"equals {step.equals!r}: {mismatch}")
+            elif isinstance(step, CallMethod):
+                for arg in step.args:  # the handshake is shared: every operation must have it
+                    lacking = [n for n, op in doc.operations.items() if arg not in op.parameters]
+                    if lacking:
+                        problem(path, f"passes parameter '{arg}', which operations {lacking} lack")
 
     for group_name, group in doc.telemetry.items():
         for point_name in group.points:

@@ -96,17 +96,23 @@ async def run_handshake(
                     device=driver.device,
                     retryable=False,
                 )
-            outputs = await call(
-                step.call, [encoded_value for encoded_value in _args(step, encoded)]
-            )
+            outputs = await call(step.call, _args(step, operation, encoded))
             out.results.update(zip(step.results, outputs, strict=False))
     if out.machine_ms < 0:
         out.machine_ms = 0.0
     return out
 
 
-def _args(step: CallMethod, encoded: Mapping[str, RawValue]) -> list[RawValue]:
-    return [encoded[name] for name in step.args]
+def _args(
+    step: CallMethod, operation: Operation, encoded: Mapping[str, RawValue]
+) -> list[RawValue]:
+    # `args` names recipe parameters; `encoded` is keyed by the point each one is written to.
+    missing = [name for name in step.args if name not in operation.parameters]
+    if missing:
+        raise ValueError(
+            f"call {step.call}: no parameter(s) {', '.join(missing)} in this operation"
+        )
+    return [encoded[operation.parameters[name].point] for name in step.args]
 
 
 async def run_abort(
