@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.demo import DemoOptions, run_demo
 from edge_agent.instructions.format import decode_tag
+from edge_agent.instructions.model import Step
 from edge_agent.instructions.signing import KeyRing, load_private_key
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.ntag import NtagImage, NtagSimulator
 from edge_agent.sim.reference_plc import ReferencePlc as Plc
 from edge_agent.tag.nfc import NfcReader
-from tests.station_harness import DRILL, Station, write_config
+from tests.station_harness import DRILL, PRESS, Station, write_config
 
 
 async def test_demo_nfc_writes_progress_back_and_reads_it_back() -> None:
@@ -29,40 +32,70 @@ async def test_demo_nfc_writes_progress_back_and_reads_it_back() -> None:
     assert lines[-1] == "3 cycles ok, 0 rejected, 0 failed"
 
 
-async def test_read_only_tag_cycle_reports_the_failed_write(
-    tmp_path: Path, reference_plc: Plc, broker: EmbeddedBroker
-) -> None:
-    from edge_agent.instructions.model import Step
-
+@asynccontextmanager
+async def nfc_station(
+    tmp_path: Path, plc: Plc, broker: EmbeddedBroker
+) -> AsyncIterator[tuple[Station, NtagSimulator]]:
+    """A station whose config names an nfc reader on the NTAG simulator's udp port."""
     with NtagSimulator() as sim:
-        path = write_config(tmp_path, reference_plc.port, broker.port)
-        path.write_text(
-            path.read_text().replace(
-                "reader: {type: simulated}",
-                f"reader: {{type: nfc, device: '{sim.device}', targets: [106A], poll_interval: 0.02}}",
-            )
-        )
+        path = write_config(tmp_path, plc.port, broker.port)
+        reader = f"{{type: nfc, device: '{sim.device}', targets: [106A], poll_interval: 0.02}}"
+        path.write_text(path.read_text().replace("reader: {type: simulated}", f"reader: {reader}"))
         agent = Agent(load_config(path))
         assert isinstance(agent.reader, NfcReader)
         key = load_private_key(tmp_path / "mes.key")
-        station = Station(agent, None, key, KeyRing({"mes": key.public_key()}), tmp_path)  # type: ignore[arg-type]
+        keyring = KeyRing({"mes": key.public_key()})
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
             await agent.uplink.wait_connected(5)
-            uid = bytes.fromhex("04112233445566")
-            message = station.tag([Step("drill", DRILL, "st-20")], uid=uid).message
-            tag = NtagImage.blank("NTAG215", uid)
-            tag.put_ndef(message)
-            tag.make_read_only()
-            sim.present(tag)
-            report = await asyncio.wait_for(agent.reports.get(), 10)
+            yield Station(agent, None, key, keyring, tmp_path), sim  # type: ignore[arg-type]
         finally:
             stop.set()
             await asyncio.wait_for(task, 20)
+
+
+def ntag(station: Station, steps: list[Step], uid: bytes) -> NtagImage:
+    tag = NtagImage.blank("NTAG215", uid)
+    tag.put_ndef(station.tag(steps, uid=uid).message)
+    return tag
+
+
+async def test_tag_presented_again_is_recognised_and_not_run_twice(
+    tmp_path: Path, reference_plc: Plc, broker: EmbeddedBroker
+) -> None:
+    uid = bytes.fromhex("04112233445577")
+    async with nfc_station(tmp_path, reference_plc, broker) as (station, sim):
+        tag = ntag(station, [Step("drill", DRILL, "st-20"), Step("press", PRESS, "st-30")], uid)
+        sim.present(tag)
+        first = await asyncio.wait_for(station.agent.reports.get(), 10)
+        sim.remove()
+        sim.present(tag)  # the same part comes back to this station
+        again = await asyncio.wait_for(station.agent.reports.get(), 10)
+    assert (first.status, first.tag_write, first.step and first.step["index"]) == ("ok", "ok", 0)
+    assert (again.status, again.reason, again.machine_state) == (
+        "rejected",
+        "wrong_station",
+        "untouched",
+    )
+    message = tag.ndef_message()
+    assert message is not None
+    assert decode_tag(message, uid, station.keyring).progress.done(0)
+
+
+async def test_read_only_tag_cycle_reports_the_failed_write(
+    tmp_path: Path, reference_plc: Plc, broker: EmbeddedBroker
+) -> None:
+    uid = bytes.fromhex("04112233445566")
+    async with nfc_station(tmp_path, reference_plc, broker) as (station, sim):
+        tag = ntag(station, [Step("drill", DRILL, "st-20")], uid)
+        message = tag.ndef_message()
+        tag.make_read_only()
+        sim.present(tag)
+        report = await asyncio.wait_for(station.agent.reports.get(), 10)
     assert (
         report.status == "ok"
     )  # the machine did the step; the report says the tag was not updated
     assert report.tag_write.startswith("failed: tag 04112233445566 (NTAG215) is read-only")
-    assert tag.ndef_message() == message
+    assert message is not None and tag.ndef_message() == message
     assert decode_tag(message, uid, station.keyring).progress.seq == 0

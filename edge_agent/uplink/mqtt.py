@@ -261,12 +261,15 @@ class MqttUplink:
                 await self._lost.wait()
                 if self._stopping:
                     return
+                delay = self._backoff(2)  # jittered even now: a broker restart drops every gateway
                 log.warning(
                     "broker link lost; reconnecting",
                     broker=address,
                     backlog=len(self.outbox),
                     oldest_age_s=self.oldest_age,
+                    retry_in_s=round(delay, 2),
                 )
+                await asyncio.sleep(delay)
                 continue
             reason, refused = failed
             failures += 1
