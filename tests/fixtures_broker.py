@@ -35,13 +35,21 @@ async def broker() -> AsyncIterator[EmbeddedBroker]:
 class MqttRecorder:
     """Subscribes to a topic filter and keeps every message, in arrival order (paho's own thread)."""
 
-    def __init__(self, host: str, port: int, topic: str = "#") -> None:
+    def __init__(
+        self, host: str, port: int, topic: str = "#", *, session: str | None = None
+    ) -> None:
+        """``session``: a client id for a persistent session (with a persistent broker, nothing
+        published while this recorder is disconnected is lost to it); None: a clean session."""
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv311
+            CallbackAPIVersion.VERSION2,
+            client_id=session or "",
+            clean_session=session is None,
+            protocol=mqtt.MQTTv311,
         )
+        self._client.reconnect_delay_set(1, 1)
         self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self._client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
         self._client.on_message = self._on_message

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -40,21 +41,31 @@ async def wait_listening(host: str, port: int, timeout: float = 10.0) -> None:
 class EmbeddedBroker:
     """Start/stop a broker on ``host:port``; ``stop()`` then ``start()`` reuses the same port."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, persistent: bool = False) -> None:
         self.host = host
+        # Persistent: sessions and queued QoS 1 messages survive a graceful stop()/start(), so a
+        # subscriber with a persistent session misses nothing published while it was away.
+        self.persistent = persistent
         self.port = port or free_port(host)
         self.kind = "mosquitto" if shutil.which("mosquitto") else "amqtt"
         self._process: asyncio.subprocess.Process | None = None
         self._amqtt: Any = None
         self._dir = tempfile.TemporaryDirectory(prefix="edge-agent-broker-")
+        # Started as root, mosquitto drops to its own user; it must still write its database here.
+        os.chmod(self._dir.name, 0o1777)
         self.extra_config = ""  # appended to mosquitto's config (TLS listeners, password files)
 
     async def start(self) -> None:
         if self.kind == "mosquitto":
             conf = Path(self._dir.name) / "mosquitto.conf"
             conf.write_text(
-                f"listener {self.port} {self.host}\nallow_anonymous true\npersistence false\n"
-                f"log_dest stderr\nlog_type error\n{self.extra_config}"
+                f"listener {self.port} {self.host}\nallow_anonymous true\n"
+                + (
+                    f"persistence true\npersistence_location {self._dir.name}/\n"
+                    if self.persistent
+                    else "persistence false\n"
+                )
+                + f"log_dest stderr\nlog_type error\n{self.extra_config}"
             )
             self._process = await asyncio.create_subprocess_exec(
                 shutil.which("mosquitto") or "mosquitto",

@@ -119,6 +119,7 @@ class MqttUplink:
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = asyncio.Event()
         self._connack: asyncio.Future[ReasonCode] | None = None
+        self._connecting = False
         self._lost = asyncio.Event()
         self._wake = asyncio.Event()
         self._acked = asyncio.Event()
@@ -313,6 +314,7 @@ class MqttUplink:
                 0 if self._broker.clean_session else self._broker.session_expiry
             )
             kwargs = {"clean_start": self._broker.clean_session, "properties": props}
+        self._connecting = True  # keeps loop_misc() off the client while the thread connects
         try:
             await asyncio.to_thread(
                 self._client.connect, host, port, self._broker.keepalive, **kwargs
@@ -323,8 +325,12 @@ class MqttUplink:
             return f"TLS: {err.reason or err}", False
         except (OSError, socket.gaierror) as err:
             return err.strerror or str(err) or type(err).__name__, False
+        finally:
+            self._connecting = False
         try:
             code = await asyncio.wait_for(self._connack, timeout=10)
+        except ConnectionError as err:
+            return str(err), False
         except TimeoutError:
             self._client.disconnect()
             return "no CONNACK within 10 s", False
@@ -360,7 +366,7 @@ class MqttUplink:
         # paho's keepalive pings and timeouts
         while True:
             await asyncio.sleep(1)
-            if self._client.socket() is not None:
+            if self._client.socket() is not None and not self._connecting:
                 self._client.loop_misc()
 
     # ----------------------------------------------------------------- paho callbacks (on the loop)
@@ -394,6 +400,11 @@ class MqttUplink:
     ) -> None:
         self._connected.clear()
         self._lost.set()
+        if self._connack is not None and not self._connack.done():
+            # Closed before CONNACK: the supervisor retries now instead of waiting out its timeout.
+            self._connack.set_exception(
+                ConnectionError(f"connection closed before CONNACK ({code})")
+            )
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, code: ReasonCode, props: Any
