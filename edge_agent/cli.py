@@ -7,10 +7,14 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import ConfigError
 from .log import setup_logging
+
+if TYPE_CHECKING:
+    from .config import AgentConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -42,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 0 when valid; exit 2 listing every problem as file:line: key.path: message.",
     )
     check.add_argument("-c", "--config", required=True, type=Path)
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also connect to the machine and check every point the profile uses: it exists, has "
+        "the profile's type and the needed access (exit 1: unreachable, 2: does not match)",
+    )
     check.set_defaults(func=cmd_check_config)
 
     demo = sub.add_parser(
@@ -53,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--parts", type=int, default=20, help="number of demo parts (default 20)")
     demo.add_argument(
         "--machine",
-        metavar="HOST:PORT",
-        help="use an external reference PLC instead of the embedded one",
+        metavar="HOST:PORT|URL",
+        help="use an external reference PLC (HOST:PORT) or, with an opc.tcp://HOST:PORT/PATH "
+        "URL, an external OPC UA server, instead of the embedded machine",
     )
     demo.add_argument(
         "--broker",
@@ -76,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--nfc",
         action="store_true",
         help="present every part as an NTAG215 through nfcpy's udp driver (simulated tag)",
+    )
+    demo.add_argument(
+        "--opcua",
+        action="store_true",
+        help="run against the reference OPC UA machine (embedded, or --machine opc.tcp://...) "
+        "with profile firmware_profiles/reference-opcua.yaml",
     )
     _log_options(demo, default_level="warning")
     demo.set_defaults(func=cmd_demo)
@@ -122,6 +139,35 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         f"{len(p.operations)} operations, reader {config.reader.type}, broker {config.broker.host}:{config.broker.port}, "
         f"{len(config.trusted_keys)} trusted key(s)"
     )
+    if args.online:
+        return asyncio.run(_check_online(config))
+    return EXIT_OK
+
+
+async def _check_online(config: AgentConfig) -> int:
+    """Connect to the machine and read every point; the OPC UA driver checks each node at connect."""
+    from .errors import MachineError
+    from .machine import registry
+
+    profile = config.profile
+    try:
+        driver = registry.driver_module(profile.driver).create(config.machine, profile)
+    except ConfigError as err:
+        return _config_error(err)
+    try:
+        await driver.connect()
+        await driver.read(list(profile.points))
+    except MachineError as err:
+        problems = getattr(err, "problems", None)  # the machine does not match the profile
+        if problems:
+            return _config_error(ConfigError(problems))
+        print(f"edge-agent: machine check failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        await driver.close()
+    print(
+        f"{driver.device}: online; all {len(profile.points)} points of {profile.name} answer as the profile says"
+    )
     return EXIT_OK
 
 
@@ -161,6 +207,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         profile=args.profile,
         rate=args.rate,
         nfc=args.nfc,
+        opcua=args.opcua or (args.machine or "").startswith("opc.tcp://"),
     )
     try:
         return asyncio.run(run_demo(options))

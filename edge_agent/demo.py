@@ -41,11 +41,12 @@ GATEWAY = "demo-gw"
 @dataclass(frozen=True)
 class DemoOptions:
     parts: int = 20
-    machine: str | None = None  # HOST:PORT of an external reference PLC
+    machine: str | None = None  # HOST:PORT of an external reference PLC, or an opc.tcp:// URL
     broker: str | None = None  # HOST:PORT of an external broker
     profile: Path | None = None
     rate: float = 0.0  # parts per second, 0 = as fast as the station goes
     nfc: bool = False  # present every part as an NTAG215 through nfcpy's udp driver
+    opcua: bool = False  # the reference OPC UA machine instead of the reference PLC
 
 
 def find_profile(name: str = "reference-plc.yaml") -> Path:
@@ -118,6 +119,52 @@ def demo_steps(i: int) -> tuple[str, str, list[Step]]:
     return mine[0], mine[1], steps
 
 
+def demo_opcua_steps(i: int) -> tuple[str, str, list[Step]]:
+    """Part i for the reference OPC UA machine (profile reference-opcua): st-20 processes or
+    calibrates, with every parameter type the machine has (Double, Int32, Boolean, String)."""
+    k = i % 4
+    first = Step("process", {"setpoint": 50.0, "count": 1}, "st-10")
+    mine = (
+        Step("calibrate", {"setpoint": 2.5 + k, "label": f"cal {i + 1}"}, STATION)
+        if k == 3
+        else Step(
+            "process",
+            {
+                "setpoint": 10.0 + 2.5 * (i % 100),
+                "count": 1 + k,
+                "coolant": k == 1,
+                "label": f"lot {i + 1}",
+            },
+            STATION,
+        )
+    )
+    variant = ["V-std", "V-cool", "V-long", "V-cal"][k]
+    return "valve", variant, [first, mine]
+
+
+async def _opcua_machine(options: DemoOptions, workdir: Path) -> tuple[Any, str, str]:
+    """(embedded simulator or None, the config's machine settings, a label for the banner)."""
+    if options.machine:
+        return None, f"url: {json.dumps(options.machine)}", f"{options.machine} (external)"
+    from .machine.opcua_security import thumbprint
+    from .sim.opcua_machine import ReferenceOpcUaMachine
+
+    sim = ReferenceOpcUaMachine(pki=workdir / "server-pki", users={"demo": "demo"})
+    url = await sim.start("127.0.0.1", 0)
+    security = {
+        "policy": "Basic256Sha256",
+        "mode": "SignAndEncrypt",
+        "pki": str(workdir / "pki"),
+        "server_thumbprint": thumbprint(sim.certificate.read_bytes()),
+    }
+    settings = f"url: {url}, username: demo, password: demo, security: {json.dumps(security)}"
+    return (
+        sim,
+        settings,
+        f"{url} (embedded reference OPC UA machine, Basic256Sha256 SignAndEncrypt)",
+    )
+
+
 def demo_uid(i: int) -> bytes:
     return b"\x04" + hashlib.sha256(f"demo-part-{i}".encode()).digest()[:6]
 
@@ -182,7 +229,7 @@ def format_report(n: int, report: dict[str, Any]) -> str:
         f"{p['name']}={p['value']}{(' ' + p['unit']) if p.get('unit') else ''}"
         for p in report["parameters"]
     )
-    cycles = report["results"].get("cycle_count")
+    cycles = report["results"].get("cycle_count", report["results"].get("cycles"))
     return f"{head} {where} {params} -> ok, cycle #{cycles}  [{ms:.1f} ms]"
 
 
@@ -194,12 +241,20 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
     plc: ReferencePlc | None = None
     broker: EmbeddedBroker | None = None
     ntag: NtagSimulator | None = None
+    opcua_sim: Any = None
     try:
-        if options.machine:
-            machine_host, machine_port = _parse_hostport(options.machine, "machine")
+        if options.opcua:
+            opcua_sim, machine_fields, machine_label = await _opcua_machine(options, workdir)
         else:
-            plc = ReferencePlc()
-            machine_host, machine_port = await plc.start("127.0.0.1", 0)
+            if options.machine:
+                machine_host, machine_port = _parse_hostport(options.machine, "machine")
+            else:
+                plc = ReferencePlc()
+                machine_host, machine_port = await plc.start("127.0.0.1", 0)
+            machine_fields = f"host: {machine_host}, port: {machine_port}"
+            machine_label = (
+                f"{machine_host}:{machine_port} ({'embedded reference PLC' if plc else 'external'})"
+            )
         if options.broker:
             broker_host, broker_port = _parse_hostport(options.broker, "broker")
         else:
@@ -215,19 +270,20 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
             )
 
         private_path, public_path = generate_keypair("demo", workdir)
-        profile = options.profile.resolve() if options.profile else find_profile()
+        default_profile = "reference-opcua.yaml" if options.opcua else "reference-plc.yaml"
+        profile = options.profile.resolve() if options.profile else find_profile(default_profile)
         config_path = workdir / "demo.yaml"
         config_path.write_text(
             f"gateway_id: {GATEWAY}\nstation: {STATION}\n"
             f"reader: {reader_yaml}\n"
-            f"machine: {{profile: {json.dumps(str(profile))}, host: {machine_host}, port: {machine_port}}}\n"
+            f"machine: {{profile: {json.dumps(str(profile))}, {machine_fields}}}\n"
             f"broker: {{host: {broker_host}, port: {broker_port}, reconnect_min: 0.2, reconnect_max: 5}}\n"
             f"trusted_keys: {{demo: {json.dumps(str(public_path))}}}\n"
         )
         config = load_config(config_path)
         print(
-            f"edge-agent demo: {options.parts} parts, station {STATION}, machine {machine_host}:{machine_port}"
-            f" ({'embedded reference PLC' if plc else 'external'}), broker {broker_host}:{broker_port}"
+            f"edge-agent demo: {options.parts} parts, station {STATION}, machine {machine_label}"
+            f", broker {broker_host}:{broker_port}"
             f" ({broker.kind + ', embedded' if broker else 'external'}), profile {config.profile.name} {config.profile.version}",
             file=out,
         )
@@ -244,7 +300,7 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
         for i in range(options.parts):
             if options.rate > 0:
                 await asyncio.sleep(max(0.0, started + i / options.rate - time.perf_counter()))
-            product, variant, steps = demo_steps(i)
+            product, variant, steps = (demo_opcua_steps if options.opcua else demo_steps)(i)
             recipe = Recipe.from_steps(
                 part_id=f"P-{i + 1:05d}",
                 product=product,
@@ -299,6 +355,8 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
     finally:
         if plc is not None:
             await plc.stop()
+        if opcua_sim is not None:
+            await opcua_sim.stop()
         if broker is not None:
             await broker.stop()
             broker.close()

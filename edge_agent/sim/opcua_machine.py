@@ -125,6 +125,10 @@ class ReferenceOpcUaMachine:
         )
         server = Server(user_manager=_Accounts(self.users, self.anonymous))
         await server.init()
+        if port == 0:  # any free port (the endpoint URL must name the real one)
+            with socket.socket() as probe:
+                probe.bind((host, 0))
+                port = probe.getsockname()[1]
         self.url = f"opc.tcp://{host}:{port}{path}"
         server.set_endpoint(self.url)
         server.set_server_name("edge-agent reference OPC UA machine")
