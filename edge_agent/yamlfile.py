@@ -62,7 +62,9 @@ def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, Lines]:
     except OSError as err:
         raise ConfigError([ConfigProblem(file, None, "", f"cannot read: {err.strerror}")]) from err
     except UnicodeDecodeError as err:
-        raise ConfigError([ConfigProblem(file, None, "", f"not UTF-8 text (byte {err.start})")]) from err
+        raise ConfigError(
+            [ConfigProblem(file, None, "", f"not UTF-8 text (byte {err.start})")]
+        ) from err
     try:
         node = yaml.compose(source, Loader=_Loader)
     except yaml.MarkedYAMLError as err:

@@ -262,7 +262,9 @@ def load_profile(path: str | Path, text: str | None = None) -> Profile:
     try:
         source = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError([ConfigProblem(file, None, "", f"not UTF-8 text (byte {err.start})")]) from err
+        raise ConfigError(
+            [ConfigProblem(file, None, "", f"not UTF-8 text (byte {err.start})")]
+        ) from err
     data, lines = load_yaml(path, source)
     try:
         doc = ProfileDoc.model_validate(data)
@@ -287,7 +289,11 @@ def _validate_points(
     for key in doc.defaults.keys() - defaults.keys():
         close = difflib.get_close_matches(key, list(model.model_fields), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        problems.append(ConfigProblem(file, lines.get(("defaults", key)), f"defaults.{key}", "unknown key" + hint))
+        problems.append(
+            ConfigProblem(
+                file, lines.get(("defaults", key)), f"defaults.{key}", "unknown key" + hint
+            )
+        )
     points: dict[str, BasePoint] = {}
     for name, spec in doc.points.items():
         try:
