@@ -59,7 +59,20 @@ class NfcReaderConfig(_Strict):
     backoff_max: float = Field(30.0, gt=0, le=600)  # longest wait between attempts to open it
 
 
-ReaderConfig = Annotated[SimulatedReaderConfig | NfcReaderConfig, Field(discriminator="type")]
+class AutoIdReaderConfig(_Strict):
+    """An RFID reader behind OPC UA (OPC 30010 AutoID); docs/readers.md."""
+
+    type: Literal["autoid"]
+    name: str = "autoid"
+    url: str = Field(pattern=r"^opc\.tcp://")
+    region: int = Field(3, ge=0, le=65535)  # memory region holding the NDEF message (3: USER)
+    timeout: float = Field(4.0, gt=0, le=60)
+    backoff_max: float = Field(30.0, gt=0, le=600)
+
+
+ReaderConfig = Annotated[
+    SimulatedReaderConfig | NfcReaderConfig | AutoIdReaderConfig, Field(discriminator="type")
+]
 
 
 class TlsConfig(_Strict):
@@ -205,7 +218,7 @@ class AgentConfig:
     source: str
     gateway_id: str
     station: str
-    reader: SimulatedReaderConfig | NfcReaderConfig
+    reader: SimulatedReaderConfig | NfcReaderConfig | AutoIdReaderConfig
     machine: Any  # the driver's SETTINGS_MODEL instance
     profile: Profile
     broker: BrokerConfig

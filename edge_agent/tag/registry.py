@@ -22,4 +22,14 @@ def create_reader(config: Any) -> TagReader:
             poll_interval=config.poll_interval,
             backoff_max=config.backoff_max,
         )
+    if config.type == "autoid":
+        from .autoid import AutoIdReader  # asyncua itself is imported when it connects
+
+        return AutoIdReader(
+            config.name,
+            config.url,
+            region=config.region,
+            timeout=config.timeout,
+            backoff_max=config.backoff_max,
+        )
     raise KeyError(config.type)

@@ -1,0 +1,230 @@
+"""Industrial RFID readers behind OPC UA (OPC 30010 AutoID): ``reader: {type: autoid, url: opc.tcp://...}``.
+
+Scan results come from a subscription to the reader's ``LastScanData`` (the tag identifier, empty when
+the field is empty); ReadTag/WriteTag are called on the user memory region. The NDEF message sits in
+that region as a 2-byte big-endian length followed by the message. A write-back of a message with
+the same length writes only the span of bytes that differ from ``previous`` (one progress slot), then
+reads that span back. A status other than SUCCESS is a TagIOError naming the status.
+
+The connection is supervised: absent or lost, the reader is retried with capped backoff (WARNING
+once, DEBUG after, INFO when recovered); a tag in the field when the link drops gets its LEFT event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+
+from ..errors import TagIOError
+from .reader import ScanEvent, ScanKind, TagReader
+
+log = structlog.get_logger("reader.autoid")
+
+NAMESPACE = "http://opcfoundation.org/UA/AutoID/"
+LENGTH_PREFIX = 2
+STATUS_NAMES = [
+    "SUCCESS",
+    "MISC_ERROR_TOTAL",
+    "MISC_ERROR_PARTIAL",
+    "PERMISSON_ERROR",
+    "PASSWORD_ERROR",
+    "REGION_NOT_FOUND_ERROR",
+    "OP_NOT_POSSIBLE_ERROR",
+    "OUT_OF_RANGE_ERROR",
+    "NO_IDENTIFIER",
+    "MULTIPLE_IDENTIFIERS",
+    "READ_ERROR",
+    "DECODING_ERROR",
+    "MATCH_ERROR",
+    "CODE_NOT_SUPPORTED",
+    "WRITE_ERROR",
+]
+
+
+def status_name(status: int) -> str:
+    name = STATUS_NAMES[status] if 0 <= status < len(STATUS_NAMES) else "status"
+    return f"{name} ({status})"
+
+
+class _ScanHandler:
+    """asyncua subscription handler: LastScanData changes become scan events."""
+
+    def __init__(self, reader: AutoIdReader) -> None:
+        self.reader = reader
+
+    def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+        self.reader._scan(bytes(val or b""))
+
+
+class AutoIdReader(TagReader):
+    def __init__(
+        self,
+        name: str = "autoid",
+        url: str = "opc.tcp://localhost:4840",
+        *,
+        region: int = 3,
+        timeout: float = 4.0,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+        watch_interval: float = 1.0,
+    ) -> None:
+        self.name, self.url, self.region, self.timeout = name, url, region, timeout
+        self.backoff_min, self.backoff_max, self.watch_interval = (
+            backoff_min,
+            backoff_max,
+            watch_interval,
+        )
+        self._events: asyncio.Queue[ScanEvent | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._reader: Any = None  # the RfidReader object node while connected
+        self._methods: dict[str, Any] = {}
+        self._present: bytes | None = None
+        self.connected = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"autoid-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._events.put_nowait(None)
+
+    async def events(self) -> AsyncIterator[ScanEvent]:
+        while (event := await self._events.get()) is not None:
+            yield event
+
+    # ------------------------------------------------------------------ the link
+
+    async def _supervise(self) -> None:
+        from asyncua import Client
+
+        delay, failures = self.backoff_min, 0
+        while True:
+            client = Client(self.url, timeout=self.timeout)
+            try:
+                await client.connect()
+                try:
+                    idx = await client.get_namespace_index(NAMESPACE)
+                    reader = await client.nodes.objects.get_child(f"{idx}:RfidReader")
+                    last_scan = await reader.get_child(f"{idx}:LastScanData")
+                    self._methods = {
+                        name: await reader.get_child(f"{idx}:{name}")
+                        for name in ("ReadTag", "WriteTag")
+                    }
+                    self._reader = reader
+                    subscription = await client.create_subscription(50, _ScanHandler(self))
+                    await subscription.subscribe_data_change(last_scan)
+                    log.info(
+                        "autoid reader recovered" if failures else "autoid reader connected",
+                        reader=self.name,
+                        url=self.url,
+                    )
+                    delay, failures = self.backoff_min, 0
+                    self.connected.set()
+                    while True:  # liveness: a read every watch interval
+                        await asyncio.sleep(self.watch_interval)
+                        await last_scan.read_value()
+                finally:
+                    self.connected.clear()
+                    self._reader = None
+                    self._scan(b"")
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(client.disconnect(), 2)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # asyncua raises many types for a lost link; all mean retry
+                failures += 1
+                level = log.warning if failures == 1 else log.debug
+                level(
+                    "autoid reader not available; retrying",
+                    reader=self.name,
+                    url=self.url,
+                    error=str(err) or type(err).__name__,
+                    retry_in_s=delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+
+    def _scan(self, uid: bytes) -> None:
+        if uid == (self._present or b""):
+            return
+        now = time.time()
+        if self._present is not None:
+            self._events.put_nowait(ScanEvent(self._present, ScanKind.LEFT, self.name, now))
+        self._present = uid or None
+        if uid:
+            self._events.put_nowait(ScanEvent(uid, ScanKind.ARRIVED, self.name, now, "RFID"))
+
+    # ------------------------------------------------------------------ ReadTag / WriteTag
+
+    async def _call(self, method: str, uid: bytes, *args: Any) -> Any:
+        from asyncua import ua
+
+        reader = self._reader
+        where = f"tag {uid.hex().upper()} on reader {self.name} ({self.url})"
+        if reader is None:
+            raise TagIOError(f"{where}: reader not connected")
+        if self._present != uid:
+            raise TagIOError(f"{where}: the tag is not in the field")
+        try:
+            result = await reader.call_method(
+                self._methods[method],
+                ua.Variant(uid, ua.VariantType.ByteString),
+                ua.Variant("RAW:BYTES", ua.VariantType.String),
+                ua.Variant(self.region, ua.VariantType.UInt16),
+                *args,
+                ua.Variant(b"", ua.VariantType.ByteString),
+            )
+        except (ua.UaError, OSError, TimeoutError) as err:
+            raise TagIOError(f"{where}: {method} failed: {err}") from err
+        status = result[-1] if isinstance(result, list) else result
+        if status != 0:
+            raise TagIOError(f"{where}: {method} failed with {status_name(int(status))}")
+        return result[0] if isinstance(result, list) else None
+
+    async def _read(self, uid: bytes, offset: int, length: int) -> bytes:
+        from asyncua import ua
+
+        data = await self._call(
+            "ReadTag",
+            uid,
+            ua.Variant(offset, ua.VariantType.UInt32),
+            ua.Variant(length, ua.VariantType.UInt32),
+        )
+        return bytes(data or b"")
+
+    async def _write(self, uid: bytes, offset: int, data: bytes) -> None:
+        from asyncua import ua
+
+        await self._call(
+            "WriteTag",
+            uid,
+            ua.Variant(offset, ua.VariantType.UInt32),
+            ua.Variant(data, ua.VariantType.ByteString),
+        )
+
+    async def read_ndef(self, uid: bytes) -> bytes:
+        length = int.from_bytes(await self._read(uid, 0, LENGTH_PREFIX))
+        return await self._read(uid, LENGTH_PREFIX, length) if length else b""
+
+    async def write_ndef(self, uid: bytes, message: bytes, previous: bytes | None = None) -> None:
+        if previous is not None and len(previous) == len(message):
+            differ = [i for i in range(len(message)) if message[i] != previous[i]]
+            if not differ:
+                return
+            first, last = differ[0], differ[-1] + 1
+            offset, data = LENGTH_PREFIX + first, message[first:last]
+        else:
+            offset, data = 0, len(message).to_bytes(LENGTH_PREFIX) + message
+        await self._write(uid, offset, data)
+        if await self._read(uid, offset, len(data)) != data:
+            raise TagIOError(
+                f"tag {uid.hex().upper()} on reader {self.name}: read-back differs from the write"
+            )

@@ -1,0 +1,100 @@
+"""The OPC UA AutoID reader backend against the simulated RFID reader (a real asyncua server)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest_asyncio
+
+from edge_agent.agent import Agent
+from edge_agent.config import load_config
+from edge_agent.instructions.format import decode_tag
+from edge_agent.instructions.model import Step
+from edge_agent.instructions.signing import KeyRing, load_private_key
+from edge_agent.sim.autoid_reader import AutoIdReaderSim, SimulatedRfidTag
+from edge_agent.sim.broker import EmbeddedBroker
+from edge_agent.sim.reference_plc import ReferencePlc
+from edge_agent.tag.autoid import AutoIdReader
+from tests.station_harness import DRILL, PRESS, Station, write_config
+
+UID = bytes.fromhex("E004015012345678")  # an ISO 15693 (HF RFID) UID
+
+
+@pytest_asyncio.fixture
+async def autoid_sim() -> AsyncIterator[AutoIdReaderSim]:
+    sim = AutoIdReaderSim()
+    await sim.start()
+    try:
+        yield sim
+    finally:
+        await sim.stop()
+
+
+def rfid_tag(message: bytes, uid: bytes = UID) -> SimulatedRfidTag:
+    user = bytearray(1024)
+    user[: 2 + len(message)] = len(message).to_bytes(2) + message
+    return SimulatedRfidTag(uid, user)
+
+
+async def _station(
+    tmp_path: Path, sim: AutoIdReaderSim, plc: ReferencePlc, broker: EmbeddedBroker
+) -> tuple[Station, asyncio.Event, asyncio.Task[None]]:
+    path = write_config(tmp_path, plc.port, broker.port)
+    reader = f"{{type: autoid, url: '{sim.url}', timeout: 2}}"
+    path.write_text(path.read_text().replace("reader: {type: simulated}", f"reader: {reader}"))
+    agent = Agent(load_config(path))
+    assert isinstance(agent.reader, AutoIdReader)
+    key = load_private_key(tmp_path / "mes.key")
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    await agent.uplink.wait_connected(5)
+    await asyncio.wait_for(agent.reader.connected.wait(), 10)
+    return Station(agent, None, key, KeyRing({"mes": key.public_key()}), tmp_path), stop, task  # type: ignore[arg-type]
+
+
+async def test_scan_event_runs_the_cycle_and_writes_progress_with_write_tag(
+    tmp_path: Path, autoid_sim: AutoIdReaderSim, reference_plc: ReferencePlc, broker: EmbeddedBroker
+) -> None:
+    station, stop, task = await _station(tmp_path, autoid_sim, reference_plc, broker)
+    try:
+        message = station.tag([Step("drill", DRILL, "st-20"), Step("press", PRESS, "st-30")], UID)
+        tag = rfid_tag(message.message)
+        await autoid_sim.present(tag)
+        report = await asyncio.wait_for(station.agent.reports.get(), 10)
+        await autoid_sim.remove()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    assert (report.status, report.tag_write, report.tag_uid) == ("ok", "ok", UID.hex().upper())
+    length = int.from_bytes(tag.user[:2])
+    after = decode_tag(bytes(tag.user[2 : 2 + length]), UID, station.keyring)
+    assert after.progress.done(0) and after.progress.seq == 1
+    # One WriteTag, inside the progress slot that was rewritten: the signed traveler is untouched.
+    assert len(autoid_sim.writes) == 1
+    offset, size = autoid_sim.writes[0]
+    assert offset >= 2 + len(message.message) - 2 * (after.slot_size + 9)
+    assert size <= after.slot_size
+
+
+async def test_read_tag_failure_status_is_a_failed_cycle_naming_it(
+    tmp_path: Path, autoid_sim: AutoIdReaderSim, reference_plc: ReferencePlc, broker: EmbeddedBroker
+) -> None:
+    station, stop, task = await _station(tmp_path, autoid_sim, reference_plc, broker)
+    try:
+        message = station.tag([Step("drill", DRILL, "st-20")], UID)
+        autoid_sim.fail_next_read = 10  # READ_ERROR
+        await autoid_sim.present(rfid_tag(message.message))
+        report = await asyncio.wait_for(station.agent.reports.get(), 10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    assert (report.status, report.reason, report.machine_state) == (
+        "failed",
+        "tag_read_failed",
+        "untouched",
+    )
+    assert report.error is not None and "ReadTag failed with READ_ERROR (10)" in report.error
+    assert UID.hex().upper() in report.error
+    assert autoid_sim.writes == []
