@@ -131,6 +131,7 @@ class Agent:
         return Telemetry(
             gateway_id=self.config.gateway_id,
             profile=self.config.profile,
+            enabled=self.config.telemetry.enabled,
             driver=self.driver,
             publish=self._publish,
         )

@@ -184,6 +184,10 @@ class OutboxConfig(_Strict):
     telemetry_max_age: float | None = Field(None, gt=0)  # seconds; older telemetry is dropped
 
 
+class TelemetryConfig(_Strict):
+    enabled: bool = True  # watch the profile's telemetry groups (docs/line-integration.md)
+
+
 class LogConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -198,6 +202,7 @@ class AgentConfigDoc(_Strict):
     trusted_keys: dict[str, Path] = Field(min_length=1)
     cycle: CycleConfig = CycleConfig()
     commands: CommandsConfig = CommandsConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     state_dir: Path | None = None  # the disk outbox lives here; without it, in memory only
     outbox: OutboxConfig = OutboxConfig()
     log: LogConfig = LogConfig()
@@ -227,6 +232,7 @@ class AgentConfig:
     log: LogConfig
     commands: CommandsConfig
     state_dir: Path | None = None
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
 
     @property
@@ -318,6 +324,7 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         cycle=doc.cycle,
         log=doc.log,
         commands=doc.commands,
+        telemetry=doc.telemetry,
         state_dir=_resolve(base, doc.state_dir) if doc.state_dir is not None else None,
         outbox=doc.outbox,
     )

@@ -52,12 +52,12 @@ class Line:
         self.n += 1
         cid = f"c-{self.n}"
         before = len(self.recorder.json(f"gw-test/reply/{name}"))
-        body: dict[str, Any] = {"id": cid}
+        body: dict[str, Any] = {"correlation_id": cid}
         if params is not None:
             body["params"] = params
         await self.send(name, json.dumps(body))
         reply = await self.reply(name, before)
-        assert reply["id"] == cid and reply["command"] == name
+        assert reply["correlation_id"] == cid and reply["command"] == name
         return reply
 
 
@@ -198,11 +198,11 @@ async def test_malformed_and_unknown_commands_get_an_error_reply(
 ) -> None:
     await line.send("status", b"{not json")
     reply = await line.reply("status")
-    assert error(reply) == "malformed" and reply["id"] is None
+    assert error(reply) == "malformed" and reply["correlation_id"] is None
     await line.send("status", b"[1, 2]")
     assert error(await line.reply("status", 1)) == "malformed"
-    await line.send("status", json.dumps({"params": {}}))  # no id
-    assert "id" in (await line.reply("status", 2))["error"]["message"]
+    await line.send("status", json.dumps({"params": {}}))  # no correlation id
+    assert "correlation_id" in (await line.reply("status", 2))["error"]["message"]
     await line.send("status", b"\xff\xfe")
     assert error(await line.reply("status", 3)) == "malformed"
 

@@ -1,10 +1,10 @@
 """Commands from the line on ``edge/<gateway_id>/cmd/<name>``, answered on ``edge/<gateway_id>/reply/<name>``.
 
-A command is a JSON object ``{"id": <correlation id>, "params": {...}}``. Every command gets exactly one
-reply carrying the same ``id``: ``ok: true`` with a ``result``, or ``ok: false`` with an ``error``
+A command is a JSON object ``{"correlation_id": <string or integer>, "params": {...}}``. Every
+command gets exactly one reply carrying the same ``correlation_id``: ``ok: true`` with a ``result``, or ``ok: false`` with an ``error``
 whose ``code`` is stable. Nothing a sender can put in a message crashes the agent: malformed JSON,
 an unknown or disallowed command and invalid parameters are error replies. With MQTT 5 the
-correlation data stands in for a missing ``id``.
+correlation data stands in for a missing ``correlation_id``.
 
 Writes go through the same checks as a cycle's parameters (the profile's type, scaling and safe
 limits) and are refused while a station cycle holds the machine; points the handshake drives
@@ -86,7 +86,7 @@ M = TypeVar("M", bound=_Params)
 class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    id: Annotated[str, Field(min_length=1, max_length=200)] | StrictInt
+    correlation_id: Annotated[str, Field(min_length=1, max_length=200)] | StrictInt
     params: dict[str, Any] = {}
 
 
@@ -131,10 +131,11 @@ class Commands:
                 data = json.loads(payload)
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise CommandError("malformed", f"not JSON: {err}") from None
-            if isinstance(data, dict) and "id" not in data and correlation is not None:
-                data = {**data, "id": correlation}
-            if isinstance(data, dict) and isinstance(data.get("id"), str | int):
-                correlation = data["id"]
+            if isinstance(data, dict):
+                if "correlation_id" not in data and correlation is not None:
+                    data = {**data, "correlation_id": correlation}
+                if isinstance(data.get("correlation_id"), str | int):
+                    correlation = data["correlation_id"]
             try:
                 envelope = Envelope.model_validate(data)
             except ValidationError as err:
@@ -161,11 +162,17 @@ class Commands:
         except Exception as err:  # a bug in one command must not take the agent down
             log.exception("command failed", command=name)
             reply.update(ok=False, error={"code": "internal", "message": repr(err)})
-        reply["id"] = correlation
+        reply["correlation_id"] = correlation
         reply["time"] = iso(time.time())
         reply["duration_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         level = log.info if reply["ok"] else log.warning
-        level("command", command=name, id=correlation, ok=reply["ok"], error=reply.get("error"))
+        level(
+            "command",
+            command=name,
+            correlation_id=correlation,
+            ok=reply["ok"],
+            error=reply.get("error"),
+        )
         self.publish(f"reply/{name}", reply, 1)
         return reply
 

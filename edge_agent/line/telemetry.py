@@ -14,7 +14,6 @@ a full report). Timestamps are taken when the read returned, not when the messag
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
 import sys
@@ -59,7 +58,6 @@ class GroupState:
     spec: TelemetryGroup
     read: Read
     sent: dict[str, Any] = field(default_factory=dict)  # last reported value per point
-    seq: int = 0
     last_full: float = -math.inf  # monotonic time of the last full report
     stale_since: float | None = None  # unix time the first failed read
     last_read: float | None = None  # unix time of the last good read
@@ -78,6 +76,7 @@ class Telemetry:
         profile: Profile,
         driver: MachineDriver,
         publish: Publish,
+        enabled: bool = True,
     ) -> None:
         self.gateway_id = gateway_id
         self.driver = driver
@@ -85,21 +84,26 @@ class Telemetry:
         self.groups = {
             name: GroupState(name, spec, _reader(driver, spec.max_gap))
             for name, spec in profile.telemetry.items()
+            if enabled
         }
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     def start(self) -> None:
+        self._stopping = False
         self._tasks = [
             asyncio.create_task(self._run(g), name=f"telemetry-{g.name}")
             for g in self.groups.values()
         ]
 
     async def stop(self) -> None:
+        # The flag as well as cancel(): a cancellation that lands as a read completes can be lost
+        # inside the Modbus client (asyncio.wait_for on 3.11); the loop then ends at its next turn.
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks)
         self._tasks = []
 
     def status(self) -> dict[str, Any]:
@@ -119,7 +123,7 @@ class Telemetry:
         loop = asyncio.get_running_loop()
         interval = g.spec.interval
         due = loop.time()
-        while True:
+        while not self._stopping:
             await self.poll(g)
             due += interval
             now = loop.time()
@@ -171,12 +175,10 @@ class Telemetry:
     def _send(
         self, g: GroupState, ts: float, values: dict[str, Any], *, full: bool, quality: str
     ) -> None:
-        g.seq += 1
         message = {
             "schema": "edge-agent/telemetry/1",
             "gateway_id": self.gateway_id,
             "group": g.name,
-            "seq": g.seq,
             "time": iso(ts),
             "full": full,
             "quality": quality,
