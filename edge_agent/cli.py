@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="parts per second (default: as fast as the station goes)",
     )
     demo.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="keep the disk outbox here (default: a temporary directory); the demo exits once "
+        "the broker has acknowledged every report, waiting out a broker outage",
+    )
+    demo.add_argument(
         "--nfc",
         action="store_true",
         help="present every part as an NTAG215 through nfcpy's udp driver (simulated tag)",
@@ -206,6 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker=args.broker,
         profile=args.profile,
         rate=args.rate,
+        state_dir=args.state_dir,
         nfc=args.nfc,
         opcua=args.opcua or (args.machine or "").startswith("opc.tcp://"),
     )

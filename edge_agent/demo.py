@@ -47,6 +47,7 @@ class DemoOptions:
     rate: float = 0.0  # parts per second, 0 = as fast as the station goes
     nfc: bool = False  # present every part as an NTAG215 through nfcpy's udp driver
     opcua: bool = False  # the reference OPC UA machine instead of the reference PLC
+    state_dir: Path | None = None  # the disk outbox; default: a temporary directory
 
 
 def find_profile(name: str = "reference-plc.yaml") -> Path:
@@ -184,7 +185,12 @@ class _Subscriber:
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"edge-agent-demo-listener-{time.time_ns()}"
         )
+        self.interrupted = False  # lost the broker: reports sent meanwhile were not seen here
+        self._closing = False
         self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self._client.on_disconnect = lambda *_: setattr(
+            self, "interrupted", self.interrupted or not self._closing
+        )
         self._client.on_message = self._on_message
         self._client.reconnect_delay_set(1, 2)
         self._client.connect_async(host, port)
@@ -196,6 +202,7 @@ class _Subscriber:
             self.reports[report["id"]] = report  # the id makes redelivered duplicates harmless
 
     def close(self) -> None:
+        self._closing = True
         self._client.disconnect()  # wakes paho's thread at once; loop_stop() alone waits up to 1 s
         self._client.loop_stop()
 
@@ -231,6 +238,17 @@ def format_report(n: int, report: dict[str, Any]) -> str:
     )
     cycles = report["results"].get("cycle_count", report["results"].get("cycles"))
     return f"{head} {where} {params} -> ok, cycle #{cycles}  [{ms:.1f} ms]"
+
+
+async def _drain(agent: Agent, out: Any) -> bool:
+    """Wait until the broker has acknowledged every report, however long it is away."""
+    while not await agent.uplink.flush(timeout=5):
+        print(
+            f"waiting for the broker: {agent.uplink.backlog} messages in the outbox, "
+            f"oldest {agent.uplink.oldest_age:.0f} s",
+            file=out,
+        )
+    return True
 
 
 async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
@@ -279,6 +297,7 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
             f"machine: {{profile: {json.dumps(str(profile))}, {machine_fields}}}\n"
             f"broker: {{host: {broker_host}, port: {broker_port}, reconnect_min: 0.2, reconnect_max: 5}}\n"
             f"trusted_keys: {{demo: {json.dumps(str(public_path))}}}\n"
+            f"state_dir: {json.dumps(str((options.state_dir or workdir / 'state').resolve()))}\n"
         )
         config = load_config(config_path)
         print(
@@ -297,6 +316,7 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
         key = load_private_key(private_path)
         keyring = KeyRing({"demo": key.public_key()})
         started = time.perf_counter()
+        ok = 0  # as the agent produced them; the listener counts what came through the broker
         for i in range(options.parts):
             if options.rate > 0:
                 await asyncio.sleep(max(0.0, started + i / options.rate - time.perf_counter()))
@@ -323,6 +343,7 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
                 tag.put_ndef(message)
                 ntag.present(tag)
             report = await asyncio.wait_for(agent.reports.get(), timeout=60)
+            ok += report.status == "ok"
             line = format_report(i + 1, report.as_message())
             if ntag is None:
                 assert reader is not None
@@ -332,7 +353,7 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
                 line += f"  tag {report.tag_write}, {_read_back(tag, uid, keyring)}"
             print(line, file=out)
 
-        delivered = await agent.uplink.flush(timeout=60)
+        delivered = await _drain(agent, out)
         for _ in range(200):  # the listener's copies trail the broker's PUBACKs slightly
             if len(listener.reports) >= options.parts:
                 break
@@ -348,10 +369,15 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
         summary = (
             f"{counts['ok']} cycles ok, {counts['rejected']} rejected, {counts['failed']} failed"
         )
-        if missing or not delivered:
+        # A listener that lost the broker cannot see what was delivered while it was away; the
+        # broker's acknowledgement of every report (an empty outbox) is then the proof.
+        excused = missing and delivered and listener.interrupted and ok == options.parts
+        if excused:
+            summary = f"{ok} cycles ok, all acknowledged by the broker ({len(received)} seen by a listener that was disconnected for a while)"
+        elif missing or not delivered:
             summary += f" ({missing} reports not received through the broker)"
         print(summary, file=out)
-        return 0 if counts["ok"] == options.parts and not missing else 1
+        return 0 if excused or (counts["ok"] == options.parts and not missing) else 1
     finally:
         if plc is not None:
             await plc.stop()

@@ -29,7 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.config import BrokerConfig, TlsConfig
+from edge_agent.config import BrokerConfig, TlsConfig, load_config
+from edge_agent.errors import ConfigError
 from edge_agent.sim.broker import EmbeddedBroker, free_port
 from edge_agent.uplink.mqtt import MqttUplink
 
@@ -360,3 +361,45 @@ async def test_commands_queued_while_away_arrive_after_reconnect(
         await asyncio.sleep(0.01)
     assert got == [b"while away"]
     await uplink.stop({"state": "offline"})
+
+
+def _config_file(tmp_path: Path, broker_yaml: str) -> Path:
+    profile = Path(__file__).resolve().parent.parent / "firmware_profiles" / "reference-plc.yaml"
+    (tmp_path / "mes.pub").write_text("placeholder")
+    path = tmp_path / "station.yaml"
+    path.write_text(
+        "gateway_id: gw-c\nstation: st-20\nreader: {type: simulated}\n"
+        f"machine: {{profile: {json.dumps(str(profile))}, host: 127.0.0.1, port: 5020}}\n"
+        f"trusted_keys: {{mes: mes.pub}}\nstate_dir: state\n{broker_yaml}"
+    )
+    return path
+
+
+def test_config_resolves_tls_files_and_failover_uris(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("x")
+    path = _config_file(
+        tmp_path,
+        "broker:\n  uris: [mqtts://a.plant:8883, 'mqtts://[::1]']\n  protocol: 5\n"
+        "  tls: {ca_file: ca.pem}\n",
+    )
+    config = load_config(path)
+    assert config.broker.endpoints == [("a.plant", 8883), ("::1", 8883)]
+    assert config.broker.use_tls and config.broker.protocol == "5"
+    assert config.broker.tls is not None and config.broker.tls.ca_file == tmp_path / "ca.pem"
+    assert config.state_dir == tmp_path / "state"
+
+
+def test_config_errors_name_file_line_and_key(tmp_path: Path) -> None:
+    path = _config_file(tmp_path, "broker:\n  tls:\n    ca_file: missing-ca.pem\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"{path}:9: broker.tls.ca_file: no such file: {tmp_path / 'missing-ca.pem'}" in str(
+        err.value
+    )
+
+    path = _config_file(tmp_path, "broker:\n  uris: [mqtt://a:1883, mqtts://b:8883]\n")
+    with pytest.raises(ConfigError, match=r"station.yaml:8: broker.uris: .*not both"):
+        load_config(path)
+    path = _config_file(tmp_path, "broker:\n  uris: [tcp://a:1883]\n")
+    with pytest.raises(ConfigError, match=r"broker.uris: .*mqtt://HOST\[:PORT\]"):
+        load_config(path)

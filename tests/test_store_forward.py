@@ -7,6 +7,7 @@ with the same id and seq as the original, so a consumer can drop them.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.demo import DemoOptions, run_demo
 from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc as Plc
@@ -271,3 +273,22 @@ async def test_full_outbox_of_reports_stops_taking_parts(
         received = first_copies(await recorder.wait_for("gw-test/cycles", 11))
     recorder.close()
     assert len(received) == 11 and received[-1]["tag_uid"] == "04070707070763"
+
+
+async def test_demo_waits_out_a_broker_restart_and_exits_0(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    out = io.StringIO()
+    options = DemoOptions(
+        parts=60, rate=50, broker=f"{broker.host}:{broker.port}", state_dir=tmp_path / "state"
+    )
+    demo = asyncio.create_task(run_demo(options, out))
+    await asyncio.sleep(0.4)
+    await broker.kill()  # mid-run: reports pile up in the disk outbox
+    await asyncio.sleep(0.8)
+    await broker.start()
+    assert await asyncio.wait_for(demo, 60) == 0, out.getvalue()
+    assert "60 cycles ok" in out.getvalue()
+    box = SqliteOutbox(tmp_path / "state" / "outbox.sqlite3")
+    assert len(box) == 0  # exit 0 only once the broker acknowledged everything
+    box.close()
