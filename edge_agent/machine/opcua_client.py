@@ -153,6 +153,7 @@ class OpcUaDriver(MachineDriver):
         self._names: dict[ua.NodeId, str] = {}
         self._methods: dict[str, _Method] = {}
         self._values: dict[str, Any] = {}
+        self._seq: dict[str, int] = {}  # data change notifications received per watched point
         self._tick = asyncio.Event()  # set (and replaced) on every data change
         self._lost = asyncio.Event()  # set when this connection is lost
         self._connect_lock = asyncio.Lock()
@@ -561,6 +562,7 @@ class OpcUaDriver(MachineDriver):
             return
         with contextlib.suppress(ValueError):
             self._values[name] = self._decode(name, value)
+            self._seq[name] = self._seq.get(name, 0) + 1
         tick, self._tick = self._tick, asyncio.Event()
         tick.set()
 
@@ -673,11 +675,14 @@ class OpcUaDriver(MachineDriver):
         await self._ready()
         lost = self._lost
         deadline = time.monotonic() + timeout
+        seen = self._seq.get(point, 0)
         while True:
             tick = self._tick
             value = self._values.get(point)
             if _equal(value, expected):
-                # A notification may still be on its way; confirm with one Read before going on.
+                if self._seq.get(point, 0) != seen:
+                    return  # notified during this wait: the server's value now
+                # Known from before the wait: a change may still be on its way, so confirm it.
                 value = (await self.read([point]))[point]
                 if _equal(value, expected):
                     return
