@@ -87,6 +87,12 @@ class AutoIdReader(TagReader):
         self.connected = asyncio.Event()
 
     async def start(self) -> None:
+        try:
+            import asyncua  # noqa: F401  (a missing library is fatal at once, not retried)
+        except ImportError as err:
+            raise TagIOError(
+                f"reader {self.name}: asyncua is not installed (pip install 'edge-agent[opcua]')"
+            ) from err
         self._task = asyncio.create_task(self._supervise(), name=f"autoid-{self.name}")
 
     async def stop(self) -> None:

@@ -82,6 +82,12 @@ class NfcReader(TagReader):
     # ------------------------------------------------------------------ TagReader
 
     async def start(self) -> None:
+        try:
+            import nfc  # noqa: F401  (here, not in the thread: a missing library is fatal at once)
+        except ImportError as err:
+            raise TagIOError(
+                f"reader {self.name}: nfcpy is not installed (pip install 'edge-agent[nfc]')"
+            ) from err
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name=f"nfc-{self.name}", daemon=True)
         self._thread.start()
@@ -330,9 +336,11 @@ class TagSession:
         self._clf: Any = None
 
     def __enter__(self) -> TagSession:
-        import nfc.clf
-        import nfc.tag
-
+        try:
+            import nfc.clf
+            import nfc.tag
+        except ImportError as err:
+            raise TagIOError("nfcpy is not installed (pip install 'edge-agent[nfc]')") from err
         try:
             self._clf = self._opener(self.device)
         except (OSError, ValueError, TypeError) as err:
