@@ -237,6 +237,11 @@ async def test_broker_outage_during_cycles_and_telemetry(
     assert [m["rpm"] for m in telemetry] == [1000 + i for i in range(12)]
     seqs = [m["seq"] for m in cycles]
     assert seqs == sorted(seqs)
+    # The status after the restart tells the backlog, and again once it is delivered.
+    online = [m for m in recorder.on("gw-test/status") if m["state"] == "online"]
+    assert all(m["accepting_parts"] for m in online)
+    assert any(m["backlog"] >= 10 and m["oldest_age_s"] > 0 for m in online)
+    assert online[-1]["backlog"] == 0
 
 
 async def test_full_outbox_of_reports_stops_taking_parts(

@@ -130,6 +130,7 @@ class MqttUplink:
             str, tuple[int, MessageHandler]
         ] = {}  # full topic filter -> handler
         self._stopping = False
+        self._replay: tuple[int, float] | None = None  # (backlog at connect, since) until drained
 
     # ----------------------------------------------------------------- public API
 
@@ -386,14 +387,19 @@ class MqttUplink:
         self._connected.set()
         for topic, (qos, _) in self._subscriptions.items():
             client.subscribe(topic, qos=qos)
+        self._publish_status()
+        self._replay = (len(self.outbox), time.monotonic()) if len(self.outbox) else None
+        self._wake.set()
+
+    def _publish_status(self) -> None:
+        # Straight to paho, not through the outbox: it must not wait behind a backlog.
         status = {
             "state": "online",
             **self._status_fn(),
             "backlog": len(self.outbox),
             "oldest_age_s": self.oldest_age,
         }
-        client.publish(self.topic("status"), dumps(status), qos=1, retain=True)
-        self._wake.set()
+        self._client.publish(self.topic("status"), dumps(status), qos=1, retain=True)
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any
@@ -419,6 +425,13 @@ class MqttUplink:
             self.outbox.ack(message_id)
             self._acked.set()
             self._wake.set()
+            if self._replay is not None and not len(self.outbox):
+                count, since = self._replay
+                self._replay = None
+                log.info(
+                    "backlog delivered", messages=count, seconds=round(time.monotonic() - since, 2)
+                )
+                self._publish_status()  # the retained status says backlog 0 again
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         for topic, (_, handler) in self._subscriptions.items():
