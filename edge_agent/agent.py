@@ -20,6 +20,7 @@ from . import __version__
 from .config import AgentConfig, load_config
 from .errors import MachineError
 from .instructions.signing import KeyRing
+from .line.adjustments import Adjustments
 from .line.commands import Commands
 from .line.telemetry import Telemetry
 from .machine import registry
@@ -79,6 +80,11 @@ class Agent:
         self.commands = Commands(
             self, allowed=frozenset(config.commands.allowed), publish=self._publish
         )
+        self.adjustments = Adjustments(
+            config.gateway_id, config.profile, self.driver, publish=self._publish
+        )
+        if config.commands.adjustments:
+            self.cycle.adjust = self.adjustments.apply
 
     def _open_outbox(self) -> Outbox:
         if self.config.state_dir is None:
@@ -159,6 +165,8 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in order."""
         self.uplink.subscribe("cmd/+", self.commands.on_message)
+        if self.config.commands.adjustments:
+            self.uplink.subscribe("adjustments", self.adjustments.on_message)
         await self.uplink.start(self.status)
         try:
             await self.driver.connect()
@@ -244,6 +252,7 @@ class Agent:
             "cycle_running": self.machine_lock.locked(),
             "machine_connected": self.driver.connected,
             "telemetry": self.telemetry.status(),
+            "adjustments": self.adjustments.state(),
             "backlog": self.uplink.backlog,
         }
 
@@ -288,9 +297,13 @@ class Agent:
                 await self.driver.close()
                 self.driver = self.cycle.driver = driver
                 self.cycle.profile = new.profile
+                self.adjustments.rebind(new.profile, driver)
             self.cycle.keyring = self.keyring = keyring
             self.cycle.write_back = new.cycle.write_back
             self.commands.allowed = frozenset(new.commands.allowed)
+            self.cycle.adjust = self.adjustments.apply if new.commands.adjustments else None
+            if new.commands.adjustments:
+                self.uplink.subscribe("adjustments", self.adjustments.on_message)
             # What needs a restart keeps its running value, so status stays true.
             self.config = dataclasses.replace(new, **{k: getattr(old, k) for k in restart})
             self.telemetry = self._telemetry()

@@ -93,6 +93,7 @@ async def test_status(station: Station, line: Line) -> None:
     assert result["paused"] is False and result["cycle_running"] is False
     assert result["machine_connected"] is True
     assert set(result["telemetry"]) == {"process", "setpoints"}
+    assert result["adjustments"] == {"version": None, "rules": 0}
 
 
 async def test_read_named_points_with_scaling(

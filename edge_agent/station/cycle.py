@@ -34,6 +34,9 @@ from .handshake import run_abort, run_handshake
 log = structlog.get_logger("cycle")
 
 Publish = Callable[[dict[str, Any]], object]
+#: The line's live adjustments (``line/adjustments.py``): step, part ->
+#: (adjusted step, program number replacing the operation's or None, record for the report).
+Adjust = Callable[[Step, dict[str, Any]], tuple[Step, int | None, dict[str, Any] | None]]
 
 
 @dataclass
@@ -57,6 +60,7 @@ class CycleReport:
         "untouched"  # untouched | cycle complete | aborted (trigger reset) | abort failed: ...
     )
     profile: dict[str, str] = field(default_factory=dict)
+    adjustments: dict[str, Any] | None = None  # version applied and each change; None: no set
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
 
@@ -78,6 +82,7 @@ class StationCycle:
         reader: TagReader,
         publish: Publish,
         write_back: bool = True,
+        adjust: Adjust | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         self.station = station
@@ -87,6 +92,7 @@ class StationCycle:
         self.reader = reader
         self.publish = publish
         self.write_back = write_back
+        self.adjust = adjust
         self.busy = False
         # Set when the abort steps could not run (machine unreachable): retried before the next cycle.
         self._abort_pending: Operation | None = None
@@ -114,6 +120,7 @@ class StationCycle:
         uid = event.uid
         contents: TagContents | None = None
         index = -1
+        program: int | None = None
         try:
             t0 = time.perf_counter()
             message = await self.reader.read_ndef(uid)
@@ -131,6 +138,9 @@ class StationCycle:
                 "count": len(traveler.steps),
                 "operation": step.operation,
             }
+            if self.adjust is not None:
+                # Before the limit check: the profile's limits stay the certified envelope.
+                step, program, report.adjustments = self.adjust(step, report.part)
             encoded, report.parameters = self.prepare(step, report.tag_uid, index)
             report.durations_ms["verify"] = _ms(t0)
         except PartRejected as err:
@@ -141,6 +151,8 @@ class StationCycle:
             return
 
         operation = self.profile.operations[step.operation]
+        if program is not None:
+            operation = operation.model_copy(update={"program": program})
         if self._abort_pending is not None:
             # The last failure could not reset the machine (it was unreachable). Do that first:
             # a trigger left high would swallow this cycle's rising edge.
