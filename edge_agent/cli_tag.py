@@ -249,6 +249,11 @@ def _register_device_commands(commands: argparse._SubParsersAction) -> None:  # 
             "--image", type=Path, help="a tag image file (NTAG213/215/216 memory dump) instead"
         )
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a tag")
+        p.add_argument(
+            "--password",
+            metavar="HEX",
+            help="NTAG21x password of a protected tag: PWD+PACK, 12 hex",
+        )
 
     def trust(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -262,6 +267,9 @@ def _register_device_commands(commands: argparse._SubParsersAction) -> None:  # 
     write.add_argument("--key", required=True, type=Path, help="private key (PEM)")
     write.add_argument("--key-id", help="key id written on the tag (default: key file stem)")
     write.add_argument("--issued-at", type=int, help="unix seconds (default: now)")
+    write.add_argument(
+        "--protect", metavar="HEX", help="protect the tag with this NTAG21x password (PWD+PACK)"
+    )
     write.add_argument("--uid", help="--image only: UID of a new image file")
     write.add_argument(
         "--tag",
@@ -294,8 +302,9 @@ def _session(
     from .sim.ntag import NtagImage, NtagSimulator
     from .tag.nfc import TagSession
 
+    password = _password(args.password, "--password") if args.password else None
     if args.device:
-        with TagSession(args.device, args.timeout) as session:
+        with TagSession(args.device, args.timeout, password=password) as session:
             yield session
         return
     path: Path = args.image
@@ -310,10 +319,22 @@ def _session(
         raise _UsageError(f"{path}: no such tag image (tag write --image FILE --uid UID makes one)")
     with NtagSimulator() as sim:
         sim.present(image)
-        with TagSession(sim.device, args.timeout, targets=("106A",)) as session:
+        with TagSession(sim.device, args.timeout, targets=("106A",), password=password) as session:
             yield session
     if save:
         path.write_bytes(image.to_bytes())
+
+
+def _password(text: str, option: str) -> bytes:
+    try:
+        password = bytes.fromhex(text)
+    except ValueError:
+        raise _UsageError(f"{option}: not hex") from None
+    if len(password) != 6:
+        raise _UsageError(
+            f"{option}: 6 bytes (PWD 4 + PACK 2) as 12 hex digits, got {len(password)}"
+        )
+    return password
 
 
 def _tag_write(args: argparse.Namespace) -> int:
@@ -334,6 +355,9 @@ def _tag_write(args: argparse.Namespace) -> int:
                 f"{args.recipe}: does not fit tag {uid} ({tag.kind}, {capacity} bytes): {err}"
             ) from None
         tag.write(message)
+        if args.protect:
+            tag.protect(_password(args.protect, "--protect"))
+            print(f"tag {uid}: pages 4 and up now need the password to be written")
         print(
             f"part {recipe.part_id}: {len(message)}/{capacity} bytes written to tag {uid} "
             f"({tag.kind}) and read back, {len(recipe.steps)} steps, key {key_id}"

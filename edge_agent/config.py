@@ -57,6 +57,8 @@ class NfcReaderConfig(_Strict):
     )
     poll_interval: float = Field(0.1, gt=0, le=5)  # between senses, and presence checks
     backoff_max: float = Field(30.0, gt=0, le=600)  # longest wait between attempts to open it
+    # NTAG21x password of protected tags: PWD (4 bytes) + PACK (2 bytes) in hex; use ${ENV}.
+    password: str | None = Field(None, pattern=r"^[0-9A-Fa-f]{12}$")
 
 
 class AutoIdReaderConfig(_Strict):

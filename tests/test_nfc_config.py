@@ -20,12 +20,15 @@ def _config(tmp_path: Path, reader: str) -> Path:
     return path
 
 
-def test_nfc_reader_config_builds_an_nfc_reader(tmp_path: Path) -> None:
-    config = load_config(
-        _config(
-            tmp_path, "{type: nfc, device: 'tty:USB0:pn532', targets: [106A], poll_interval: 0.05}"
-        )
+def test_nfc_reader_config_builds_an_nfc_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NTAG_PASSWORD", "A1B2C3D4E5F6")
+    reader_yaml = (
+        "{type: nfc, device: 'tty:USB0:pn532', targets: [106A], poll_interval: 0.05,"
+        " password: '${NTAG_PASSWORD}'}"
     )
+    config = load_config(_config(tmp_path, reader_yaml))
     assert isinstance(config.reader, NfcReaderConfig)
     reader = create_reader(config.reader)
     assert isinstance(reader, NfcReader)
@@ -34,6 +37,7 @@ def test_nfc_reader_config_builds_an_nfc_reader(tmp_path: Path) -> None:
         ("106A",),
         0.05,
     )
+    assert reader.password == bytes.fromhex("A1B2C3D4E5F6")  # from the environment
 
 
 def test_nfc_reader_config_mistakes_name_file_line_and_key(tmp_path: Path) -> None:

@@ -61,6 +61,8 @@ class NtagImage:
         if ndef:
             memory[12:16] = bytes([0xE1, 0x10, cc_size, 0x00])
             memory[16:19] = bytes([0x03, 0x00, 0xFE])
+        cfg = (pages - 4) * PAGE  # CFG0 CFG1 PWD PACK, factory defaults: no password protection
+        memory[cfg : cfg + 16] = bytes([4, 0, 0, 0xFF, 0, 5, 0, 0]) + b"\xff" * 4 + bytes(4)
         return cls(kind, memory)
 
     @classmethod
@@ -129,6 +131,16 @@ class NtagImage:
             pos += length
         return None
 
+    @property
+    def config_page(self) -> int:
+        """CFG0 (AUTH0 in byte 3); CFG1 (ACCESS: PROT in bit 7), PWD and PACK follow."""
+        return self.pages - 4
+
+    @property
+    def auth0(self) -> int:
+        """First page protected by the password (AUTH0); beyond the last page when there is none."""
+        return self.memory[self.config_page * PAGE + 3]
+
     def make_read_only(self) -> None:
         """Set the CC write-access nibble, as a locked tag reports it."""
         self.memory[15] |= 0x0F
@@ -151,6 +163,10 @@ class NtagSimulator:
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _state: str = "idle"  # idle | ready1 | ready2 | active
+    _authenticated: bool = False  # PWD_AUTH succeeded since the tag was selected
+    # Configuration takes effect when the tag is selected, as on the chip: AUTH0 and PROT as then.
+    _auth0: int = 0xFF
+    _prot: bool = False
 
     @property
     def device(self) -> str:
@@ -185,7 +201,7 @@ class NtagSimulator:
 
     def present(self, tag: NtagImage) -> None:
         with self._lock:
-            self.tag, self._state = tag, "idle"
+            self.tag, self._state, self._authenticated = tag, "idle", False
 
     def remove(self) -> NtagImage | None:
         with self._lock:
@@ -214,7 +230,7 @@ class NtagSimulator:
 
     def _frame(self, datagram: bytes) -> bytes | None:
         if datagram.startswith(b"RFOFF"):
-            self._state = "idle"  # the reader dropped its field: the tag resets
+            self._state, self._authenticated = "idle", False  # the field dropped: the tag resets
             return None
         try:
             brty, payload = datagram.split()
@@ -238,7 +254,7 @@ class NtagSimulator:
         cl1 = bytes([0x88]) + uid[0:3] + bytes([_bcc(b"\x88" + uid[0:3])])
         cl2 = uid[3:7] + bytes([_bcc(uid[3:7])])
         if data in (b"\x26", b"\x52"):  # SENS_REQ / ALL_REQ
-            self._state = "ready1"
+            self._state, self._authenticated = "ready1", False
             return SENS_RES
         if data == b"\x93\x20" and self._state == "ready1":
             return cl1
@@ -249,6 +265,8 @@ class NtagSimulator:
             return cl2
         if data == b"\x95\x70" + cl2 and self._state == "ready2":
             self._state = "active"
+            self._auth0 = tag.auth0
+            self._prot = bool(tag.memory[(tag.config_page + 1) * PAGE] & 0x80)
             return bytes([SAK_DONE])
         if self._state != "active":
             return None  # a tag that is not selected stays silent
@@ -261,20 +279,33 @@ class NtagSimulator:
             return bytes([0x00, 0x04, 0x04, 0x02, 0x01, 0x00, KINDS[tag.kind][2], 0x03])
         if len(data) == 2 and data[0] == 0x30:  # READ: 4 pages, rolling over at the end
             start = data[1]
-            if start >= tag.pages:
+            if start >= tag.pages or (self._locked(start) and self._prot):
                 return self._nak()
-            return b"".join(tag.memory[((start + i) % tag.pages) * PAGE :][:PAGE] for i in range(4))
+            pages = [(start + i) % tag.pages for i in range(4)]
+            return b"".join(
+                bytes(PAGE) if p >= tag.config_page + 2 else tag.memory[p * PAGE :][:PAGE]
+                for p in pages  # PWD and PACK always read as zeros
+            )
+        if len(data) == 5 and data[0] == 0x1B:  # PWD_AUTH
+            pwd = (tag.config_page + 2) * PAGE
+            if data[1:5] != tag.memory[pwd : pwd + 4]:
+                return self._nak()
+            self._authenticated = True
+            return bytes(tag.memory[pwd + 4 : pwd + 6])  # PACK
         if len(data) == 6 and data[0] == 0xA2:  # WRITE one page
             return self._write(tag, data[1], data[2:6])
         return self._nak()  # unsupported (e.g. nfcpy's AUTHENTICATE probe): NAK, back to idle
 
     def _nak(self) -> bytes:
-        self._state = "idle"
+        self._state, self._authenticated = "idle", False
         return NAK
 
+    def _locked(self, page: int) -> bool:
+        return page >= self._auth0 and not self._authenticated
+
     def _write(self, tag: NtagImage, page: int, value: bytes) -> bytes | None:
-        writable = page == 2 or page == 3 or page in tag.user_pages
-        if not writable or (page != 3 and tag.memory[15] & 0x0F):
+        writable = page in (2, 3) or page in tag.user_pages or page >= tag.config_page
+        if not writable or (page != 3 and tag.memory[15] & 0x0F) or self._locked(page):
             return self._nak()
         offset = page * PAGE
         if page == 3:  # capability container: one-time programmable

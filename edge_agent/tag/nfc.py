@@ -60,9 +60,11 @@ class NfcReader(TagReader):
         poll_interval: float = 0.1,
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
+        password: bytes | None = None,
         opener: Opener = open_frontend,
     ) -> None:
         self.name = name
+        self.password = password  # NTAG21x PWD (4 bytes) + PACK (2 bytes) of protected tags
         self.device = device
         self.targets = targets
         self.poll_interval = poll_interval
@@ -187,6 +189,12 @@ class NfcReader(TagReader):
         uid = bytes(tag.identifier)
         capacity = 0
         self._fresh = None
+        if self.password is not None and not authenticate(tag, self.password):
+            log.warning(
+                "tag password not accepted; its protected pages cannot be written",
+                reader=self.name,
+                uid=uid.hex().upper(),
+            )
         with contextlib.suppress(*_tag_errors()):
             # Read once at arrival: the cycle's ReadTag comes right after and can use it.
             if tag.ndef is not None and tag.ndef.is_readable:
@@ -282,6 +290,20 @@ def ndef_area(tag: Any, *, fresh: bool) -> Any:
     return ndef
 
 
+def authenticate(tag: Any, password: bytes) -> bool:
+    """NTAG21x PWD_AUTH with ``password`` (PWD + PACK); False if refused or not an NTAG21x."""
+    if len(password) != 6 or not hasattr(tag, "authenticate") or not hasattr(tag, "_cfgpage"):
+        return False
+    try:
+        if tag.authenticate(password):
+            return True
+        # A refused PWD_AUTH is NAKed and leaves the tag idle: select it again to go on reading.
+        tag._target = tag.clf.sense(tag.target)
+    except _tag_errors():
+        pass
+    return False
+
+
 def read_message(tag: Any) -> bytes:
     return bytes(ndef_area(tag, fresh=True).octets)
 
@@ -299,6 +321,14 @@ def write_message(tag: Any, message: bytes, previous: bytes | None = None) -> li
             f"tag {uid} ({_kind(tag)}) holds {ndef.capacity} bytes, the message has "
             f"{len(message)} ({len(message) - ndef.capacity} over)"
         )
+    if hasattr(tag, "_cfgpage") and not tag.is_authenticated:
+        # NTAG21x: a write to a password-protected page is just NAKed; say why before trying.
+        auth0 = tag.read(tag._cfgpage)[3]
+        if auth0 < tag._cfgpage:
+            raise TagIOError(
+                f"tag {uid} ({_kind(tag)}) is password-protected from page {auth0}: "
+                "give the reader its password (reader.password / --password)"
+            )
     on_tag = bytes(ndef.octets)
     if (
         isinstance(tag, nfc.tag.tt2.Type2Tag)
@@ -330,8 +360,10 @@ class TagSession:
         timeout: float = 10.0,
         targets: tuple[str, ...] = ("106A", "106B", "212F"),
         opener: Opener = open_frontend,
+        password: bytes | None = None,
     ) -> None:
         self.device, self.timeout, self.targets, self._opener = device, timeout, targets, opener
+        self.password = password
         self.tag: Any = None
         self._clf: Any = None
 
@@ -355,6 +387,9 @@ class TagSession:
                     self._clf.close()
                     raise TagIOError(f"no tag on {self.device} within {self.timeout:g} s")
                 time.sleep(0.05)
+        if self.password is not None and not authenticate(self.tag, self.password):
+            self._clf.close()
+            raise TagIOError(f"tag {self.uid.hex().upper()} ({self.kind}): password not accepted")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -395,6 +430,16 @@ class TagSession:
                 raise TagIOError(
                     f"tag {self.uid.hex().upper()} ({self.kind}) cannot be NDEF formatted"
                 )
+
+    def protect(self, password: bytes) -> None:
+        """Require ``password`` (PWD + PACK) to write pages 4 and up (NTAG21x only)."""
+        if not hasattr(self.tag, "_cfgpage"):
+            raise TagIOError(
+                f"tag {self.uid.hex().upper()} ({self.kind}) has no password protection"
+            )
+        with self._errors():
+            if not self.tag.protect(password, read_protect=False, protect_from=4):
+                raise TagIOError(f"tag {self.uid.hex().upper()}: setting the password failed")
 
     def read(self) -> bytes:
         with self._errors():

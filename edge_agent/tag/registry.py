@@ -21,6 +21,7 @@ def create_reader(config: Any) -> TagReader:
             targets=tuple(config.targets),
             poll_interval=config.poll_interval,
             backoff_max=config.backoff_max,
+            password=bytes.fromhex(config.password) if config.password else None,
         )
     if config.type == "autoid":
         from .autoid import AutoIdReader  # asyncua itself is imported when it connects
