@@ -52,6 +52,7 @@ class OpcUaMachineProcess:
     pki: Path
     port: int = field(default_factory=free_port)
     done_delay: float = 0.0
+    extra_namespaces: int = 0
     process: subprocess.Popen[str] | None = None
 
     @property
@@ -76,6 +77,8 @@ class OpcUaMachineProcess:
                 ":".join(USER),
                 "--done-delay",
                 str(self.done_delay),
+                "--extra-namespaces",
+                str(self.extra_namespaces),
             ],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},

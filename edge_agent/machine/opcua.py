@@ -13,6 +13,7 @@ renumber their namespaces when they restart or load another model.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -159,6 +160,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _default_pki() -> Path:
+    # Under systemd (StateDirectory=edge-agent) the only writable place is the state directory.
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(state) / "pki" if state else Path("pki")
+
+
 class OpcUaSecurity(_Strict):
     """The secure channel and the gateway's application instance certificate."""
 
@@ -166,7 +173,7 @@ class OpcUaSecurity(_Strict):
     mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
     #: Where the generated certificate (``own/``), the trusted server certificates (``trusted/``)
     #: and the refused ones (``rejected/``) live.
-    pki: Path = Path("pki")
+    pki: Path = Field(default_factory=lambda: _default_pki())
     certificate: Path | None = None  # given: used as is (DER or PEM); else generated on first start
     private_key: Path | None = None
     application_uri: str | None = None  # default urn:<hostname>:edge-agent; must match the cert

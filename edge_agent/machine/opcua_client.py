@@ -44,6 +44,7 @@ from .driver import MachineDriver, RawValue
 from .modbus import _equal, _show  # driver-neutral helpers: same comparison, same wording
 from .opcua import (
     DATA_TYPES,
+    STANDARD_NAMESPACE,
     Address,
     MachineMismatch,
     OpcUaPoint,
@@ -508,7 +509,7 @@ class OpcUaDriver(MachineDriver):
         for prop in ("InputArguments", "OutputArguments"):
             found = await self._translate_path(
                 client,
-                Address("", "path", prop, (("http://opcfoundation.org/UA/", prop),)),
+                Address("", "path", prop, ((STANDARD_NAMESPACE, prop),)),
                 await client.get_namespace_array(),
                 start=method_id,
             )

@@ -94,8 +94,10 @@ class ReferenceOpcUaMachine:
         users: dict[str, str] | None = None,
         anonymous: bool = True,
         done_delay: float = 0.0,
+        extra_namespaces: int = 0,
     ) -> None:
         self.pki = pki
+        self.extra_namespaces = extra_namespaces  # registered first: moves our namespace's index
         self.users = users or {}
         self.anonymous = anonymous
         self.done_delay = done_delay
@@ -153,6 +155,8 @@ class ReferenceOpcUaMachine:
         return self.url
 
     async def _build(self, server: Server) -> None:
+        for i in range(self.extra_namespaces):
+            await server.register_namespace(f"urn:edge-agent:sim:filler:{i}")
         idx = await server.register_namespace(NAMESPACE)
         machine = await server.nodes.objects.add_object(
             ua.NodeId("Machine", idx), ua.QualifiedName("Machine", idx)
@@ -260,6 +264,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--done-delay", type=float, default=0.0, help="seconds from trigger to done (default 0)"
     )
+    p.add_argument(
+        "--extra-namespaces",
+        type=int,
+        default=0,
+        help="register N other namespaces first, as another firmware might (moves our index)",
+    )
     return p.parse_args(argv)
 
 
@@ -271,6 +281,7 @@ async def _serve(args: argparse.Namespace) -> None:
             users=users,
             anonymous=not args.no_anonymous,
             done_delay=args.done_delay,
+            extra_namespaces=args.extra_namespaces,
         )
         url = await machine.start(args.host, args.port, args.path)
         # One line on stdout when the endpoint answers: tests and scripts wait for it.
