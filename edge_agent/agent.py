@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,14 +19,14 @@ import structlog
 
 from . import __version__
 from .config import AgentConfig, load_config
-from .errors import MachineError
+from .errors import ConfigError, ConfigProblem, MachineError
 from .instructions.signing import KeyRing
 from .line.adjustments import Adjustments
 from .line.commands import Commands
 from .line.telemetry import Telemetry
 from .machine import registry
 from .machine.driver import MachineDriver
-from .machine.profile import Profile
+from .machine.profile import Profile, load_profile
 from .station.cycle import CycleReport, StationCycle
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
@@ -76,6 +77,7 @@ class Agent:
         # Held by a cycle for its whole run: commands write and reloads swap only between cycles.
         self.machine_lock = asyncio.Lock()
         self.paused = False  # by the line: arriving parts are refused, the machine is left alone
+        self._previous_profile: Profile | None = None  # before the last push: for rollback
         self.telemetry = self._telemetry()
         self.commands = Commands(
             self, allowed=frozenset(config.commands.allowed), publish=self._publish
@@ -291,27 +293,91 @@ class Agent:
             else self.driver
         )
         keyring = KeyRing.from_files({k: str(p) for k, p in new.trusted_keys.items()})
-        async with self.machine_lock:
-            await self.telemetry.stop()
-            if driver is not self.driver:
-                await self.driver.close()
-                self.driver = self.cycle.driver = driver
-                self.cycle.profile = new.profile
-                self.adjustments.rebind(new.profile, driver)
+
+        def rest() -> None:
             self.cycle.keyring = self.keyring = keyring
             self.cycle.write_back = new.cycle.write_back
             self.commands.allowed = frozenset(new.commands.allowed)
             self.cycle.adjust = self.adjustments.apply if new.commands.adjustments else None
             if new.commands.adjustments:
                 self.uplink.subscribe("adjustments", self.adjustments.on_message)
-            # What needs a restart keeps its running value, so status stays true.
-            self.config = dataclasses.replace(new, **{k: getattr(old, k) for k in restart})
-            self.telemetry = self._telemetry()
-            self.telemetry.start()
+
+        # What needs a restart keeps its running value, so status stays true.
+        config = dataclasses.replace(new, **{k: getattr(old, k) for k in restart})
+        await self._activate(config, driver, also=rest)
+        self._previous_profile = None  # the files on disk are the reference again
         p = new.profile
         log.info("configuration reloaded", profile=p.name, version=p.version, restart=restart)
         return {
-            "profile": {"name": p.name, "version": p.version, "hash": p.content_hash},
+            "profile": _describe(p),
             "machine_reloaded": machine_changed,
             "restart_required": restart,
         }
+
+    async def push_profile(self, text: str, origin: str) -> dict[str, Any]:
+        """Validate a firmware profile sent by the line and make it active between cycles.
+
+        The profile in use is kept for ``rollback_profile``. Raises ConfigError naming every
+        problem (``origin:line: key: message``); then nothing changed.
+        """
+        current = self.config.profile
+        profile = load_profile(origin, text=text)
+        if profile.driver != current.driver:
+            raise ConfigError(
+                [
+                    ConfigProblem(
+                        origin,
+                        None,
+                        "driver",
+                        f"'{profile.driver}' differs from the machine's driver '{current.driver}': "
+                        "a new machine needs a new config, not a pushed profile",
+                    )
+                ]
+            )
+        driver = registry.driver_module(profile.driver).create(self.config.machine, profile)
+        await self._activate(dataclasses.replace(self.config, profile=profile), driver)
+        self._previous_profile = current
+        log.warning(
+            "firmware profile pushed by the line is active",
+            profile=profile.name,
+            version=profile.version,
+            previous=current.version,
+        )
+        return {"profile": _describe(profile), "previous": _describe(current)}
+
+    async def rollback_profile(self) -> dict[str, Any]:
+        """Go back to the profile that was active before the last push (between cycles)."""
+        previous, current = self._previous_profile, self.config.profile
+        if previous is None:
+            raise ConfigError(
+                [ConfigProblem(current.source, None, "", "no previous profile to roll back to")]
+            )
+        driver = registry.driver_module(previous.driver).create(self.config.machine, previous)
+        await self._activate(dataclasses.replace(self.config, profile=previous), driver)
+        self._previous_profile = current  # a rollback can itself be undone
+        log.warning("firmware profile rolled back", profile=previous.name, version=previous.version)
+        return {"profile": _describe(previous), "previous": _describe(current)}
+
+    async def _activate(
+        self,
+        config: AgentConfig,
+        driver: MachineDriver,
+        also: Callable[[], None] | None = None,
+    ) -> None:
+        """Between cycles: make ``config`` (and its profile, driven by ``driver``) the station's."""
+        async with self.machine_lock:
+            await self.telemetry.stop()
+            if driver is not self.driver:
+                await self.driver.close()
+                self.driver = self.cycle.driver = driver
+            self.cycle.profile = config.profile
+            self.adjustments.rebind(config.profile, driver)
+            if also is not None:
+                also()
+            self.config = config
+            self.telemetry = self._telemetry()
+            self.telemetry.start()
+
+
+def _describe(profile: Profile) -> dict[str, str]:
+    return {"name": profile.name, "version": profile.version, "hash": profile.content_hash}

@@ -166,7 +166,9 @@ class CycleConfig(_Strict):
     drain_timeout: float = Field(30.0, gt=0)  # at shutdown: how long the cycle in flight may finish
 
 
-CommandName = Literal["status", "read", "write", "pause", "resume", "reload"]
+CommandName = Literal[
+    "status", "read", "write", "pause", "resume", "reload", "push_profile", "rollback_profile"
+]
 
 
 class CommandsConfig(_Strict):

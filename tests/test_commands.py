@@ -15,9 +15,12 @@ from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
 from tests.fixtures_broker import MqttRecorder
-from tests.station_harness import DRILL, Station, running_station
+from tests.station_harness import DRILL, PROFILE, Station, running_station
 
-ALL = "commands: {allowed: [status, read, write, pause, resume, reload]}\n"
+ALL = (
+    "commands: {allowed: [status, read, write, pause, resume, reload, push_profile, "
+    "rollback_profile]}\n"
+)
 
 
 @pytest.fixture
@@ -247,3 +250,70 @@ async def test_reload_applies_a_valid_config_and_refuses_an_invalid_one(
         f"{path}:" in reply["error"]["message"] and "commands.allowed" in reply["error"]["message"]
     )
     assert (await line.call("status"))["ok"] is True  # still running on the last good config
+
+
+def narrower_profile() -> str:
+    """The reference profile as version 1.1 with a narrower spindle envelope."""
+    text = PROFILE.read_text().replace('version: "1.0"', 'version: "1.1"')
+    old = "spindle_speed: {table: holding, address: 0, type: u16, unit: rpm, min: 0, max: 12000}"
+    assert old in text
+    return text.replace(old, old.replace("max: 12000", "max: 1000"))
+
+
+async def test_profile_push_activates_between_cycles_and_rolls_back(
+    station: Station, line: Line, reference_plc: ReferencePlc
+) -> None:
+    reference_plc.done_delay = 0.4
+    tag = station.tag([Step("drill", DRILL, "st-20")], uid=b"\x04\x00\x00\x00\x00\x00\x01")
+    station.reader.present(tag)
+    await in_cycle(station)
+    push = asyncio.create_task(line.call("push_profile", {"yaml": narrower_profile()}))
+    first = await asyncio.wait_for(station.agent.reports.get(), 5)
+    reply = await push
+    # The cycle in the machine finished on the profile it started with; then 1.1 took over.
+    assert first.status == "ok" and first.profile["version"] == "1.0"
+    assert reply["ok"] is True, reply
+    assert reply["result"]["profile"]["version"] == "1.1"
+    assert reply["result"]["previous"]["version"] == "1.0"
+    status = (await line.call("status"))["result"]
+    assert status["profile"]["version"] == "1.1"
+    assert set(status["telemetry"]) == {"process", "setpoints"}
+    station.reader.remove(tag.uid)
+    reference_plc.done_delay = 0
+
+    # DRILL's 1500 rpm is outside the pushed envelope: refused before anything is written.
+    second = station.tag([Step("drill", DRILL, "st-20")], uid=b"\x04\x00\x00\x00\x00\x00\x02")
+    refused = await station.cycle(second)
+    assert refused.reason == "out_of_limits" and refused.profile["version"] == "1.1"
+    assert "maximum 1000" in str(refused.error)
+    write = await line.call("write", {"values": {"spindle_speed": 1500}})
+    assert error(write) == "out_of_limits"
+
+    reply = await line.call("rollback_profile")
+    assert reply["result"]["profile"]["version"] == "1.0"
+    again = await station.cycle(second)
+    assert again.status == "ok" and again.profile["version"] == "1.0"
+
+
+@pytest.mark.parametrize(
+    ("yaml", "words"),
+    [
+        ("profile: [unclosed", "pushed profile:2: not valid YAML"),
+        (
+            PROFILE.read_text().replace("type: u16, unit: rpm", "type: u17, unit: rpm"),
+            "pushed profile:12: points.spindle_speed.type",
+        ),
+        # Points of another driver do not validate: "points.spindle_speed.table: unknown key".
+        (PROFILE.read_text().replace("driver: modbus", "driver: opcua"), "pushed profile:12"),
+        (PROFILE.read_text().replace("program: 3", "program: 9"), "operations.press.program"),
+    ],
+    ids=["yaml", "type", "driver", "constant"],
+)
+async def test_a_bad_profile_push_is_refused_with_the_reason(
+    station: Station, line: Line, yaml: str, words: str
+) -> None:
+    reply = await line.call("push_profile", {"yaml": yaml})
+    assert error(reply) == "invalid_config"
+    assert words in reply["error"]["message"], reply["error"]["message"]
+    assert (await line.call("status"))["result"]["profile"]["version"] == "1.0"
+    assert error(await line.call("rollback_profile")) == "invalid_config"  # nothing to go back to

@@ -57,6 +57,10 @@ class StationControl(Protocol):
 
     async def reload(self) -> dict[str, Any]: ...
 
+    async def push_profile(self, text: str, origin: str) -> dict[str, Any]: ...
+
+    async def rollback_profile(self) -> dict[str, Any]: ...
+
 
 class CommandError(Exception):
     def __init__(self, code: str, message: str) -> None:
@@ -74,6 +78,10 @@ class NoParams(_Params):
 
 class ReadParams(_Params):
     points: list[str] = Field(min_length=1, max_length=500)
+
+
+class ProfileParams(_Params):
+    yaml: str = Field(min_length=1, max_length=1_000_000)  # the profile file's text
 
 
 class WriteParams(_Params):
@@ -107,6 +115,8 @@ class Commands:
             "pause": self._pause,
             "resume": self._resume,
             "reload": self._reload,
+            "push_profile": self._push_profile,
+            "rollback_profile": self._rollback_profile,
         }
 
     def on_message(self, topic: str, payload: bytes, properties: Any) -> None:
@@ -193,6 +203,15 @@ class Commands:
     async def _reload(self, params: dict[str, Any]) -> Any:
         _params(NoParams, params)
         return await self.station.reload()
+
+    async def _push_profile(self, params: dict[str, Any]) -> Any:
+        p = _params(ProfileParams, params)
+        # Errors name this origin as their file: "pushed profile:12: points.speed.type: ..."
+        return await self.station.push_profile(p.yaml, "pushed profile")
+
+    async def _rollback_profile(self, params: dict[str, Any]) -> Any:
+        _params(NoParams, params)
+        return await self.station.rollback_profile()
 
     async def _read(self, params: dict[str, Any]) -> Any:
         p = _params(ReadParams, params)
