@@ -22,10 +22,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.config import BrokerConfig
 from edge_agent.demo import DemoOptions, run_demo
 from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc as Plc
+from edge_agent.uplink.mqtt import MqttUplink
 from edge_agent.uplink.outbox_sqlite import SqliteOutbox
 from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import DRILL, running_station
@@ -297,3 +299,31 @@ async def test_demo_waits_out_a_broker_restart_and_exits_0(
     box = SqliteOutbox(tmp_path / "state" / "outbox.sqlite3")
     assert len(box) == 0  # exit 0 only once the broker acknowledged everything
     box.close()
+
+
+async def test_replay_leaves_room_for_live_messages_and_keeps_per_topic_order(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    recorder = MqttRecorder(broker.host, broker.port, "edge/gw-r/#")
+    await recorder.ready()
+    config = BrokerConfig(
+        host=broker.host, port=broker.port, inflight=2, reconnect_min=0.05, reconnect_max=0.2
+    )
+    outbox = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    uplink = MqttUplink(config, "gw-r", "edge-agent-gw-r", outbox=outbox)
+    for n in range(400):  # queued before the link is up: the backlog
+        uplink.publish("cycles", {"n": n})
+    await uplink.start(lambda: {})
+    assert await uplink.wait_connected(5)
+    uplink.publish("events", {"event": "live"})  # no backlog on this topic: may go ahead
+    uplink.publish("cycles", {"n": 400})  # same topic as the backlog: strictly after it
+    assert await uplink.flush(15)
+    await uplink.stop({"state": "offline"})
+    outbox.close()
+    await recorder.wait_for("gw-r/cycles", 401)
+    topics = [(t.rsplit("/", 1)[-1], json.loads(p)) for t, p, _ in recorder.messages]
+    cycles = [m["n"] for t, m in topics if t == "cycles"]
+    assert cycles == list(range(401))
+    order = [m.get("n", "live") for t, m in topics if t in ("cycles", "events")]
+    assert order.index("live") < order.index(399)  # not starved by the 400-message replay
+    recorder.close()

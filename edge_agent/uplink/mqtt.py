@@ -125,6 +125,10 @@ class MqttUplink:
         self._acked = asyncio.Event()
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id
         self._last_sent = 0  # outbox id of the newest message handed to paho on this connection
+        self._backlog_end = 0  # newest outbox id queued when this connection came up
+        self._backlog_topics: dict[str, int] = {}  # topic -> its newest id in that backlog
+        self._sent_ahead: set[int] = set()  # ids > _last_sent already handed over (replay)
+        self._newest = 0  # id of the newest message this process queued
         self._status_fn: StatusFn = lambda: {}
         self._subscriptions: dict[
             str, tuple[int, MessageHandler]
@@ -178,6 +182,8 @@ class MqttUplink:
             retain,
             classify(suffix) if keep is None else keep,
         )
+        if message is not None:
+            self._newest = message.id
         self._wake.set()
         return message
 
@@ -351,17 +357,69 @@ class MqttUplink:
             room = self._broker.inflight - len(self._inflight)
             if room <= 0:
                 continue
-            for message in self.outbox.oldest(room, after=self._last_sent):
-                info = self._client.publish(
-                    message.topic, message.payload, qos=message.qos, retain=message.retain
-                )
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    break  # the connection dropped under us; the supervisor reconnects
-                self._last_sent = message.id
-                if message.qos == 0:
-                    self.outbox.ack(message.id)
+            if self._last_sent < self._backlog_end:
+                self._send_replay(room)
+            else:
+                self._send_in_order(room)
+
+    def _send_replay(self, room: int) -> None:
+        """Replay what was queued before this connection, oldest first, paced by PUBACKs.
+
+        Up to half the window goes to newer messages on topics whose backlog is already out, so
+        a long replay does not hold back, say, a command reply; per topic the order holds.
+        """
+        live_room = room // 2
+        if live_room and self._newest > self._backlog_end:
+            scan = self.outbox.oldest(live_room + self._broker.inflight + 100, self._backlog_end)
+            for message in scan:
+                if live_room == 0:
+                    break
+                if message.id in self._sent_ahead:
+                    continue
+                if self._backlog_topics.get(message.topic, 0) > self._last_sent:
+                    continue  # this topic still has backlog to go first
+                if not self._hand_over(message):
+                    return
+                self._sent_ahead.add(message.id)
+                live_room -= 1
+                room -= 1
+        batch = self.outbox.oldest(room, after=self._last_sent)
+        for message in batch:
+            if message.id > self._backlog_end:
+                break
+            if not self._hand_over(message):
+                return
+            self._last_sent = message.id
+        if len(batch) < room or (batch and batch[-1].id > self._backlog_end):
+            # Nothing older left (the rest was acknowledged or dropped): back to plain order.
+            self._last_sent = max(self._last_sent, self._backlog_end)
+            self._wake.set()
+
+    def _send_in_order(self, room: int) -> None:
+        while room > 0:
+            batch = self.outbox.oldest(room, after=self._last_sent)
+            if not batch:
+                return
+            for message in batch:
+                if message.id in self._sent_ahead:  # went out during the replay
+                    self._sent_ahead.discard(message.id)
+                elif not self._hand_over(message):
+                    return
                 else:
-                    self._inflight[info.mid] = message.id
+                    room -= 1
+                self._last_sent = message.id
+
+    def _hand_over(self, message: OutMessage) -> bool:
+        info = self._client.publish(
+            message.topic, message.payload, qos=message.qos, retain=message.retain
+        )
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False  # the connection dropped under us; the supervisor reconnects
+        if message.qos == 0:
+            self.outbox.ack(message.id)
+        else:
+            self._inflight[info.mid] = message.id
+        return True
 
     async def _misc(self) -> None:
         # paho's keepalive pings and timeouts
@@ -384,6 +442,10 @@ class MqttUplink:
         client.drop_out_messages()
         self._inflight.clear()
         self._last_sent = 0
+        self._sent_ahead.clear()
+        # Everything queued now is the backlog: replayed before newer messages of the same topic.
+        self._backlog_topics = self.outbox.newest_by_topic()
+        self._backlog_end = max(self._backlog_topics.values(), default=0)
         self._connected.set()
         for topic, (qos, _) in self._subscriptions.items():
             client.subscribe(topic, qos=qos)

@@ -59,6 +59,10 @@ class Outbox(Protocol):
 
     def __len__(self) -> int: ...
 
+    def newest_by_topic(self) -> dict[str, int]:
+        """Each topic with a waiting message -> the id of its newest one."""
+        ...
+
     @property
     def full(self) -> bool:
         """True when only records are left and the limit is reached: take no new parts."""
@@ -104,6 +108,9 @@ class MemoryOutbox:
 
     def __len__(self) -> int:
         return len(self._messages)
+
+    def newest_by_topic(self) -> dict[str, int]:
+        return {m.topic: m.id for m in self._messages.values()}
 
     @property
     def full(self) -> bool:

@@ -146,6 +146,10 @@ class SqliteOutbox:
     def __len__(self) -> int:
         return sum(self._by_class.values())
 
+    def newest_by_topic(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT topic, max(id) FROM messages GROUP BY topic")
+        return {topic: newest for topic, newest in rows}
+
     @property
     def full(self) -> bool:
         return self._by_class[Keep.RECORD] >= self.max_messages
