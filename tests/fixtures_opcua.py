@@ -53,6 +53,7 @@ class OpcUaMachineProcess:
     port: int = field(default_factory=free_port)
     done_delay: float = 0.0
     extra_namespaces: int = 0
+    options: list[str] = field(default_factory=list)  # more command line options
     process: subprocess.Popen[str] | None = None
 
     @property
@@ -79,6 +80,7 @@ class OpcUaMachineProcess:
                 str(self.done_delay),
                 "--extra-namespaces",
                 str(self.extra_namespaces),
+                *self.options,
             ],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from asyncua import Client, ua
+from asyncua.crypto import cert_gen
 from cryptography import x509
 
 from edge_agent.errors import MachineError, MachineFault
@@ -417,3 +418,35 @@ async def test_unreachable_server_backs_off(tmp_path: Path) -> None:
             await d.connect()
     finally:
         await d.close()
+
+
+async def test_x509_user_identity_and_refused_anonymous(tmp_path: Path) -> None:
+    # The user's own certificate (not the gateway's application certificate) is the identity.
+    user_key, user_cert = tmp_path / "user-key.pem", tmp_path / "user-cert.der"
+    await cert_gen.setup_self_signed_certificate(
+        user_key, user_cert, "urn:example:operator-anna", "localhost", [], {}
+    )
+    machine = OpcUaMachineProcess(
+        tmp_path / "server", options=["--no-anonymous", "--user-cert", str(user_cert)]
+    )
+    machine.start()
+    pki = tmp_path / "pki"
+    _trust(machine, pki)
+    security = {"policy": "Basic256Sha256", "mode": "SignAndEncrypt", "pki": str(pki)}
+    x509_user = make_driver(
+        machine,
+        security=security,
+        user_certificate=str(user_cert),
+        user_private_key=str(user_key),
+    )
+    anonymous = make_driver(machine, security=security)
+    try:
+        await x509_user.connect()
+        assert (await x509_user.read(["cycles"]))["cycles"] >= 0
+        with pytest.raises(MachineError, match="does not accept Anonymous identities") as err:
+            await anonymous.connect()
+        assert not err.value.retryable
+    finally:
+        await x509_user.close()
+        await anonymous.close()
+        machine.stop()

@@ -14,7 +14,8 @@ do not depend on creation order; browse names are in the same namespace)::
 
 The machine cycle runs ``done_delay`` s after the rising edge (0: within the write itself).
 Endpoints: security None and Basic256Sha256 Sign / SignAndEncrypt; identities anonymous (unless
-``--no-anonymous``) and the ``--user NAME:PASSWORD`` accounts. The server's certificate is created
+``--no-anonymous``), the ``--user NAME:PASSWORD`` accounts and the X.509 user certificates given
+with ``--user-cert FILE``. The server's certificate is created
 on first start in ``--pki`` (``server-cert.der``, ``server-key.pem``) and reused afterwards.
 
 Run standalone (for ``edge-agent demo --opcua --machine opc.tcp://127.0.0.1:4840/edge-agent``)::
@@ -39,6 +40,8 @@ from typing import Any
 from asyncua import Server, ua
 from asyncua.crypto import cert_gen
 from asyncua.crypto.permission_rules import User, UserRole
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 NAMESPACE = "urn:edge-agent:reference-opcua-machine"
@@ -61,11 +64,12 @@ _READ_ONLY = {
 
 
 class _Accounts:
-    """Anonymous (if allowed) and username/password users; anything else is refused."""
+    """Anonymous (if allowed), username/password and X.509 users; anything else is refused."""
 
-    def __init__(self, users: dict[str, str], anonymous: bool) -> None:
+    def __init__(self, users: dict[str, str], anonymous: bool, certificates: set[bytes]) -> None:
         self.users = users
         self.anonymous = anonymous
+        self.certificates = certificates  # DER of the accepted user certificates
 
     def get_user(
         self,
@@ -74,8 +78,11 @@ class _Accounts:
         password: str | None = None,
         certificate: Any = None,
     ) -> User | None:
-        # ``certificate`` is the secure channel's client certificate, not a user identity.
+        # ``certificate`` is the X.509 user token's certificate, or else the secure channel's
+        # client certificate: only a listed one is a user identity.
         if username is None:
+            if certificate is not None and _der(certificate) in self.certificates:
+                return User(role=UserRole.User, name="x509")
             return User(role=UserRole.User) if self.anonymous else None
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
@@ -95,8 +102,10 @@ class ReferenceOpcUaMachine:
         anonymous: bool = True,
         done_delay: float = 0.0,
         extra_namespaces: int = 0,
+        user_certificates: list[Path] | None = None,
     ) -> None:
         self.pki = pki
+        self.user_certificates = user_certificates or []
         self.extra_namespaces = extra_namespaces  # registered first: moves our namespace's index
         self.users = users or {}
         self.anonymous = anonymous
@@ -125,7 +134,8 @@ class ReferenceOpcUaMachine:
             [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
             {"organizationName": "edge-agent"},
         )
-        server = Server(user_manager=_Accounts(self.users, self.anonymous))
+        accepted = {_der(path.read_bytes()) for path in self.user_certificates}
+        server = Server(user_manager=_Accounts(self.users, self.anonymous, accepted))
         await server.init()
         if port == 0:  # any free port (the endpoint URL must name the real one)
             with socket.socket() as probe:
@@ -147,6 +157,8 @@ class ReferenceOpcUaMachine:
         tokens: list[type] = [ua.UserNameIdentityToken]
         if self.anonymous:
             tokens.insert(0, ua.AnonymousIdentityToken)
+        if self.user_certificates:
+            tokens.append(ua.X509IdentityToken)
         server.set_identity_tokens(tokens)
         await self._build(server)
         await server.start()
@@ -239,6 +251,15 @@ class ReferenceOpcUaMachine:
                 await server.stop()
 
 
+def _der(certificate: Any) -> bytes:
+    if isinstance(certificate, x509.Certificate):
+        return certificate.public_bytes(Encoding.DER)
+    data = bytes(certificate)
+    if data.lstrip().startswith(b"-----BEGIN"):
+        return x509.load_pem_x509_certificate(data).public_bytes(Encoding.DER)
+    return data
+
+
 def _argument(name: str, vtype: ua.VariantType) -> ua.Argument:
     arg = ua.Argument()
     arg.Name = name
@@ -262,6 +283,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD")
     p.add_argument("--no-anonymous", action="store_true", help="refuse anonymous sessions")
     p.add_argument(
+        "--user-cert",
+        action="append",
+        default=[],
+        type=Path,
+        help="accepted X.509 user certificate",
+    )
+    p.add_argument(
         "--done-delay", type=float, default=0.0, help="seconds from trigger to done (default 0)"
     )
     p.add_argument(
@@ -282,6 +310,7 @@ async def _serve(args: argparse.Namespace) -> None:
             anonymous=not args.no_anonymous,
             done_delay=args.done_delay,
             extra_namespaces=args.extra_namespaces,
+            user_certificates=args.user_cert,
         )
         url = await machine.start(args.host, args.port, args.path)
         # One line on stdout when the endpoint answers: tests and scripts wait for it.
