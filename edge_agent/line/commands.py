@@ -133,6 +133,13 @@ class Commands:
 
     async def handle(self, name: str, payload: bytes, properties: Any = None) -> dict[str, Any]:
         """Run command ``name`` and publish its reply. Never raises (except CancelledError)."""
+        reply = await self.execute(name, payload, properties)
+        self.publish(f"reply/{name}", reply, 1)
+        return reply
+
+    async def execute(self, name: str, payload: bytes, properties: Any = None) -> dict[str, Any]:
+        """Run command ``name`` and return its reply (for another API's transport, e.g.
+        ThingsBoard RPC). Never raises (except CancelledError)."""
         t0 = time.perf_counter()
         correlation: str | int | None = _correlation_data(properties)
         reply: dict[str, Any] = {"schema": "edge-agent/reply/1", "command": name}
@@ -183,7 +190,6 @@ class Commands:
             ok=reply["ok"],
             error=reply.get("error"),
         )
-        self.publish(f"reply/{name}", reply, 1)
         return reply
 
     # ------------------------------------------------------------------ the commands
