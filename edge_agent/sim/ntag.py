@@ -18,6 +18,7 @@ import functools
 import operator
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,6 +159,9 @@ class NtagSimulator:
     tear_after_bytes: int | None = None
     # Tests: after this many more commands (after anticollision) the tag leaves the field.
     leave_after_commands: int | None = None
+    # Tests: this many more READ replies come 7 ms late: after nfcpy's 5 ms READ timeout, so it
+    # retries, and well before it gives up (3 x 5 ms).
+    late_reads: int = 0
     pages_written: list[int] = field(default_factory=list)
     _sock: socket.socket | None = None
     _thread: threading.Thread | None = None
@@ -222,6 +226,10 @@ class NtagSimulator:
                 continue
             with self._lock:
                 reply = self._frame(datagram)
+                late = self.late_reads > 0 and datagram.startswith(b"106A 30")
+                self.late_reads -= late
+            if late:
+                time.sleep(0.007)
             if reply is not None:
                 try:
                     sock.sendto(reply, addr)

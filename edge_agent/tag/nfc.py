@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import queue
+import select
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -40,7 +41,30 @@ Opener = Callable[[str], Any]  # device path -> an open nfc.ContactlessFrontend
 def open_frontend(device: str) -> Any:
     import nfc
 
-    return nfc.ContactlessFrontend(device)
+    clf = nfc.ContactlessFrontend(device)
+    if device.startswith("udp"):
+        _drop_stale_replies(clf.device)
+    return clf
+
+
+def _drop_stale_replies(device: Any) -> None:
+    """Make nfcpy's udp transport as synchronous as a reader chip.
+
+    The udp driver pairs replies with commands by order only: a reply that arrives after its command
+    timed out and was retried stays queued and is taken as the reply to the next command, shifting
+    every later READ by one (seen on a loaded machine). A reader chip never does that. Before each
+    command, whatever is still queued is stale and dropped.
+    """
+    send = device.send_cmd_recv_rsp
+
+    def send_cmd_recv_rsp(target: Any, data: Any, timeout: float) -> Any:
+        sock = device.socket
+        if sock is not None and data is not None:
+            while select.select([sock], [], [], 0)[0]:
+                sock.recv(1024)
+        return send(target, data, timeout)
+
+    device.send_cmd_recv_rsp = send_cmd_recv_rsp
 
 
 @dataclass
@@ -321,21 +345,17 @@ def write_message(tag: Any, message: bytes, previous: bytes | None = None) -> li
             f"tag {uid} ({_kind(tag)}) holds {ndef.capacity} bytes, the message has "
             f"{len(message)} ({len(message) - ndef.capacity} over)"
         )
-    if hasattr(tag, "_cfgpage") and not tag.is_authenticated:
-        # NTAG21x: a write to a password-protected page is just NAKed; say why before trying.
-        auth0 = tag.read(tag._cfgpage)[3]
-        if auth0 < tag._cfgpage:
-            raise TagIOError(
-                f"tag {uid} ({_kind(tag)}) is password-protected from page {auth0}: "
-                "give the reader its password (reader.password / --password)"
-            )
     on_tag = bytes(ndef.octets)
     if (
         isinstance(tag, nfc.tag.tt2.Type2Tag)
         and len(on_tag) == len(message)
         and (previous is None or previous == on_tag)
     ):
-        pages = _write_changed_pages(ndef, message)
+        try:
+            pages = _write_changed_pages(ndef, message)
+        except nfc.tag.TagCommandError as err:
+            _explain_refused_write(tag, err)
+            raise
         expected = bytes(ndef._tag_memory[: len(ndef._tag_memory)])
         for first in sorted({p - p % 4 for p in pages}):  # READ returns 4 pages
             if bytes(tag.read(first)) != expected[first * 4 : first * 4 + 16]:
@@ -448,6 +468,27 @@ class TagSession:
     def write(self, message: bytes, previous: bytes | None = None) -> list[int]:
         with self._errors():
             return write_message(self.tag, message, previous)
+
+
+def _explain_refused_write(tag: Any, err: Exception) -> None:
+    """A NAKed WRITE on an NTAG21x is often password protection: say so when AUTH0 shows it."""
+    import nfc.tag.tt2
+
+    if getattr(err, "errno", None) != nfc.tag.tt2.INVALID_PAGE_ERROR or not hasattr(
+        tag, "_cfgpage"
+    ):
+        return
+    try:
+        tag._target = tag.clf.sense(tag.target)  # the NAK left the tag idle: select it again
+        auth0 = tag.read(tag._cfgpage)[3] if tag.target else 0xFF
+    except _tag_errors():
+        return
+    if auth0 < tag._cfgpage:
+        uid = bytes(tag.identifier).hex().upper()
+        raise TagIOError(
+            f"tag {uid} ({_kind(tag)}) is password-protected from page {auth0}: "
+            "give the reader its password (reader.password / --password)"
+        ) from err
 
 
 def _write_changed_pages(ndef: Any, message: bytes) -> list[int]:
