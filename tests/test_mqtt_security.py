@@ -33,6 +33,7 @@ from edge_agent.config import BrokerConfig, TlsConfig, load_config
 from edge_agent.errors import ConfigError
 from edge_agent.sim.broker import EmbeddedBroker, free_port
 from edge_agent.uplink.mqtt import MqttUplink
+from edge_agent.uplink.outbox_sqlite import SqliteOutbox
 
 USER, PASSWORD = "line1-st20", "s3cret-for-tests"
 
@@ -224,15 +225,34 @@ async def test_tls_and_password_deliver_every_report(
     recorder.close()
 
 
+async def fixed_and_restarted(secure: SecureBroker, outbox: Path, count: int) -> None:
+    """The operator fixes the setting and restarts the agent: every queued report arrives."""
+    recorder = Recorder(secure.broker, "edge/gw-tls/cycles")
+    await recorder.ready()
+    box = SqliteOutbox(outbox)
+    uplink = MqttUplink(secure.config(), "gw-tls", "edge-agent-gw-tls", outbox=box)
+    await uplink.start(lambda: {})
+    assert await uplink.flush(10)
+    await uplink.stop({"state": "offline"})
+    box.close()
+    assert [m["n"] for m in await recorder.wait_for(count)] == list(range(count))
+    recorder.close()
+
+
 async def test_wrong_password_is_one_clear_line_and_a_capped_backoff(
-    secure_broker: SecureBroker,
+    secure_broker: SecureBroker, tmp_path: Path
 ) -> None:
+    box = SqliteOutbox(tmp_path / "outbox.sqlite3")
     uplink = MqttUplink(
-        secure_broker.config(password="wrong", reconnect_max=0.2), "gw-tls", "edge-agent-gw-tls"
+        secure_broker.config(password="wrong", reconnect_max=0.2),
+        "gw-tls",
+        "edge-agent-gw-tls",
+        outbox=box,
     )
     with structlog.testing.capture_logs() as logs:
         await uplink.start(lambda: {})
-        uplink.publish("cycles", {"n": 1})
+        for n in range(20):
+            uplink.publish("cycles", {"n": n})
         await asyncio.sleep(1.5)
         assert not uplink.connected
         assert all(not t.done() for t in uplink._tasks)  # still trying, nothing crashed
@@ -245,14 +265,21 @@ async def test_wrong_password_is_one_clear_line_and_a_capped_backoff(
     assert 2 <= len(attempts) <= 1.5 / 0.05  # retried, never faster than reconnect_min
     delays = [e["retry_in_s"] for e in attempts]
     assert all(0.05 <= d <= 0.2 for d in delays) and len(set(delays)) > 1  # capped, jittered
-    assert uplink.backlog == 2  # the report and the offline status wait in the outbox
+    assert uplink.backlog == 21  # the reports and the offline status wait in the outbox
+    box.close()
+    await fixed_and_restarted(secure_broker, tmp_path / "outbox.sqlite3", 20)
 
 
-async def test_wrong_ca_is_one_clear_line_never_a_crash(secure_broker: SecureBroker) -> None:
+async def test_wrong_ca_is_one_clear_line_never_a_crash(
+    secure_broker: SecureBroker, tmp_path: Path
+) -> None:
     config = secure_broker.config(tls=TlsConfig(ca_file=secure_broker.other_ca))
-    uplink = MqttUplink(config, "gw-tls", "edge-agent-gw-tls")
+    box = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    uplink = MqttUplink(config, "gw-tls", "edge-agent-gw-tls", outbox=box)
     with structlog.testing.capture_logs() as logs:
         await uplink.start(lambda: {})
+        for n in range(20):
+            uplink.publish("cycles", {"n": n})
         await asyncio.sleep(1.0)
         assert not uplink.connected
         assert all(not t.done() for t in uplink._tasks)
@@ -262,6 +289,8 @@ async def test_wrong_ca_is_one_clear_line_never_a_crash(secure_broker: SecureBro
     assert len(warnings) == 1 and len(attempts) >= 2
     assert warnings[0]["reason"].startswith("TLS: broker certificate rejected")
     assert "certificate" in warnings[0]["reason"]
+    box.close()
+    await fixed_and_restarted(secure_broker, tmp_path / "outbox.sqlite3", 20)
 
 
 async def test_hostname_check_can_be_relaxed_only_on_purpose(
