@@ -1,6 +1,6 @@
 """Telemetry and command cost of the running daemon, on the loopback reference PLC and mosquitto.
 
-    python benchmarks/telemetry.py [--seconds 20] [--commands 500]
+    python benchmarks/telemetry.py [--seconds 20] [--commands 500] [--disk-outbox] [--broker-nagle]
 
 The agent runs as its own process (``python -m edge_agent run``) watching 15 points at 100 ms (one
 group: holding 0..8 and input 0..10 of the reference PLC), while this process serves the PLC, moves
@@ -77,7 +77,7 @@ def memory_mib(pid: int) -> dict[str, float]:
     return out
 
 
-def write_files(tmp: Path, plc_port: int, broker_port: int) -> Path:
+def write_files(tmp: Path, plc_port: int, broker_port: int, disk: bool) -> Path:
     from edge_agent.instructions.signing import generate_keypair
 
     profile = (REPO / "firmware_profiles" / "reference-plc.yaml").read_text()
@@ -94,6 +94,7 @@ def write_files(tmp: Path, plc_port: int, broker_port: int) -> Path:
         f"trusted_keys: {{mes: {json.dumps(str(public))}}}\n"
         "commands: {allowed: [status, read, write]}\n"
         "log: {level: warning, format: json}\n"
+        + (f"state_dir: {json.dumps(str(tmp / 'state'))}\n" if disk else "")
     )
     return config
 
@@ -147,7 +148,7 @@ class Line:
         self.client.disconnect()
 
 
-async def main(seconds: float, commands: int, nodelay: bool) -> None:
+async def main(seconds: float, commands: int, nodelay: bool, disk: bool) -> None:
     from edge_agent.sim.broker import EmbeddedBroker
     from edge_agent.sim.reference_plc import ReferencePlc
 
@@ -170,7 +171,7 @@ async def main(seconds: float, commands: int, nodelay: bool) -> None:
 
     mover = asyncio.create_task(process())
     with tempfile.TemporaryDirectory() as tmp:
-        config = write_files(Path(tmp), plc.port, broker.port)
+        config = write_files(Path(tmp), plc.port, broker.port, disk)
         started = time.perf_counter()
         agent = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -219,6 +220,10 @@ async def main(seconds: float, commands: int, nodelay: bool) -> None:
 
     polls = seconds / 0.1
     print(f"watch                   15 points, one group, 100 ms interval, {seconds:.0f} s window")
+    outbox = "SQLite in state_dir (fsync per message)" if disk else "in memory"
+    print(
+        f"outbox                  {outbox}; broker set_tcp_nodelay {'true' if nodelay else 'false'}"
+    )
     print(f"first telemetry         {first:.2f} s after the agent process started")
     print(f"agent CPU               {100 * cpu / elapsed:.2f} % of one core")
     print(f"agent RSS               {mem['VmRSS']:.1f} MiB (peak {mem['VmHWM']:.1f} MiB)")
@@ -247,5 +252,8 @@ if __name__ == "__main__":
         action="store_true",
         help="leave mosquitto's set_tcp_nodelay off (its default) to see what that costs",
     )
+    parser.add_argument(
+        "--disk-outbox", action="store_true", help="give the agent a state_dir (SQLite outbox)"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.seconds, args.commands, not args.broker_nagle))
+    asyncio.run(main(args.seconds, args.commands, not args.broker_nagle, args.disk_outbox))
