@@ -88,3 +88,29 @@ async def _run_through_outages(reader: NfcReader, port: UsbPort, ntag_sim: NtagS
         assert await reader.read_ndef(UID) == traveler()
     finally:
         await reader.stop()
+
+
+async def test_an_unexpected_error_in_the_reader_thread_reopens_the_reader(
+    ntag_sim: NtagSimulator,
+) -> None:
+    opened = []
+
+    def opener(path: str) -> Any:
+        clf = nfc.ContactlessFrontend(ntag_sim.device)
+        if not opened:  # the first session hits a bug in the driver layer
+            clf.device.sense_tta = lambda target: {}["no such key"]
+        opened.append(clf)
+        return clf
+
+    reader = NfcReader(
+        "r", "usb", targets=("106A",), poll_interval=0.02, backoff_min=0.02, opener=opener
+    )
+    with structlog.testing.capture_logs() as logs:
+        await reader.start()
+        try:
+            ntag_sim.present(image(traveler()))
+            assert (await next_event(reader, ScanKind.ARRIVED)).uid == UID
+        finally:
+            await reader.stop()
+    assert len(opened) == 2
+    assert any(e["event"] == "nfc reader failed; reopening" for e in logs)

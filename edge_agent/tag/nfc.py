@@ -185,6 +185,9 @@ class NfcReader(TagReader):
                     device=self.device,
                     error=str(err) or type(err).__name__,
                 )
+            except Exception:  # a bug here or in nfcpy must not end the thread: reopen and go on
+                failures = 1
+                log.exception("nfc reader failed; reopening", reader=self.name, device=self.device)
             finally:
                 self.connected.clear()
                 self._leave()
