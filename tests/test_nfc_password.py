@@ -56,7 +56,9 @@ async def _protected(sim: NtagSimulator) -> tuple[NtagImage, bytes, bytes]:
     return tag, old, new
 
 
-@pytest.mark.parametrize("password", [None, bytes.fromhex("000000000000")])
+@pytest.mark.parametrize(
+    "password", [None, bytes.fromhex("000000000000")], ids=["no-password", "wrong-password"]
+)
 async def test_reader_without_the_right_password_cannot_write_progress(
     ntag_sim: NtagSimulator, password: bytes | None
 ) -> None:
