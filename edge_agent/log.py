@@ -38,4 +38,10 @@ def setup_logging(level: str = "info", fmt: Format = "auto") -> None:
     logging.basicConfig(
         level=logging.WARNING if level != "debug" else logging.DEBUG, stream=sys.stderr
     )
-    logging.getLogger("pymodbus").setLevel(logging.CRITICAL if level != "debug" else logging.DEBUG)
+    # Their errors reach us as exceptions we translate; their own INFO chatter is noise at 3 a.m.
+    for name, normal in (
+        ("pymodbus", logging.CRITICAL),
+        ("asyncua", logging.WARNING),
+        ("nfc", logging.WARNING),
+    ):
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else normal)
