@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client
 import paho.mqtt.publish
 import pytest
 
@@ -317,3 +318,44 @@ async def test_a_bad_profile_push_is_refused_with_the_reason(
     assert words in reply["error"]["message"], reply["error"]["message"]
     assert (await line.call("status"))["result"]["profile"]["version"] == "1.0"
     assert error(await line.call("rollback_profile")) == "invalid_config"  # nothing to go back to
+
+
+async def test_mqtt5_correlation_data_stands_in_for_a_missing_correlation_id(
+    tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker, recorder: MqttRecorder
+) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import load_config
+    from edge_agent.tag.simulated import SimulatedReader
+    from tests.station_harness import write_config
+
+    path = write_config(tmp_path, reference_plc.port, broker.port, extra=ALL)
+    edit(path, "broker: {", "broker: {protocol: 5, ")
+    agent = Agent(load_config(path), reader=SimulatedReader())
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        assert await agent.uplink.wait_connected(5)
+        props = Properties(PacketTypes.PUBLISH)
+        props.CorrelationData = b"mes-5-0042"
+        props.ResponseTopic = "mes/replies"
+        client = paho.mqtt.client.Client(
+            paho.mqtt.client.CallbackAPIVersion.VERSION2, protocol=paho.mqtt.client.MQTTv5
+        )
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        try:
+            info = client.publish(
+                "edge/gw-test/cmd/status", json.dumps({"params": {}}), qos=1, properties=props
+            )
+            await asyncio.to_thread(info.wait_for_publish, 5)
+        finally:
+            client.loop_stop()
+            client.disconnect()
+        [reply] = await recorder.wait_for("gw-test/reply/status", 1)
+        assert reply["ok"] is True and reply["correlation_id"] == "mes-5-0042"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
