@@ -124,7 +124,10 @@ class Telemetry:
         interval = g.spec.interval
         due = loop.time()
         while not self._stopping:
-            await self.poll(g)
+            try:
+                await self.poll(g)
+            except Exception:  # a bug must not end this group's watch for good
+                log.exception("telemetry poll failed", group=g.name)
             due += interval
             now = loop.time()
             if due < now:  # the read overran its slot: skip the missed ticks, never burst
