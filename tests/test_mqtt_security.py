@@ -110,6 +110,9 @@ class SecureBroker:
     tls_port: int
     ca: Path
     other_ca: Path  # a CA that did not sign the broker's certificate
+    mtls_port: int  # a listener that requires a client certificate
+    client_cert: Path
+    client_key: Path
 
     def config(self, **kw: Any) -> BrokerConfig:
         settings: dict[str, Any] = {
@@ -130,12 +133,15 @@ def write_material(directory: Path) -> tuple[Path, Path]:
     directory.chmod(0o755)  # mosquitto drops to its own user when started as root
     ca_key, ca = make_ca("edge-agent test CA")
     key, cert = make_server_cert(ca_key, ca)
+    client_key, client_cert = make_server_cert(ca_key, ca)  # any name: brokers check the chain
     _, other = make_ca("someone else's CA")
     files = {
         "ca.pem": ca.public_bytes(serialization.Encoding.PEM),
         "other-ca.pem": other.public_bytes(serialization.Encoding.PEM),
         "server.pem": cert.public_bytes(serialization.Encoding.PEM),
         "server.key": _pem_key(key),
+        "client.pem": client_cert.public_bytes(serialization.Encoding.PEM),
+        "client.key": _pem_key(client_key),
     }
     for name, data in files.items():
         (directory / name).write_bytes(data)
@@ -158,15 +164,25 @@ async def secure_broker() -> AsyncIterator[SecureBroker]:
         directory = Path(tmp)
         ca, other_ca = await asyncio.to_thread(write_material, directory)
         broker = EmbeddedBroker()
-        tls_port = free_port()
+        tls_port, mtls_port = free_port(), free_port()
         # Global settings: the plain listener needs the password too (the recorder uses it).
         broker.extra_config = (
             f"allow_anonymous false\npassword_file {directory / 'passwd'}\n"
             f"listener {tls_port} 127.0.0.1\ncafile {ca}\n"
             f"certfile {directory / 'server.pem'}\nkeyfile {directory / 'server.key'}\n"
+            f"listener {mtls_port} 127.0.0.1\ncafile {ca}\nrequire_certificate true\n"
+            f"certfile {directory / 'server.pem'}\nkeyfile {directory / 'server.key'}\n"
         )
         await broker.start()
-        yield SecureBroker(broker, tls_port, ca, other_ca)
+        yield SecureBroker(
+            broker,
+            tls_port,
+            ca,
+            other_ca,
+            mtls_port,
+            directory / "client.pem",
+            directory / "client.key",
+        )
         await broker.stop()
         broker.close()
 
@@ -291,6 +307,33 @@ async def test_wrong_ca_is_one_clear_line_never_a_crash(
     assert "certificate" in warnings[0]["reason"]
     box.close()
     await fixed_and_restarted(secure_broker, tmp_path / "outbox.sqlite3", 20)
+
+
+async def test_client_certificate_when_the_broker_requires_one(
+    secure_broker: SecureBroker,
+) -> None:
+    without = secure_broker.config(port=secure_broker.mtls_port)
+    uplink = MqttUplink(without, "gw-tls", "edge-agent-gw-tls")
+    with structlog.testing.capture_logs() as logs:
+        await uplink.start(lambda: {})
+        assert not await uplink.wait_connected(0.8)
+        await uplink.stop({"state": "offline"}, timeout=0.1)
+    [warning] = [e for e in unreachable(logs) if e["log_level"] == "warning"]
+    assert "certificate required" in warning["reason"]  # the broker's TLS alert, in words
+
+    tls = TlsConfig(
+        ca_file=secure_broker.ca,
+        cert_file=secure_broker.client_cert,
+        key_file=secure_broker.client_key,
+    )
+    uplink = MqttUplink(
+        secure_broker.config(port=secure_broker.mtls_port, tls=tls), "gw-tls", "edge-agent-gw-tls"
+    )
+    await uplink.start(lambda: {})
+    assert await uplink.wait_connected(5)
+    uplink.publish("cycles", {"n": 0})
+    assert await uplink.flush(5)
+    await uplink.stop({"state": "offline"})
 
 
 async def test_hostname_check_can_be_relaxed_only_on_purpose(

@@ -129,6 +129,7 @@ class MqttUplink:
         self._backlog_topics: dict[str, int] = {}  # topic -> its newest id in that backlog
         self._sent_ahead: set[int] = set()  # ids > _last_sent already handed over (replay)
         self._newest = 0  # id of the newest message this process queued
+        self._last_error: str | None = None  # paho's last socket error on this attempt
         self._status_fn: StatusFn = lambda: {}
         self._subscriptions: dict[
             str, tuple[int, MessageHandler]
@@ -313,6 +314,8 @@ class MqttUplink:
         """Connect and wait for CONNACK. None on success, else (reason in words, login refused)."""
         assert self._loop is not None
         self._connack = self._loop.create_future()
+        self._last_error = None
+        self._client.on_log = self._on_log  # until CONNACK only: paho formats every log line
         host, port = self._endpoints[self._endpoint]
         kwargs: dict[str, Any] = {}
         if self._v5:
@@ -433,6 +436,7 @@ class MqttUplink:
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any
     ) -> None:
+        client.on_log = None
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(code)
         if code.is_failure:
@@ -471,7 +475,7 @@ class MqttUplink:
         if self._connack is not None and not self._connack.done():
             # Closed before CONNACK: the supervisor retries now instead of waiting out its timeout.
             self._connack.set_exception(
-                ConnectionError(f"connection closed before CONNACK ({code})")
+                ConnectionError(f"connection closed before CONNACK ({self._last_error or code})")
             )
 
     def _on_publish(
@@ -494,6 +498,11 @@ class MqttUplink:
                     "backlog delivered", messages=count, seconds=round(time.monotonic() - since, 2)
                 )
                 self._publish_status()  # the retained status says backlog 0 again
+
+    def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+        # The reason a TLS peer hung up (e.g. "certificate required") reaches us only as a log.
+        if level == mqtt.MQTT_LOG_ERR:
+            self._last_error = buf
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         for topic, (_, handler) in self._subscriptions.items():
