@@ -7,9 +7,13 @@ profile (type, scale, limits) before the first byte goes to the machine.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from ..errors import ConfigError, ConfigProblem
+from .profile import Profile, WritePoint
 
 RawValue = Any  # driver-specific wire form: Modbus register words or bools, an OPC UA Variant, ...
 
@@ -54,3 +58,59 @@ class MachineDriver(ABC):
     @abstractmethod
     async def wait_until(self, point: str, expected: Any, timeout: float) -> None:
         """Return once ``point`` equals ``expected``; raise MachineFault after ``timeout`` s."""
+
+
+def check_profile_constants(driver: MachineDriver, profile: Profile) -> None:
+    """Encode every value the profile itself supplies (handshake values, program numbers,
+    parameter defaults) now, so that a bad one stops the agent at start instead of failing a
+    handshake halfway, after the parameters went to the machine."""
+    problems: list[ConfigProblem] = []
+
+    def check(path: str, point: str, value: Any, lo: float | None, hi: float | None) -> None:
+        try:
+            driver.encode(point, value)
+        except ValueError as err:
+            problems.append(ConfigProblem(profile.source, None, path, str(err)))
+            return
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+            message = f"{point}: {value} is outside the safe range {lo}..{hi}"
+            problems.append(ConfigProblem(profile.source, None, path, message))
+
+    for section in ("handshake", "on_abort"):
+        for i, step in enumerate(getattr(profile, section)):
+            if not isinstance(step, WritePoint) or step.write not in profile.points:
+                continue
+            point = profile.points[step.write]
+            if step.value is not None:
+                check(f"{section}[{i}]", step.write, step.value, point.min, point.max)
+                continue
+            for name, op in profile.operations.items():
+                if op.program is not None:
+                    path = f"operations.{name}.program"
+                    check(path, step.write, op.program, point.min, point.max)
+    for name, op in profile.operations.items():
+        for param, spec in op.parameters.items():
+            if spec.default is not None:
+                path = f"operations.{name}.parameters.{param}.default"
+                check(path, spec.point, spec.default, *profile.parameter_limits(name, param))
+    if problems:
+        raise ConfigError(problems)
+
+
+def values_equal(value: Any, expected: Any) -> bool:
+    """Does a value read from the machine equal what a wait expects? Numbers compare with tolerance."""
+    if isinstance(value, bool) or isinstance(expected, bool):
+        return bool(value == expected)
+    if isinstance(value, int | float) and isinstance(expected, int | float):
+        return math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-9)
+    return bool(value == expected)
+
+
+def show_value(value: Any) -> str:
+    """A value as a profile would write it (true/false, quoted text), for messages."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)

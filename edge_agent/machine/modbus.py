@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
 import os
 import random
 import socket
@@ -30,9 +29,9 @@ from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
-from ..errors import ConfigError, ConfigProblem, MachineError, MachineFault
+from ..errors import MachineError, MachineFault
 from . import codec
-from .driver import MachineDriver, RawValue
+from .driver import MachineDriver, RawValue, check_profile_constants, show_value, values_equal
 from .modbus_plan import (
     BIT_TABLES,
     MAX_WRITE_REGISTERS,
@@ -42,7 +41,7 @@ from .modbus_plan import (
     plan_reads,
     plan_writes,
 )
-from .profile import BasePoint, PointType, Profile, WritePoint
+from .profile import BasePoint, PointType, Profile
 
 __all__ = [
     "POINT_MODEL",
@@ -150,46 +149,8 @@ def create(settings: ModbusSettings | Mapping[str, Any], profile: Profile) -> Mo
     if not isinstance(settings, ModbusSettings):
         settings = ModbusSettings.model_validate(dict(settings))
     driver = ModbusDriver(settings, profile)
-    _check_constants(driver, profile)
+    check_profile_constants(driver, profile)
     return driver
-
-
-def _check_constants(driver: ModbusDriver, profile: Profile) -> None:
-    """Encode every value the profile itself supplies (handshake values, program numbers,
-    parameter defaults) now, so that a bad one stops the agent at start instead of failing a
-    handshake halfway, after the parameters went to the machine."""
-    problems: list[ConfigProblem] = []
-
-    def check(path: str, point: str, value: Any, lo: float | None, hi: float | None) -> None:
-        try:
-            driver.encode(point, value)
-        except ValueError as err:
-            problems.append(ConfigProblem(profile.source, None, path, str(err)))
-            return
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and ((lo is not None and value < lo) or (hi is not None and value > hi)):
-            message = f"{point}: {value} is outside the safe range {lo}..{hi}"
-            problems.append(ConfigProblem(profile.source, None, path, message))
-
-    for section in ("handshake", "on_abort"):
-        for i, step in enumerate(getattr(profile, section)):
-            if not isinstance(step, WritePoint) or step.write not in profile.points:
-                continue
-            point = profile.points[step.write]
-            if step.value is not None:
-                check(f"{section}[{i}]", step.write, step.value, point.min, point.max)
-                continue
-            for name, op in profile.operations.items():
-                if op.program is not None:
-                    path = f"operations.{name}.program"
-                    check(path, step.write, op.program, point.min, point.max)
-    for name, op in profile.operations.items():
-        for param, spec in op.parameters.items():
-            if spec.default is not None:
-                path = f"operations.{name}.parameters.{param}.default"
-                check(path, spec.point, spec.default, *profile.parameter_limits(name, param))
-    if problems:
-        raise ConfigError(problems)
 
 
 _READ_FUNCTION: dict[Table, str] = {
@@ -396,13 +357,13 @@ class ModbusDriver(MachineDriver):
         deadline = time.monotonic() + timeout
         while True:
             value = (await self.read([point]))[point]
-            if _equal(value, expected):
+            if values_equal(value, expected):
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise MachineFault(
-                    f"{point} did not become {_show(expected)} within {float(timeout)} s "
-                    f"(last value {_show(value)})",
+                    f"{point} did not become {show_value(expected)} within {float(timeout)} s "
+                    f"(last value {show_value(value)})",
                     device=self.device,
                 )
             await asyncio.sleep(min(self.settings.poll_interval, remaining))
@@ -502,19 +463,3 @@ class ModbusDriver(MachineDriver):
 def _on_connection(lost: asyncio.Future[None], up: bool) -> None:
     if not up and not lost.done():
         lost.set_result(None)
-
-
-def _equal(value: Any, expected: Any) -> bool:
-    if isinstance(value, bool) or isinstance(expected, bool):
-        return bool(value == expected)
-    if isinstance(value, int | float) and isinstance(expected, int | float):
-        return math.isclose(value, expected, rel_tol=1e-9, abs_tol=1e-9)
-    return bool(value == expected)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    return str(value)

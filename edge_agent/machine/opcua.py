@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..errors import ConfigError, ConfigProblem, MachineError
+from .driver import check_profile_constants
 from .profile import BasePoint, PointType, Profile
 
 if TYPE_CHECKING:
@@ -274,8 +275,6 @@ def create(settings: OpcUaSettings | Mapping[str, Any], profile: Profile) -> Opc
                 )
             ]
         ) from err
-    from .modbus import _check_constants  # the same start-up check of profile constants
-
     driver = OpcUaDriver(settings, profile)
-    _check_constants(driver, profile)  # type: ignore[arg-type]  # it only calls encode()
+    check_profile_constants(driver, profile)
     return driver

@@ -40,8 +40,7 @@ from asyncua.crypto import security_policies
 from ..errors import ConfigProblem, MachineError, MachineFault
 from ..yamlfile import load_yaml
 from . import codec
-from .driver import MachineDriver, RawValue
-from .modbus import _equal, _show  # driver-neutral helpers: same comparison, same wording
+from .driver import MachineDriver, RawValue, show_value, values_equal
 from .opcua import (
     DATA_TYPES,
     STANDARD_NAMESPACE,
@@ -680,18 +679,18 @@ class OpcUaDriver(MachineDriver):
         while True:
             tick = self._tick
             value = self._values.get(point)
-            if _equal(value, expected):
+            if values_equal(value, expected):
                 if self._seq.get(point, 0) != seen:
                     return  # notified during this wait: the server's value now
                 # Known from before the wait: a change may still be on its way, so confirm it.
                 value = (await self.read([point]))[point]
-                if _equal(value, expected):
+                if values_equal(value, expected):
                     return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise MachineFault(
-                    f"{point} did not become {_show(expected)} within {float(timeout)} s "
-                    f"(last value {_show(value)})",
+                    f"{point} did not become {show_value(expected)} within {float(timeout)} s "
+                    f"(last value {show_value(value)})",
                     device=self.device,
                 )
             waiters = {asyncio.ensure_future(tick.wait()), asyncio.ensure_future(lost.wait())}
@@ -702,7 +701,7 @@ class OpcUaDriver(MachineDriver):
                     w.cancel()
             if lost.is_set():
                 raise MachineError(
-                    f"connection lost while waiting for {point} to become {_show(expected)}",
+                    f"connection lost while waiting for {point} to become {show_value(expected)}",
                     device=self.device,
                 )
 
