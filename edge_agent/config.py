@@ -273,7 +273,7 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         settings_model = registry.driver_module(profile.driver).SETTINGS_MODEL
         settings = {k: v for k, v in doc.machine.items() if k != "profile"}
         try:
-            machine = settings_model.model_validate(settings)
+            machine = _resolve_paths(settings_model.model_validate(settings), base)
         except ValidationError as err:
             problems.extend(problems_from_validation(err, file, lines, ("machine",)))
 
@@ -332,6 +332,19 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         state_dir=_resolve(base, doc.state_dir) if doc.state_dir is not None else None,
         outbox=doc.outbox,
     )
+
+
+def _resolve_paths(model: BaseModel, base: Path) -> Any:
+    """Make every path the file gives (certificates, keys, ...) relative to the file's directory,
+    at any depth of a driver's settings. Defaults are left as the driver chose them."""
+    update: dict[str, Any] = {}
+    for name in model.model_fields_set:
+        value = getattr(model, name)
+        if isinstance(value, Path):
+            update[name] = _resolve(base, value)
+        elif isinstance(value, BaseModel):
+            update[name] = _resolve_paths(value, base)
+    return model.model_copy(update=update) if update else model
 
 
 def _resolve(base: Path, path: Path) -> Path:

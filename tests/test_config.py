@@ -114,3 +114,15 @@ def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
     path = _config(tmp_path, GOOD + "station: st-30\n")
     [p] = problems(path)
     assert p == f"{path}:9: station: duplicate key"
+
+
+def test_paths_in_driver_settings_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        "PROFILE\n  host: 127.0.0.1\n  port: 5020",
+        f"{REPO / 'firmware_profiles/reference-opcua.yaml'}\n  url: opc.tcp://127.0.0.1:4840/m\n"
+        "  security: {policy: Basic256Sha256, mode: Sign, pki: certs, certificate: certs/own.der, private_key: /abs/own.pem}",
+    )
+    config = load_config(_config(tmp_path, text))
+    assert config.machine.security.pki == tmp_path / "certs"
+    assert config.machine.security.certificate == tmp_path / "certs/own.der"
+    assert str(config.machine.security.private_key) == "/abs/own.pem"  # absolute stays as given
