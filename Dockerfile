@@ -12,8 +12,11 @@ COPY pyproject.toml README.md ./
 COPY edge_agent ./edge_agent
 COPY firmware_profiles ./firmware_profiles
 COPY config ./config
-RUN pip install --no-cache-dir '.[nfc]' && mkdir -p /etc/edge-agent \
-    && cp config/station.example.yaml /etc/edge-agent/station.yaml
+# A default config that validates as shipped: profiles and keys beside it in /etc/edge-agent.
+RUN pip install --no-cache-dir '.[nfc,opcua]' && mkdir -p /etc/edge-agent \
+    && cp -r config/keys firmware_profiles /etc/edge-agent/ \
+    && sed 's#\.\./firmware_profiles/#firmware_profiles/#' config/station.example.yaml > /etc/edge-agent/station.yaml \
+    && edge-agent check-config -c /etc/edge-agent/station.yaml
 
 USER edge-agent
 ENV PYTHONUNBUFFERED=1
