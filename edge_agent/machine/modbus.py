@@ -20,7 +20,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NoReturn, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -182,6 +182,7 @@ class ModbusDriver(MachineDriver):
                 raise TypeError(f"point '{name}' of profile {profile.name} is not a Modbus point")
             self._points[name] = point
         self._formats = {n: p.register_format() for n, p in self._points.items()}
+        self._plans: dict[tuple[Any, ...], list[Request]] = {}
         self._client: AsyncModbusTcpClient | None = None
         self._lost: asyncio.Future[None] | None = None  # resolved when the peer drops us
         self._connect_lock = asyncio.Lock()
@@ -280,6 +281,13 @@ class ModbusDriver(MachineDriver):
     def raw_for_report(self, raw: RawValue) -> Any:
         return bool(raw) if isinstance(raw, bool) else [int(w) for w in raw]
 
+    def _planned(self, key: tuple[Any, ...], plan: Callable[[], list[Request]]) -> list[Request]:
+        # A station asks for the same point sets every cycle: plan each set once.
+        requests = self._plans.get(key)
+        if requests is None:
+            requests = self._plans[key] = plan()
+        return requests
+
     def _span(self, name: str) -> Span:
         p = self._point(name)
         return Span(name, p.table, p.address, p.registers)
@@ -294,7 +302,7 @@ class ModbusDriver(MachineDriver):
                 raise ValueError(f"{name}: {p.table} {p.address} is read-only")
             self._check_raw(name, p, raw)
             spans.append(self._span(name))
-        for req in plan_writes(spans):
+        for req in self._planned(("w", *values), lambda: plan_writes(spans)):
             if req.table == "coil":
                 bits = [bool(values[s.name]) for s in req.spans]
                 if len(bits) == 1:
@@ -327,7 +335,10 @@ class ModbusDriver(MachineDriver):
         names = list(dict.fromkeys(points))
         out: dict[str, Any] = {}
         gap = self.settings.max_gap if max_gap is None else max_gap
-        for req in plan_reads([self._span(n) for n in names], max_gap=gap):
+        plan = self._planned(
+            ("r", gap, *names), lambda: plan_reads([self._span(n) for n in names], max_gap=gap)
+        )
+        for req in plan:
             function = _READ_FUNCTION[req.table]
             response = await self._execute(function, req, None)
             data: list[Any] = (
@@ -445,7 +456,8 @@ class ModbusDriver(MachineDriver):
         if isinstance(err, asyncio.CancelledError):
             if not cut:
                 raise err  # shutdown or another cancellation: not ours to swallow
-            task.uncancel()
+            if task.uncancel() > 0:
+                raise err  # someone else cancelled too (shutdown): that one wins
             await self._drop()
             raise MachineError(f"{where}: connection lost", device=self.device) from None
         await self._drop()

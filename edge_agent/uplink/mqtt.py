@@ -515,6 +515,9 @@ class MqttUplink:
     # Socket plumbing: paho tells us which socket to watch. connect() runs in a worker thread, so
     # registration is handed to the loop; a socket closed before that runs is skipped.
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # Small messages must not wait for Nagle + delayed ACK (~40 ms per command reply).
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._in_loop(lambda: self._watch(sock, self._read, write=False))
 
     def _read(self) -> None:
