@@ -50,7 +50,10 @@ async def agent_phase(plc_port: int, broker_port: int, cycles: int) -> dict[str,
     to_report: list[float] = []
     to_ack: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        async with running_station(Path(tmp), plc_port, broker_port) as station:
+        # Telemetry polling would add requests to the sequence recorded at the PLC: off here.
+        async with running_station(
+            Path(tmp), plc_port, broker_port, extra="telemetry: {enabled: false}\n"
+        ) as station:
             steps = [
                 Step("drill", DRILL, "st-10"),
                 Step("drill", DRILL, "st-20"),

@@ -73,7 +73,7 @@ class Agent:
         )
         self.reports: asyncio.Queue[CycleReport] = asyncio.Queue()  # for the demo and tests
         self._started = time.time()
-        self._current: asyncio.Task[CycleReport] | None = None
+        self._stopping = False
         # Held by a cycle for its whole run: commands write and reloads swap only between cycles.
         self.machine_lock = asyncio.Lock()
         self.paused = False  # by the line: arriving parts are refused, the machine is left alone
@@ -191,14 +191,23 @@ class Agent:
         await self.shutdown(events)
 
     async def _consume(self) -> None:
+        # Cycles run here, one at a time, in the order tags arrive. Shutdown waits for this task
+        # (the cycle in flight finishes) and cancels it only past the drain timeout, when the
+        # cycle's own cancel path leaves the machine idle and still publishes the report.
         async for event in self.reader.events():
+            if self._stopping:
+                return
             if event.kind is not ScanKind.ARRIVED:
                 continue
             if self.paused:
                 self._refuse_paused(event)
                 continue
             await self._wait_outbox_room(event)
-            await self._run_cycle(event)
+            if self._stopping:
+                return
+            async with self.machine_lock:
+                report = await self.cycle.run(event)
+            self.reports.put_nowait(report)
 
     def _refuse_paused(self, event: ScanEvent) -> None:
         p = self.config.profile
@@ -208,36 +217,17 @@ class Agent:
         self.uplink.publish("cycles", report.as_message(), qos=1)
         self.reports.put_nowait(report)
 
-    async def _cycle_locked(self, event: ScanEvent) -> CycleReport:
-        async with self.machine_lock:
-            return await self.cycle.run(event)
-
-    async def _run_cycle(self, event: ScanEvent) -> None:
-        self._current = asyncio.create_task(
-            self._cycle_locked(event), name=f"cycle-{event.uid.hex()}"
-        )
-        try:
-            report = await asyncio.shield(self._current)
-        except asyncio.CancelledError:
-            # Shutdown: let the cycle in flight finish (bounded in shutdown()).
-            raise
-        self.reports.put_nowait(report)
-        self._current = None
-
     async def shutdown(self, events: asyncio.Task[None]) -> None:
         log.info("stopping: no new parts")
+        self._stopping = True
         await self.reader.stop()
-        events.cancel()
+        if self.cycle.busy:
+            log.info("waiting for the cycle in flight", timeout_s=self.config.cycle.drain_timeout)
+        done, _ = await asyncio.wait({events}, timeout=self.config.cycle.drain_timeout)
+        if not done:
+            events.cancel()  # a cycle still running aborts the machine cleanly before it ends
         with contextlib.suppress(asyncio.CancelledError):
             await events
-        current = self._current
-        if current is not None and not current.done():
-            log.info("waiting for the cycle in flight", timeout_s=self.config.cycle.drain_timeout)
-            done, _ = await asyncio.wait({current}, timeout=self.config.cycle.drain_timeout)
-            if not done:
-                current.cancel()  # the cycle aborts the machine cleanly before it ends
-                with contextlib.suppress(asyncio.CancelledError):
-                    await current
         await self.commands.drain()
         await self.telemetry.stop()
         await self.driver.close()

@@ -368,11 +368,16 @@ class MqttUplink:
     def _send_replay(self, room: int) -> None:
         """Replay what was queued before this connection, oldest first, paced by PUBACKs.
 
-        Up to half the window goes to newer messages on topics whose backlog is already out, so
-        a long replay does not hold back, say, a command reply; per topic the order holds.
+        Up to half the window (at least one message) goes to newer messages on topics whose
+        backlog is already out, so a long replay does not hold back, say, a command reply; per
+        topic the order holds.
         """
-        live_room = room // 2
-        if live_room and self._newest > self._backlog_end:
+        # Count against the window, not the free room: PUBACKs often free one slot at a time,
+        # and half of one slot is none, which starved live messages behind a long replay.
+        share = max(1, self._broker.inflight // 2)
+        ahead = sum(1 for outbox_id in self._inflight.values() if outbox_id in self._sent_ahead)
+        live_room = min(room, share - ahead)
+        if live_room > 0 and self._newest > self._backlog_end:
             scan = self.outbox.oldest(live_room + self._broker.inflight + 100, self._backlog_end)
             for message in scan:
                 if live_room == 0:
