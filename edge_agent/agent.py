@@ -32,7 +32,6 @@ from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
 from .uplink.mqtt import MqttUplink
 from .uplink.outbox import Keep, MemoryOutbox, Outbox
-from .uplink.outbox_sqlite import SqliteOutbox
 
 log = structlog.get_logger("agent")
 
@@ -92,6 +91,8 @@ class Agent:
         if self.config.state_dir is None:
             log.warning("no state_dir: the outbox is in memory and lost if the agent stops")
             return MemoryOutbox()
+        from .uplink.outbox_sqlite import SqliteOutbox  # sqlite3 is loaded only when used
+
         return SqliteOutbox(
             self.config.state_dir / "outbox.sqlite3",
             max_messages=self.config.outbox.max_messages,

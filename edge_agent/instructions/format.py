@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import cbor2
-import ndef
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -258,6 +257,8 @@ def _split_records(message: bytes, uid: bytes) -> tuple[bytes, bytes, bytes]:
         raise _reject("malformed_ndef", uid, f"NDEF message of {len(message)} bytes is too large")
     try:
         # known_types={}: do not let ndeflib interpret payloads (URIs, Wi-Fi, ...) of foreign records.
+        import ndef  # only to explain input that is not in our layout; it costs ~1.5 MiB
+
         records = list(ndef.message_decoder(message, errors="strict", known_types={}))
     except Exception as err:  # ndeflib raises DecodeError and, on odd input, whatever else it hits
         raise _reject("malformed_ndef", uid, f"not a valid NDEF message: {err}") from err
