@@ -221,6 +221,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return asyncio.run(run_demo(options))
     except ConfigError as err:
         return _config_error(err)
+    except FileNotFoundError as err:  # the shipped profile is not where an install put it
+        print(f"edge-agent demo: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_FAILED
 
