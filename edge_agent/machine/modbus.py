@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import random
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,6 +28,7 @@ from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
+from ..backoff import Backoff
 from ..errors import MachineError, MachineFault
 from . import codec
 from .driver import MachineDriver, RawValue, check_profile_constants, show_value, values_equal
@@ -186,9 +186,7 @@ class ModbusDriver(MachineDriver):
         self._client: AsyncModbusTcpClient | None = None
         self._lost: asyncio.Future[None] | None = None  # resolved when the peer drops us
         self._connect_lock = asyncio.Lock()
-        self._failures = 0  # consecutive failed connects
-        self._retry_at = 0.0  # monotonic time before which we do not try again
-        self._last_error = ""
+        self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -200,24 +198,19 @@ class ModbusDriver(MachineDriver):
         async with self._connect_lock:
             if self.connected:
                 return
-            wait = self._retry_at - time.monotonic()
+            wait = self._backoff.remaining()
             if wait > 0:
                 raise MachineError(
-                    f"unreachable, next attempt in {wait:.2f} s (last error: {self._last_error})",
+                    f"unreachable, next attempt in {wait:.2f} s "
+                    f"(last error: {self._backoff.last_error})",
                     device=self.device,
                 )
             try:
                 await self._open()
             except MachineError as err:
-                self._failures += 1
-                backoff = self.settings.reconnect_min * 2 ** (self._failures - 1)
-                # Jitter so that many gateways restarted together do not knock in step.
-                delay = min(self.settings.reconnect_max, backoff * random.uniform(0.8, 1.2))
-                self._retry_at = time.monotonic() + delay
-                self._last_error = str(err).removeprefix(f"{self.device}: ")
+                self._backoff.failed(str(err).removeprefix(f"{self.device}: "))
                 raise
-            self._failures = 0
-            self._retry_at = 0.0
+            self._backoff.succeeded()
 
     async def _open(self) -> None:
         await self._drop()

@@ -26,7 +26,6 @@ import asyncio
 import base64
 import contextlib
 import os
-import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -37,6 +36,7 @@ import structlog
 from asyncua import Client, Node, ua
 from asyncua.crypto import security_policies
 
+from ..backoff import Backoff
 from ..errors import ConfigProblem, MachineError, MachineFault
 from ..yamlfile import load_yaml
 from . import codec
@@ -157,9 +157,7 @@ class OpcUaDriver(MachineDriver):
         self._tick = asyncio.Event()  # set (and replaced) on every data change
         self._lost = asyncio.Event()  # set when this connection is lost
         self._connect_lock = asyncio.Lock()
-        self._failures = 0
-        self._retry_at = 0.0
-        self._last_error = ""
+        self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
         self._refusal = False  # the last failure was the server or the profile saying no
         self.mismatch: MachineMismatch | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -180,10 +178,11 @@ class OpcUaDriver(MachineDriver):
         async with self._connect_lock:
             if self.connected:
                 return
-            wait = self._retry_at - time.monotonic()
+            wait = self._backoff.remaining()
             if wait > 0:
                 raise MachineError(
-                    f"unreachable, next attempt in {wait:.2f} s (last error: {self._last_error})",
+                    f"unreachable, next attempt in {wait:.2f} s "
+                    f"(last error: {self._backoff.last_error})",
                     device=self.device,
                     retryable=not self._refusal,
                 )
@@ -192,18 +191,15 @@ class OpcUaDriver(MachineDriver):
             except MachineError as err:
                 if isinstance(err, MachineMismatch):
                     self.mismatch = err  # parts are refused until the server matches again
-                self._failures += 1
+                # A wrong password, an untrusted certificate, a profile mismatch: wait longest.
                 self._refusal = not err.retryable
-                backoff = self.settings.reconnect_min * 2 ** (self._failures - 1)
-                if self._refusal:  # wrong password, untrusted certificate, profile mismatch
-                    backoff = self.settings.reconnect_max
-                delay = min(self.settings.reconnect_max, backoff * random.uniform(0.8, 1.2))
-                self._retry_at = time.monotonic() + delay
-                self._last_error = str(err).removeprefix(f"{self.device}: ")
+                error = str(err).removeprefix(f"{self.device}: ")
+                self._backoff.failed(error, longest=self._refusal)
                 raise
-            if self._failures:
-                log.warning("machine reachable again", device=self.device, attempts=self._failures)
-            self._failures, self._retry_at, self._refusal = 0, 0.0, False
+            failures = self._backoff.succeeded()
+            if failures:
+                log.warning("machine reachable again", device=self.device, attempts=failures)
+            self._refusal = False
 
     async def _supervise(self) -> None:
         """Reconnect in the background, so that the next part finds the session ready."""
@@ -215,7 +211,7 @@ class OpcUaDriver(MachineDriver):
                 log.warning("connection to the machine lost; reconnecting", device=self.device)
                 await self._drop()
                 continue
-            await asyncio.sleep(max(0.0, self._retry_at - time.monotonic()))
+            await asyncio.sleep(self._backoff.remaining())
             try:
                 await self.connect()
             except MachineError as err:
