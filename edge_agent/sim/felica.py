@@ -23,6 +23,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from .ntag import bind_udp
+
 BLOCK = 16
 SYSTEM_CODE = bytes.fromhex("12FC")  # NFC Forum Type 3 NDEF
 # PMm: IC code 0x44 is none of Sony's product codes (0xF0 would be a FeliCa Lite, which holds 224
@@ -106,8 +108,7 @@ class FelicaSimulator:
         import nfc  # noqa: F401  (fail here, not in the thread)
 
         if self.port == 0:  # nfcpy binds the port itself: find a free one
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-                probe.bind((self.host, 0))
+            with bind_udp(self.host) as probe:
                 self.port = probe.getsockname()[1]
         self._thread = threading.Thread(target=self._run, name="felica-sim", daemon=True)
         self._thread.start()

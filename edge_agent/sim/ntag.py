@@ -35,6 +35,22 @@ SAK_CASCADE, SAK_DONE = 0x04, 0x00
 ACK, NAK = b"\x0a", b"\x00"
 
 
+def bind_udp(host: str, port: int = 0) -> socket.socket:
+    """A UDP socket bound to ``port``, or to a free port nfcpy's udp driver can be given.
+
+    nfcpy resolves ``udp:HOST:PORT`` with getnameinfo without NI_NUMERICSERV, so a port that has a
+    service name in /etc/services (60179 is "fido") comes back as that name and int() fails.
+    """
+    for _ in range(20):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((host, port))
+        bound = sock.getsockname()[1]
+        if port or socket.getnameinfo((host, bound), socket.NI_NUMERICHOST)[1] == str(bound):
+            return sock
+        sock.close()
+    raise OSError(f"no free UDP port without a service name on {host}")
+
+
 def _bcc(data: bytes) -> int:
     return functools.reduce(operator.xor, data, 0)
 
@@ -177,8 +193,7 @@ class NtagSimulator:
         return f"udp:{self.host}:{self.port}"
 
     def start(self) -> str:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.bind((self.host, self.port))
+        self._sock = bind_udp(self.host, self.port)
         self.port = self._sock.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, name="ntag-sim", daemon=True)
         self._thread.start()
