@@ -37,7 +37,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SimulatedReaderConfig(_Strict):
+class _ReaderConfig(_Strict):
+    # A tag taken away and presented again: next_step (the cycle decides) or ignore it within
+    # return_window seconds of leaving (0: until another tag came); docs/readers.md.
+    on_return: Literal["next_step", "ignore"] = "next_step"
+    return_window: float = Field(0.0, ge=0, le=86400)
+
+
+class SimulatedReaderConfig(_ReaderConfig):
     """Tags are files ``<UID-hex>.ndef`` in a directory: a file appearing is a tag arriving."""
 
     type: Literal["simulated"]
@@ -46,7 +53,7 @@ class SimulatedReaderConfig(_Strict):
     poll_interval: float = Field(0.2, gt=0, le=10)
 
 
-class NfcReaderConfig(_Strict):
+class NfcReaderConfig(_ReaderConfig):
     """An NFC reader through nfcpy; ``device`` as nfcpy takes it (docs/readers.md)."""
 
     type: Literal["nfc"]
@@ -61,7 +68,7 @@ class NfcReaderConfig(_Strict):
     password: str | None = Field(None, pattern=r"^[0-9A-Fa-f]{12}$")
 
 
-class AutoIdReaderConfig(_Strict):
+class AutoIdReaderConfig(_ReaderConfig):
     """An RFID reader behind OPC UA (OPC 30010 AutoID); docs/readers.md."""
 
     type: Literal["autoid"]

@@ -8,6 +8,15 @@ from .reader import TagReader
 
 
 def create_reader(config: Any) -> TagReader:
+    reader = _create(config)
+    if getattr(config, "on_return", "next_step") == "ignore":
+        from .presence import ReturnFilter
+
+        return ReturnFilter(reader, return_window=config.return_window)
+    return reader
+
+
+def _create(config: Any) -> TagReader:
     if config.type == "simulated":
         from .simulated import SimulatedReader
 
