@@ -24,13 +24,14 @@ from .instructions.signing import KeyRing
 from .line.adjustments import Adjustments
 from .line.commands import Commands
 from .line.telemetry import Telemetry
+from .line.thingsboard import ThingsBoard
 from .machine import registry
 from .machine.driver import MachineDriver
 from .machine.profile import Profile, load_profile
 from .station.cycle import CycleReport, StationCycle
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
-from .uplink.mqtt import MqttUplink
+from .uplink.mqtt import MqttUplink, dumps, response_properties
 from .uplink.outbox import Keep, MemoryOutbox, Outbox
 
 log = structlog.get_logger("agent")
@@ -67,7 +68,7 @@ class Agent:
             driver=self.driver,
             keyring=self.keyring,
             reader=self.reader,
-            publish=lambda report: self.uplink.publish("cycles", report, qos=1),
+            publish=lambda report: self._publish("cycles", report, 1),
             write_back=config.cycle.write_back,
         )
         self.reports: asyncio.Queue[CycleReport] = asyncio.Queue()  # for the demo and tests
@@ -79,13 +80,28 @@ class Agent:
         self._previous_profile: Profile | None = None  # before the last push: for rollback
         self.telemetry = self._telemetry()
         self.commands = Commands(
-            self, allowed=frozenset(config.commands.allowed), publish=self._publish
+            self,
+            allowed=frozenset(config.commands.allowed),
+            publish=self._publish,
+            respond=self._respond,
         )
         self.adjustments = Adjustments(
             config.gateway_id, config.profile, self.driver, publish=self._publish
         )
         if config.commands.adjustments:
             self.cycle.adjust = self.adjustments.apply
+        tb = config.thingsboard
+        self.thingsboard = (
+            ThingsBoard(
+                tb,
+                device=tb.device or f"{config.gateway_id}-{config.station}",
+                link=self.uplink,
+                commands=self.commands,
+                adjustments=self.adjustments if config.commands.adjustments else None,
+            )
+            if tb.enabled
+            else None
+        )
 
     def _open_outbox(self) -> Outbox:
         if self.config.state_dir is None:
@@ -130,11 +146,21 @@ class Agent:
             backlog=self.uplink.backlog,
             oldest_age_s=self.uplink.oldest_age,
         )
+        self.uplink.refresh_status()  # accepting_parts: false
         await self.uplink.wait_outbox_room()
         log.info("outbox has room again: accepting parts", backlog=self.uplink.backlog)
+        self.uplink.refresh_status()
 
     def _publish(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
         self.uplink.publish(suffix, payload, qos=qos)
+        if self.thingsboard is not None:
+            self.thingsboard.mirror(suffix, payload)
+
+    def _respond(self, topic: str, reply: dict[str, Any], correlation: bytes | None) -> None:
+        # MQTT 5 response topic: the reply as is, with the request's correlation data.
+        self.uplink.publish_absolute(
+            topic, dumps(reply), qos=1, properties=response_properties(correlation)
+        )
 
     def _telemetry(self) -> Telemetry:
         return Telemetry(
@@ -168,6 +194,8 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in order."""
         self.uplink.subscribe("cmd/+", self.commands.on_message)
+        if self.thingsboard is not None:
+            self.thingsboard.start()
         if self.config.commands.adjustments:
             self.uplink.subscribe("adjustments", self.adjustments.on_message)
         await self.uplink.start(self.status)
@@ -215,7 +243,7 @@ class Agent:
         report = CycleReport(self.config.gateway_id, self.config.station, event.uid.hex().upper())
         report.reason, report.error = "paused", "the station is paused by the line; part not taken"
         report.profile = {"name": p.name, "version": p.version, "hash": p.content_hash}
-        self.uplink.publish("cycles", report.as_message(), qos=1)
+        self._publish("cycles", report.as_message(), 1)
         self.reports.put_nowait(report)
 
     async def shutdown(self, events: asyncio.Task[None]) -> None:
@@ -230,6 +258,8 @@ class Agent:
         with contextlib.suppress(asyncio.CancelledError):
             await events
         await self.commands.drain()
+        if self.thingsboard is not None:
+            await self.thingsboard.stop()
         await self.telemetry.stop()
         await self.driver.close()
         await self.uplink.stop(self._offline("shutdown"), timeout=10)
@@ -272,7 +302,7 @@ class Agent:
         new = load_config(old.source)
         restart = [
             k
-            for k in ("gateway_id", "station", "reader", "broker", "log")
+            for k in ("gateway_id", "station", "reader", "broker", "log", "thingsboard")
             if getattr(new, k) != getattr(old, k)
         ]
         machine_changed = (
@@ -292,6 +322,10 @@ class Agent:
             self.cycle.adjust = self.adjustments.apply if new.commands.adjustments else None
             if new.commands.adjustments:
                 self.uplink.subscribe("adjustments", self.adjustments.on_message)
+            if self.thingsboard is not None:
+                self.thingsboard.adjustments = (
+                    self.adjustments if new.commands.adjustments else None
+                )
 
         # What needs a restart keeps its running value, so status stays true.
         config = dataclasses.replace(new, **{k: getattr(old, k) for k in restart})

@@ -122,6 +122,7 @@ class BrokerConfig(_Strict):
     session_expiry: int = Field(86400, ge=0)  # MQTT 5: seconds the broker keeps the session
     topic_prefix: str = "edge"
     inflight: int = Field(20, ge=1, le=1000)  # QoS 1 messages awaiting PUBACK at once
+    status_interval: float = Field(60.0, gt=0)  # seconds between refreshes of the retained status
     reconnect_min: float = Field(0.5, gt=0)
     reconnect_max: float = Field(60.0, gt=0)
 
@@ -199,6 +200,17 @@ class TelemetryConfig(_Strict):
     enabled: bool = True  # watch the profile's telemetry groups (docs/line-integration.md)
 
 
+class ThingsBoardConfig(_Strict):
+    """Speak the ThingsBoard IoT Gateway MQTT API as well (docs/line-integration.md)."""
+
+    enabled: bool = False
+    # The device name ThingsBoard shows; default: <gateway_id>-<station>.
+    device: str | None = Field(None, min_length=1, max_length=255)
+    device_type: str = Field("edge-agent station", min_length=1, max_length=255)
+    cycles: bool = True  # cycle reports as device telemetry too
+    adjustments_attribute: str | None = "adjustments"  # shared attribute holding an adjustment set
+
+
 class LogConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -214,6 +226,7 @@ class AgentConfigDoc(_Strict):
     cycle: CycleConfig = CycleConfig()
     commands: CommandsConfig = CommandsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    thingsboard: ThingsBoardConfig = ThingsBoardConfig()
     state_dir: Path | None = None  # the disk outbox lives here; without it, in memory only
     outbox: OutboxConfig = OutboxConfig()
     log: LogConfig = LogConfig()
@@ -245,6 +258,7 @@ class AgentConfig:
     state_dir: Path | None = None
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    thingsboard: ThingsBoardConfig = field(default_factory=ThingsBoardConfig)
 
     @property
     def client_id(self) -> str:
@@ -338,6 +352,7 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         telemetry=doc.telemetry,
         state_dir=_resolve(base, doc.state_dir) if doc.state_dir is not None else None,
         outbox=doc.outbox,
+        thingsboard=doc.thingsboard,
     )
 
 

@@ -4,7 +4,8 @@ A command is a JSON object ``{"correlation_id": <string or integer>, "params": {
 command gets exactly one reply carrying the same ``correlation_id``: ``ok: true`` with a ``result``, or ``ok: false`` with an ``error``
 whose ``code`` is stable. Nothing a sender can put in a message crashes the agent: malformed JSON,
 an unknown or disallowed command and invalid parameters are error replies. With MQTT 5 the
-correlation data stands in for a missing ``correlation_id``.
+correlation data stands in for a missing ``correlation_id``, and a command carrying a response
+topic is answered there too (with its correlation data), besides ``reply/<name>``.
 
 Writes go through the same checks as a cycle's parameters (the profile's type, scaling and safe
 limits) and are refused while a station cycle holds the machine; points the handshake drives
@@ -35,6 +36,8 @@ log = structlog.get_logger("commands")
 COMMANDS: tuple[str, ...] = get_args(CommandName)
 
 Publish = Callable[[str, dict[str, Any], int], object]
+#: (MQTT 5 response topic, reply, correlation data or None) -> queued
+Respond = Callable[[str, dict[str, Any], bytes | None], object]
 
 
 class StationControl(Protocol):
@@ -102,11 +105,17 @@ class Commands:
     """Subscribes to ``cmd/+`` and answers every message on ``reply/<name>``."""
 
     def __init__(
-        self, station: StationControl, *, allowed: frozenset[str], publish: Publish
+        self,
+        station: StationControl,
+        *,
+        allowed: frozenset[str],
+        publish: Publish,
+        respond: Respond | None = None,
     ) -> None:
         self.station = station
         self.allowed = allowed
         self.publish = publish
+        self.respond = respond
         self._tasks: set[asyncio.Task[dict[str, Any]]] = set()
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "status": self._status,
@@ -135,6 +144,15 @@ class Commands:
         """Run command ``name`` and publish its reply. Never raises (except CancelledError)."""
         reply = await self.execute(name, payload, properties)
         self.publish(f"reply/{name}", reply, 1)
+        # MQTT 5 request/response: the requester named where it listens. reply/<name> stays the
+        # record every consumer sees; the response topic is for the one who asked.
+        response_topic = getattr(properties, "ResponseTopic", None)
+        if response_topic and self.respond is not None:
+            data = getattr(properties, "CorrelationData", None)
+            try:
+                self.respond(response_topic, reply, bytes(data) if data is not None else None)
+            except ValueError as err:  # a response topic with wildcards: nowhere to send it
+                log.warning("command response topic refused", topic=response_topic, error=str(err))
         return reply
 
     async def execute(self, name: str, payload: bytes, properties: Any = None) -> dict[str, Any]:

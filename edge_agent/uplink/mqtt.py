@@ -40,12 +40,22 @@ from .outbox import Keep, MemoryOutbox, Outbox, OutMessage
 log = structlog.get_logger("uplink")
 
 StatusFn = Callable[[], dict[str, Any]]
+#: Called on the event loop after each CONNACK (e.g. to announce devices again).
+ConnectHook = Callable[[], None]
 #: Called on the event loop with (topic, payload, MQTT 5 properties or None) for each message.
 MessageHandler = Callable[[str, bytes, Any], None]
 
 
 def dumps(payload: dict[str, Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
+def response_properties(correlation: bytes | None) -> Properties:
+    """MQTT 5 PUBLISH properties of a reply on a request's response topic."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if correlation is not None:
+        props.CorrelationData = correlation
+    return props
 
 
 def classify(suffix: str) -> Keep:
@@ -134,8 +144,13 @@ class MqttUplink:
         self._subscriptions: dict[
             str, tuple[int, MessageHandler]
         ] = {}  # full topic filter -> handler
+        self._properties: dict[int, Properties] = {}  # outbox id -> MQTT 5 properties (memory)
+        self._connect_hooks: list[ConnectHook] = []
         self._stopping = False
         self._replay: tuple[int, float] | None = None  # (backlog at connect, since) until drained
+        self._status_at = 0.0  # monotonic time the retained status was last published
+        self._status_next = 10  # the backlog that makes the next status and log line (x10 each)
+        self._status_backlog = 0  # the backlog the last status told
 
     # ----------------------------------------------------------------- public API
 
@@ -159,6 +174,7 @@ class MqttUplink:
             asyncio.create_task(self._supervise(), name="mqtt-supervisor"),
             asyncio.create_task(self._send(), name="mqtt-sender"),
             asyncio.create_task(self._misc(), name="mqtt-misc"),
+            asyncio.create_task(self._refresh_status(), name="mqtt-status"),
         ]
 
     def publish(
@@ -199,11 +215,51 @@ class MqttUplink:
 
         Subscriptions are renewed on every reconnect. Returns the full topic filter.
         """
-        topic = self.topic(suffix)
+        return self.subscribe_absolute(self.topic(suffix), handler, qos=qos)
+
+    # Absolute topics: for other APIs spoken on the same connection (ThingsBoard gateway API,
+    # MQTT 5 response topics). The payload is sent as given: no ``id``/``seq`` added.
+
+    def publish_absolute(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        keep: Keep = Keep.EVENT,
+        properties: Properties | None = None,
+    ) -> OutMessage | None:
+        """Queue ``payload`` on ``topic`` through the outbox, like ``publish()``.
+
+        ``properties`` (MQTT 5 only, ignored on 3.1.1) are kept in memory beside the outbox: a
+        message replayed from a disk outbox after a restart goes out without them.
+        """
+        if not topic or "+" in topic or "#" in topic or "\0" in topic:
+            raise ValueError(f"not a topic to publish on: {topic!r}")
+        message = self.outbox.put(topic, payload, qos, retain, keep)
+        if message is not None:
+            self._newest = message.id
+            if properties is not None and self._v5:
+                self._properties[message.id] = properties
+        self._wake.set()
+        return message
+
+    def subscribe_absolute(self, topic: str, handler: MessageHandler, *, qos: int = 1) -> str:
+        """Deliver messages on ``topic`` (a full filter, wildcards allowed) to ``handler``."""
         self._subscriptions[topic] = (qos, handler)
         if self.connected:
             self._client.subscribe(topic, qos=qos)
         return topic
+
+    def on_connect(self, hook: ConnectHook) -> None:
+        """Call ``hook`` on the loop after every CONNACK, once subscriptions are renewed."""
+        self._connect_hooks.append(hook)
+
+    def refresh_status(self) -> None:
+        """Publish the retained status now (when connected): something the line must see changed."""
+        if self.connected:
+            self._publish_status()
 
     async def wait_connected(self, timeout: float) -> bool:
         try:
@@ -355,6 +411,7 @@ class MqttUplink:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            self._watch_backlog()
             if not self.connected:
                 continue
             room = self._broker.inflight - len(self._inflight)
@@ -419,15 +476,44 @@ class MqttUplink:
 
     def _hand_over(self, message: OutMessage) -> bool:
         info = self._client.publish(
-            message.topic, message.payload, qos=message.qos, retain=message.retain
+            message.topic,
+            message.payload,
+            qos=message.qos,
+            retain=message.retain,
+            properties=self._properties.get(message.id),
         )
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False  # the connection dropped under us; the supervisor reconnects
         if message.qos == 0:
             self.outbox.ack(message.id)
+            self._properties.pop(message.id, None)
         else:
             self._inflight[info.mid] = message.id
         return True
+
+    def _watch_backlog(self) -> None:
+        # Each tenfold growth (10, 100, 1000, ...) is logged and refreshes the status at once,
+        # so the line sees a backlog building up, not only once a minute.
+        backlog = len(self.outbox)
+        if backlog < self._status_next:
+            return
+        while backlog >= self._status_next:
+            self._status_next *= 10
+        log.info("outbox backlog growing", backlog=backlog, oldest_age_s=self.oldest_age)
+        self.refresh_status()
+
+    async def _refresh_status(self) -> None:
+        # The retained status is refreshed every status_interval while connected, so its
+        # backlog and oldest_age_s stay current for the line.
+        interval = self._broker.status_interval
+        while True:
+            wait = self._status_at + interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif self.connected:
+                self._publish_status()
+            else:
+                await self._connected.wait()  # the connect publishes it
 
     async def _misc(self) -> None:
         # paho's keepalive pings and timeouts
@@ -459,6 +545,11 @@ class MqttUplink:
         for topic, (qos, _) in self._subscriptions.items():
             client.subscribe(topic, qos=qos)
         self._publish_status()
+        for hook in self._connect_hooks:
+            try:
+                hook()
+            except Exception:  # a hook's bug must not take the link down
+                log.exception("connect hook failed")
         self._replay = (len(self.outbox), time.monotonic()) if len(self.outbox) else None
         self._wake.set()
 
@@ -471,6 +562,9 @@ class MqttUplink:
             "oldest_age_s": self.oldest_age,
         }
         self._client.publish(self.topic("status"), dumps(status), qos=1, retain=True)
+        self._status_at, self._status_backlog = time.monotonic(), status["backlog"]
+        # Thresholds count again from what is waiting now: a backlog that grows anew is reported.
+        self._status_next = max(10, 10 ** len(str(status["backlog"])))
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any
@@ -494,6 +588,7 @@ class MqttUplink:
             self._wake.set()
         elif message_id is not None:
             self.outbox.ack(message_id)
+            self._properties.pop(message_id, None)
             self._acked.set()
             self._wake.set()
             if self._replay is not None and not len(self.outbox):
@@ -503,6 +598,8 @@ class MqttUplink:
                     "backlog delivered", messages=count, seconds=round(time.monotonic() - since, 2)
                 )
                 self._publish_status()  # the retained status says backlog 0 again
+            elif self._status_backlog and not len(self.outbox):
+                self._publish_status()  # a backlog the status told of (growing) is gone
 
     def _on_log(self, client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
         # The reason a TLS peer hung up (e.g. "certificate required") reaches us only as a log.
