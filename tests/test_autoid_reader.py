@@ -17,6 +17,7 @@ from edge_agent.sim.autoid_reader import AutoIdReaderSim, SimulatedRfidTag
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
 from edge_agent.tag.autoid import AutoIdReader
+from edge_agent.tag.reader import ScanKind
 from tests.station_harness import DRILL, PRESS, Station, write_config
 
 UID = bytes.fromhex("E004015012345678")  # an ISO 15693 (HF RFID) UID
@@ -98,3 +99,33 @@ async def test_read_tag_failure_status_is_a_failed_cycle_naming_it(
     assert report.error is not None and "ReadTag failed with READ_ERROR (10)" in report.error
     assert UID.hex().upper() in report.error
     assert autoid_sim.writes == []
+
+
+async def test_simulator_restarted_scans_resume() -> None:
+    """The reader's server goes away and comes back on the same URL: scans resume, no restart."""
+    sim = AutoIdReaderSim()
+    await sim.start()
+    port = int(sim.url.rsplit(":", 1)[1].split("/")[0])
+    reader = AutoIdReader("rfid", sim.url, timeout=1, backoff_min=0.05, backoff_max=0.2)
+    reader.watch_interval = 0.05
+    await reader.start()
+    events = reader.events()
+    try:
+        await asyncio.wait_for(reader.connected.wait(), 10)
+        await sim.present(rfid_tag(b"\xd0\x00\x00"))
+        assert (await asyncio.wait_for(anext(events), 5)).kind is ScanKind.ARRIVED
+        await sim.stop()  # the reader's server is gone: its presence ends
+        left = await asyncio.wait_for(anext(events), 5)
+        assert (left.kind, left.uid) == (ScanKind.LEFT, UID)
+        assert not reader.connected.is_set()
+
+        sim = AutoIdReaderSim()
+        await sim.start(port=port)  # back on the same endpoint
+        await asyncio.wait_for(reader.connected.wait(), 10)
+        await sim.present(rfid_tag(b"\xd0\x00\x00"))
+        again = await asyncio.wait_for(anext(events), 5)
+        assert (again.kind, again.uid) == (ScanKind.ARRIVED, UID)
+        assert await reader.read_ndef(UID) == b"\xd0\x00\x00"
+    finally:
+        await reader.stop()
+        await sim.stop()
