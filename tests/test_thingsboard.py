@@ -234,3 +234,25 @@ async def test_a_shared_attribute_carries_the_adjustment_set(
     events = await recorder.wait_for("gw-test/events", 3)
     assert events[2]["event"] == "adjustments_cleared"
     assert station.agent.adjustments.active is None
+
+
+def test_the_example_config_documents_the_keys_with_their_defaults() -> None:
+    from edge_agent.config import load_config
+    from tests.station_harness import REPO
+
+    config = load_config(REPO / "config" / "station.example.yaml")
+    assert config.thingsboard.enabled is False
+    assert config.commands.allowed == ["status", "read"] and config.commands.adjustments is False
+    assert config.telemetry.enabled is True
+
+
+def test_a_bad_thingsboard_key_is_named_with_file_and_line(tmp_path: Path) -> None:
+    from edge_agent.config import load_config
+    from edge_agent.errors import ConfigError
+    from tests.station_harness import write_config
+
+    path = write_config(tmp_path, 1, 1, extra='thingsboard: {enabled: true, device: ""}\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    [problem] = [str(p) for p in info.value.problems]
+    assert problem.startswith(f"{path}:7: thingsboard.device:"), problem
