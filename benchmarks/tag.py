@@ -1,4 +1,4 @@
-"""Tag read + verify + write-back per tag type, through nfcpy's udp driver and the NTAG simulator.
+"""Tag read + verify + write-back per tag type, through nfcpy's udp driver (NTAG simulator, Type 3 emulation).
 
     python benchmarks/tag.py [--parts 200]
 
@@ -10,6 +10,7 @@ For each NTAG type, N presentations of a signed traveler (3 steps, one done) to 
   * cycle: the agent's tag work per part = ReadTag (served from the arrival read) + verify +
     write-back,
 and how many pages the write-back touches against nfcpy's own NDEF write of the same message.
+Then the same for a Type 3 (FeliCa) tag emulated by nfcpy itself (blocks of 16 bytes written).
 Medians and p99 in milliseconds. The radio is simulated (loopback UDP, no 106 kbit/s air time), so
 these are the software floor: a real reader adds roughly 1-3 ms per READ/WRITE frame.
 """
@@ -37,6 +38,7 @@ from edge_agent.instructions.format import (  # noqa: E402
 from edge_agent.instructions.model import Step, StepRecord, StepStatus  # noqa: E402
 from edge_agent.instructions.recipe import Recipe  # noqa: E402
 from edge_agent.instructions.signing import KeyRing  # noqa: E402
+from edge_agent.sim.felica import FelicaImage, FelicaSimulator  # noqa: E402
 from edge_agent.sim.ntag import NtagImage, NtagSimulator  # noqa: E402
 from edge_agent.tag.nfc import NfcReader, TagSession  # noqa: E402
 from edge_agent.tag.reader import ScanEvent, ScanKind  # noqa: E402
@@ -135,6 +137,67 @@ async def bench_kind(sim: NtagSimulator, reader: NfcReader, kind: str, parts: in
     )
 
 
+async def bench_type3(parts: int) -> None:
+    """The same on a Type 3 tag emulated by nfcpy itself (sim/felica.py), NTAG215's traveler."""
+    idm = bytes.fromhex("02FE0A1B2C3D4E5F")
+    recipe = Recipe.from_steps(
+        part_id="P-1", product="bracket", variant="B", order="ORD-1", steps=STEPS
+    )
+    contents = decode_tag(
+        encode_tag(recipe, idm, KEY, "mes", TAG_CAPACITY["ntag215"]), idm, KEYRING
+    )
+    message = update_progress(
+        contents, contents.progress.with_record(0, StepRecord(StepStatus.OK, "st-10", 1), 3)
+    )
+    arrival, read, verify, write, cycle, blocks = [], [], [], [], [], []
+    with FelicaSimulator() as sim:
+        reader = NfcReader("bench", sim.device, targets=("212F",), poll_interval=0.005)
+        await reader.start()
+        try:
+            for _ in range(parts):
+                tag = FelicaImage.blank(idm)
+                tag.put_ndef(message)
+                t0 = time.perf_counter()
+                sim.present(tag)
+                await next_event(reader, ScanKind.ARRIVED)
+                t1 = time.perf_counter()
+                first = await reader.read_ndef(idm)
+                t2 = time.perf_counter()
+                contents = decode_tag(first, idm, KEYRING)
+                new = update_progress(
+                    contents,
+                    contents.progress.with_record(1, StepRecord(StepStatus.OK, "st-20", 2), 3),
+                )
+                t3 = time.perf_counter()
+                await reader.write_ndef(idm, new, previous=first)
+                t4 = time.perf_counter()
+                again = await reader.read_ndef(idm)
+                t5 = time.perf_counter()
+                assert again == new and tag.ndef_message() == new
+                arrival.append((t1 - t0) * 1e3)
+                verify.append((t3 - t2) * 1e3)
+                write.append((t4 - t3) * 1e3)
+                read.append((t5 - t4) * 1e3)
+                cycle.append((t4 - t1) * 1e3)
+                blocks.append(len(reader.last_write_pages))
+                sim.remove()
+                await next_event(reader, ScanKind.LEFT)
+        finally:
+            await reader.stop()
+        tag = FelicaImage.blank(idm)  # nfcpy's own NDEF write of the same message, for the count
+        tag.put_ndef(message)
+        sim.present(tag)
+        sim.blocks_written.clear()
+        with TagSession(sim.device, targets=("212F",)) as session:
+            session.tag.ndef.octets = new
+        nfcpy_blocks = len(sim.blocks_written)
+    print(
+        f"{'Type3':<8} {len(message):>4} B  arrival {fmt(arrival)}  read {fmt(read)}  verify {fmt(verify)}"
+        f"  write-back {fmt(write)}  cycle {fmt(cycle)}  blocks {statistics.median(blocks):.0f}"
+        f" (of 16 bytes; nfcpy NDEF write: {nfcpy_blocks}, WriteFlag raised first)"
+    )
+
+
 async def main(parts: int) -> None:
     print(f"tag read + verify + write-back through nfcpy's udp driver, {parts} parts per type")
     print("                  (ms: median    p99)")
@@ -146,6 +209,7 @@ async def main(parts: int) -> None:
                 await bench_kind(sim, reader, kind, parts)
             finally:
                 await reader.stop()
+    await bench_type3(parts)
 
 
 if __name__ == "__main__":

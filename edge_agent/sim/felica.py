@@ -6,9 +6,10 @@ the NFC Forum Type 3 commands (Check / Update without encryption) against the bl
 here. So both sides of the radio are nfcpy's own code; only the NDEF memory (an attribute block and
 16-byte data blocks, service codes 0x000B read / 0x0009 write, system code 12FC) is ours.
 
-nfcpy's listen loop binds the port only while a tag is presented (and re-binds it for each new
-presence); in between, the simulator holds the port and answers the reader's SENSF_REQ with RFOFF so
-its sense returns at once instead of after nfcpy's 1 s timeout.
+The port stays bound for the simulator's lifetime (nfcpy's udp device is given that one socket
+instead of re-binding per listen, which loses the reader's SENSF_REQ in the gap). While no tag is
+presented the simulator answers the reader's SENSF_REQ with RFOFF so its sense returns at once
+instead of after nfcpy's 1 s timeout.
 A presented tag stays in the field until ``remove()``: the command that arrives after it gets no
 answer, as from a tag that has left. A write can be torn after N more blocks (tests).
 """
@@ -28,8 +29,10 @@ from .ntag import bind_udp
 BLOCK = 16
 SYSTEM_CODE = bytes.fromhex("12FC")  # NFC Forum Type 3 NDEF
 # PMm: IC code 0x44 is none of Sony's product codes (0xF0 would be a FeliCa Lite, which holds 224
-# bytes), so nfcpy treats it as a plain NFC Forum Type3Tag; the rest are response time parameters.
-PMM = bytes.fromhex("00440000000000FF")
+# bytes), so nfcpy treats it as a plain NFC Forum Type3Tag. The response time parameters are a
+# real card's (Check 0x49: 4.8 ms, Update 0x93: 34 ms for one block); zeros gave 0.6 ms, which a
+# busy machine misses three times in a row now and then.
+PMM = bytes.fromhex("00444B024F4993FF")
 NBR, NBW = 4, 1  # blocks per Check / per Update command, as the attribute block announces
 
 
@@ -95,9 +98,9 @@ class FelicaSimulator:
     # Tests: after this many more blocks written the tag leaves the field (that Update unanswered).
     tear_after_blocks: int | None = None
     blocks_written: list[int] = field(default_factory=list)
+    _sock: socket.socket | None = None
     _thread: threading.Thread | None = None
     _stopping: threading.Event = field(default_factory=threading.Event)
-    _changed: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -107,16 +110,14 @@ class FelicaSimulator:
     def start(self) -> str:
         import nfc  # noqa: F401  (fail here, not in the thread)
 
-        if self.port == 0:  # nfcpy binds the port itself: find a free one
-            with bind_udp(self.host) as probe:
-                self.port = probe.getsockname()[1]
+        self._sock = bind_udp(self.host, self.port)
+        self.port = self._sock.getsockname()[1]
         self._thread = threading.Thread(target=self._run, name="felica-sim", daemon=True)
         self._thread.start()
         return self.device
 
     def stop(self) -> None:
         self._stopping.set()
-        self._changed.set()
         self._wake()
         if self._thread is not None:
             self._thread.join(timeout=3)
@@ -131,12 +132,11 @@ class FelicaSimulator:
     def present(self, tag: FelicaImage) -> None:
         with self._lock:
             self.tag = tag
-        self._changed.set()
+        self._wake()  # the empty field's loop hands over to nfcpy's emulation now
 
     def remove(self) -> FelicaImage | None:
         with self._lock:
             tag, self.tag = self.tag, None
-        self._changed.set()
         self._wake()  # end the emulation now, not after answering one more command
         return tag
 
@@ -151,16 +151,18 @@ class FelicaSimulator:
         import nfc
         import nfc.clf
 
-        # nfcpy logs a failed bind or a dropped link at ERROR; here they are the field emptying.
+        sock = self._sock
+        assert sock is not None
+        # nfcpy logs a dropped link at ERROR; here it is the field emptying.
         logging.getLogger("nfc.clf").setLevel(logging.CRITICAL)
         clf = nfc.ContactlessFrontend(self.device)
-        clf.device.mute()  # nfcpy binds the port when it listens; until then the field is ours
+        _keep_socket(clf.device, sock)
         try:
             while not self._stopping.is_set():
                 with self._lock:
                     tag = self.tag
                 if tag is None:
-                    self._empty_field()
+                    self._empty_field(sock)
                     continue
                 target = nfc.clf.LocalTarget("212F")
                 target.sensf_res = b"\x01" + tag.idm + PMM + SYSTEM_CODE
@@ -173,34 +175,27 @@ class FelicaSimulator:
                     },
                     terminate=lambda tag=tag: self._stopping.is_set() or self.tag is not tag,
                 )
-                clf.device.mute()  # release the port (no RFOFF: it is nfcpy's own listen port)
         finally:
             with contextlib.suppress(Exception):
                 clf.close()
+            sock.close()
 
-    def _empty_field(self) -> None:
-        """Hold the port while no tag is presented and answer each SENSF_REQ with RFOFF.
+    def _empty_field(self, sock: socket.socket) -> None:
+        """No tag presented: answer each SENSF_REQ with RFOFF.
 
         nfcpy's sense then returns at once, as with a reader chip, instead of waiting out its
         1 s timeout for a tag that is not there.
         """
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            try:
-                sock.bind((self.host, self.port))
-            except OSError:  # nfcpy has not let go of it yet
-                self._changed.wait(0.01)
-                return
-            while not self._stopping.is_set() and self.tag is None:
-                if not select.select([sock], [], [], 0.05)[0]:
-                    continue
-                datagram, addr = sock.recvfrom(1024)
-                # Only the reader's sense (a wildcard SENSF_REQ) gets RFOFF; a tag command, the
-                # presence check's polling included, goes unanswered as from a tag that left:
-                # nfcpy 1.0.4's Type 3 retry loop fails with UnboundLocalError when every retry
-                # of a command ends in RFOFF.
-                if datagram.startswith(b"212F 0600ffff") and addr[1] != self.port:
-                    sock.sendto(b"RFOFF", addr)
-        self._changed.clear()
+        while not self._stopping.is_set() and self.tag is None:
+            if not select.select([sock], [], [], 0.05)[0]:  # present() and stop() wake it
+                continue
+            datagram, addr = sock.recvfrom(1024)
+            # Only the reader's sense (a wildcard SENSF_REQ) gets RFOFF; a tag command, the
+            # presence check's polling included, goes unanswered as from a tag that left:
+            # nfcpy 1.0.4's Type 3 retry loop fails with UnboundLocalError when every retry
+            # of a command ends in RFOFF.
+            if datagram.startswith(b"212F 0600ffff") and addr[1] != self.port:
+                sock.sendto(b"RFOFF", addr)
 
     def _serve(self, emulation: Any, tag: FelicaImage) -> bool:
         def read(block: int, _rb: int, _re: int) -> bytes | None:
@@ -224,3 +219,22 @@ class FelicaSimulator:
         emulation.add_service(0x0009, read, write)  # NDEF, read/write
         emulation.add_service(0x000B, read, lambda *_: False)  # NDEF, read-only access
         return True
+
+
+def _keep_socket(device: Any, sock: socket.socket) -> None:
+    """Make nfcpy's udp device listen on ``sock`` for good instead of re-binding per listen.
+
+    Its listen loop closes and re-binds the port for every presence; a SENSF_REQ the reader sends
+    in between is lost and its sense waits 1 s (field-notes.md). One bound socket has no gap.
+    """
+    if device.socket is not None:
+        device.socket.close()
+
+    def create_socket() -> None:
+        if device.socket is None:
+            device.socket, device.sent_data, device.rcvd_data = sock, 0, 0
+
+    device._create_socket = create_socket
+    device._bind_socket = lambda _time_to_return: True
+    device.mute = lambda: setattr(device, "socket", None)  # never close it, never send RFOFF
+    create_socket()
