@@ -256,3 +256,44 @@ def test_a_bad_thingsboard_key_is_named_with_file_and_line(tmp_path: Path) -> No
         load_config(path)
     [problem] = [str(p) for p in info.value.problems]
     assert problem.startswith(f"{path}:7: thingsboard.device:"), problem
+
+
+async def test_the_device_is_announced_again_after_a_broker_restart(
+    tmp_path: Path, reference_plc: ReferencePlc
+) -> None:
+    # ThingsBoard forgets a gateway's devices when its session ends: every connect announces.
+    broker = EmbeddedBroker(persistent=True)  # the watcher's session outlives the restart
+    await broker.start()
+    watcher = MqttRecorder(broker.host, broker.port, "v1/gateway/#", session="tb-watch")
+    try:
+        await watcher.ready()
+        async with running_station(tmp_path, reference_plc.port, broker.port, extra=TB) as s:
+            await watcher.wait_for("v1/gateway/connect", 1)
+            await broker.stop()
+            await broker.start()
+            assert await s.agent.uplink.wait_connected(10)
+            connects = await watcher.wait_for("v1/gateway/connect", 2)
+            assert connects == [{"device": DEVICE, "type": "edge-agent station"}] * 2
+    finally:
+        watcher.close()
+        await broker.stop()
+        broker.close()
+
+
+async def test_a_stale_group_is_told_as_quality_in_device_telemetry(
+    station: Station, reference_plc: ReferencePlc, recorder: MqttRecorder
+) -> None:
+    await recorder.wait_for("gw-test/telemetry/process", 1)
+    await reference_plc.stop()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not (
+        stale := [
+            m[DEVICE][0]
+            for m in recorder.json("v1/gateway/telemetry")
+            if m[DEVICE][0]["values"].get("process.quality") == "stale"
+        ]
+    ):
+        assert loop.time() < deadline, recorder.json("v1/gateway/telemetry")
+        await asyncio.sleep(0.01)
+    assert stale[0]["values"] == {"process.quality": "stale"}
