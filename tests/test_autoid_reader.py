@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest_asyncio
@@ -129,3 +130,28 @@ async def test_simulator_restarted_scans_resume() -> None:
     finally:
         await reader.stop()
         await sim.stop()
+
+
+async def test_autoid_scan_event_alone_is_an_arrival(autoid_sim: AutoIdReaderSim) -> None:
+    """A reader that only fires AutoIdScanEvents (LastScanData untouched): the event's
+    RfidScanResult.ScanData is the identifier, decoded from the server's type dictionary."""
+    reader = AutoIdReader("rfid", autoid_sim.url, timeout=2)
+    await reader.start()
+    events = reader.events()
+    try:
+        await asyncio.wait_for(reader.connected.wait(), 10)
+        await autoid_sim.present(rfid_tag(b"\xd0\x00\x00"), last_scan_data=False)
+        arrived = await asyncio.wait_for(anext(events), 5)
+        assert (arrived.kind, arrived.uid) == (ScanKind.ARRIVED, UID)
+        assert await reader.read_ndef(UID) == b"\xd0\x00\x00"  # ReadTag on that identifier
+        # A scan event raised before the field was last seen empty is stale: no arrival.
+        await autoid_sim.present(rfid_tag(b"\xd0\x00\x00"))  # now LastScanData has it: no event
+        await autoid_sim.remove()
+        assert (await asyncio.wait_for(anext(events), 5)).kind is ScanKind.LEFT
+        cleared = reader._cleared_at
+        assert cleared is not None
+        stale = type("ScanResult", (), {"ScanData": UID})()
+        reader._scan_event(stale, cleared - timedelta(milliseconds=1))
+        assert reader._present is None and reader._events.empty()
+    finally:
+        await reader.stop()

@@ -3,14 +3,18 @@
 An asyncua server with, in the AutoID namespace, an object ``RfidReader`` holding
 
     LastScanData   ByteString   identifier of the tag in the field, empty when there is none
+    events         AutoIdScanEventType { DeviceName, ScanResult: RfidScanResult }, one per scan
     ReadTag(Identifier, CodeType, Region, Offset, Length, Password) -> (ResultData, Status)
     WriteTag(Identifier, CodeType, Region, Offset, Data, Password) -> Status
 
 with Status an AutoIdOperationStatusEnumeration value. It is an equivalent of those parts of
-RfidReaderDeviceType, not the full information model: Identifier is the tag's UID as a ByteString
-where the specification has the ScanData union, and scan results arrive as LastScanData changes
-rather than AutoIdScanEvent events. Tags hold their memory per region; region 3 (USER) is the one
-the agent uses.
+RfidReaderDeviceType, not the full information model. Each scan fires an ``AutoIdScanEventType``
+event from the RfidReader object carrying ``DeviceName`` and ``ScanResult``, an ``RfidScanResult``
+structure (CodeType, ScanData, Timestamp) defined in the server's type dictionary, and LastScanData
+changes too. Simplified: ScanData is a ByteString field where the specification has the ScanData
+union (ByteString / String / ScanDataEpc / Custom), RfidScanResult has no Location and no Sighting
+list, and the methods' Identifier is the UID as a ByteString. Tags hold their memory per region;
+region 3 (USER) is the one the agent uses.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import socket
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from asyncua import Server, ua
 from asyncua.common.methods import uamethod
+from asyncua.common.structures104 import new_struct, new_struct_field
 
 NAMESPACE = "http://opcfoundation.org/UA/AutoID/"
 USER_REGION = 3
@@ -45,6 +51,7 @@ class AutoIdReaderSim:
     url: str = ""
     _server: Any = None
     _last_scan: Any = None
+    _scan_events: Any = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         server = Server()
@@ -58,7 +65,29 @@ class AutoIdReaderSim:
         server.set_server_name("edge-agent simulated RFID reader")
         server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         idx = await server.register_namespace(NAMESPACE)
+        # OPC 30010's scan event: AutoIdScanEventType with a ScanResult (RfidScanResult) structure.
+        result_type, _ = await new_struct(
+            server,
+            idx,
+            "RfidScanResult",
+            [
+                new_struct_field("CodeType", ua.VariantType.String),
+                new_struct_field("ScanData", ua.VariantType.ByteString),
+                new_struct_field("Timestamp", ua.VariantType.DateTime),
+            ],
+        )
+        await server.load_data_type_definitions()
+        event_type = await server.create_custom_event_type(
+            idx,
+            "AutoIdScanEventType",
+            ua.ObjectIds.BaseEventType,
+            [
+                ("DeviceName", ua.VariantType.String),
+                ("ScanResult", ua.VariantType.ExtensionObject, result_type.nodeid),
+            ],
+        )
         reader = await server.nodes.objects.add_object(idx, "RfidReader")
+        self._scan_events = await server.get_event_generator(event_type, reader)
         self._last_scan = await reader.add_variable(
             idx, "LastScanData", ua.Variant(b"", ua.VariantType.ByteString)
         )
@@ -89,9 +118,22 @@ class AutoIdReaderSim:
             with contextlib.suppress(Exception):
                 await server.stop()
 
-    async def present(self, tag: SimulatedRfidTag) -> None:
+    async def present(self, tag: SimulatedRfidTag, *, last_scan_data: bool = True) -> None:
+        """A tag enters the field: LastScanData changes, then an AutoIdScanEvent is fired.
+
+        ``last_scan_data=False``: the event only, as from a reader that does not keep LastScanData.
+        """
         self.tag = tag
-        await self._last_scan.write_value(ua.Variant(tag.uid, ua.VariantType.ByteString))
+        if last_scan_data:
+            await self._last_scan.write_value(ua.Variant(tag.uid, ua.VariantType.ByteString))
+        event = self._scan_events.event
+        event.DeviceName = "RfidReader"
+        # ua.RfidScanResult is generated from the type dictionary at start()
+        event.ScanResult = ua.RfidScanResult(
+            CodeType="RAW:BYTES", ScanData=tag.uid, Timestamp=datetime.now(UTC)
+        )
+        event.Message = ua.LocalizedText(f"scan {tag.uid.hex().upper()}")
+        await self._scan_events.trigger()
 
     async def remove(self) -> None:
         self.tag = None

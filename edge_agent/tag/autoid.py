@@ -1,7 +1,8 @@
 """Industrial RFID readers behind OPC UA (OPC 30010 AutoID): ``reader: {type: autoid, url: opc.tcp://...}``.
 
-Scan results come from a subscription to the reader's ``LastScanData`` (the tag identifier, empty when
-the field is empty); ReadTag/WriteTag are called on the user memory region. The NDEF message sits in
+Scan results come from ``AutoIdScanEventType`` events of the reader object (the ScanResult's ScanData
+is the tag identifier) and from a subscription to its ``LastScanData`` (the identifier, empty when the
+field is empty, which is how a tag leaving is seen); ReadTag/WriteTag are called on the user memory region. The NDEF message sits in
 that region as a 2-byte big-endian length followed by the message. A write-back of a message with
 the same length writes only the span of bytes that differ from ``previous`` (one progress slot), then
 reads that span back. A status other than SUCCESS is a TagIOError naming the status.
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -52,13 +54,17 @@ def status_name(status: int) -> str:
 
 
 class _ScanHandler:
-    """asyncua subscription handler: LastScanData changes become scan events."""
+    """asyncua subscription handler: AutoIdScanEvents and LastScanData changes become scan events."""
 
     def __init__(self, reader: AutoIdReader) -> None:
         self.reader = reader
 
     def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
-        self.reader._scan(bytes(val or b""))
+        value = data.monitored_item.Value
+        self.reader._last_scan_data(bytes(val or b""), getattr(value, "SourceTimestamp", None))
+
+    def event_notification(self, event: Any) -> None:
+        self.reader._scan_event(getattr(event, "ScanResult", None), getattr(event, "Time", None))
 
 
 class AutoIdReader(TagReader):
@@ -84,6 +90,7 @@ class AutoIdReader(TagReader):
         self._reader: Any = None  # the RfidReader object node while connected
         self._methods: dict[str, Any] = {}
         self._present: bytes | None = None
+        self._cleared_at: datetime | None = None  # server time LastScanData last became empty
         self.connected = asyncio.Event()
 
     async def start(self) -> None:
@@ -127,6 +134,7 @@ class AutoIdReader(TagReader):
                     self._reader = reader
                     subscription = await client.create_subscription(50, _ScanHandler(self))
                     await subscription.subscribe_data_change(last_scan)
+                    await self._subscribe_scan_events(client, subscription, reader, idx)
                     log.info(
                         "autoid reader recovered" if failures else "autoid reader connected",
                         reader=self.name,
@@ -157,6 +165,43 @@ class AutoIdReader(TagReader):
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
+
+    async def _subscribe_scan_events(
+        self, client: Any, subscription: Any, reader: Any, idx: int
+    ) -> None:
+        """AutoIdScanEvents from the reader, when its server has the type (LastScanData alone if not).
+
+        The ScanResult structure is decoded from the server's own type dictionary.
+        """
+        from asyncua import ua
+
+        try:
+            event_type = await client.nodes.base_event_type.get_child(f"{idx}:AutoIdScanEventType")
+            await client.load_data_type_definitions()
+        except ua.UaError as err:
+            log.info("autoid reader has no AutoIdScanEventType; LastScanData only", error=str(err))
+            return
+        await subscription.subscribe_events(reader, event_type)
+
+    def _last_scan_data(self, uid: bytes, when: datetime | None) -> None:
+        if not uid:
+            self._cleared_at = when
+        self._scan(uid)
+
+    def _scan_event(self, result: Any, when: datetime | None) -> None:
+        """An AutoIdScanEvent: its ScanResult's ScanData is the identifier of a tag being scanned.
+
+        An event raised before the field was last seen empty is stale (the two arrive through
+        separate notifications) and would report a tag that has already left.
+        """
+        data = getattr(result, "ScanData", None)
+        if not isinstance(data, bytes | bytearray) or not data:
+            log.debug("autoid scan event without a ByteString ScanData", reader=self.name)
+            return
+        cleared = self._cleared_at
+        if cleared is not None and when is not None and when <= cleared:
+            return
+        self._scan(bytes(data))
 
     def _scan(self, uid: bytes) -> None:
         if uid == (self._present or b""):
