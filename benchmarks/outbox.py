@@ -1,6 +1,7 @@
 """Store-and-forward throughput: the disk outbox to a loopback mosquitto, QoS 1.
 
     python benchmarks/outbox.py [--messages 20000] [--backlog 100000] [--inflight 20] [--cpu 0]
+                                [--max-bytes N]
 
 One run prints, for cycle-report-sized payloads (~1 KB JSON):
   * sustained: messages produced as fast as the event loop takes them, each committed to the
@@ -10,7 +11,8 @@ One run prints, for cycle-report-sized payloads (~1 KB JSON):
     whole backlog replayed; replay msg/s, time to the first PUBACK, RSS before/after.
 
 The agent side runs in this process pinned to one core (``--cpu``; -1 to leave it unpinned);
-mosquitto runs in its own process.
+mosquitto runs in its own process. ``--max-bytes`` bounds the outboxes by size as well (set it
+above what the run queues, to measure the bookkeeping, not drops).
 """
 
 from __future__ import annotations
@@ -114,8 +116,12 @@ def uplink_for(broker: EmbeddedBroker, outbox: SqliteOutbox, inflight: int) -> M
     return MqttUplink(config, "bench-gw", "edge-agent-bench-gw", outbox=outbox)
 
 
-async def sustained(broker: EmbeddedBroker, state: Path, messages: int, inflight: int) -> None:
-    outbox = SqliteOutbox(state / "sustained.sqlite3", max_messages=10 * messages)
+async def sustained(
+    broker: EmbeddedBroker, state: Path, messages: int, inflight: int, max_bytes: int | None
+) -> None:
+    outbox = SqliteOutbox(
+        state / "sustained.sqlite3", max_messages=10 * messages, max_bytes=max_bytes
+    )
     uplink = uplink_for(broker, outbox, inflight)
     await uplink.start(lambda: {})
     assert await uplink.wait_connected(5)
@@ -143,9 +149,11 @@ async def sustained(broker: EmbeddedBroker, state: Path, messages: int, inflight
     )
 
 
-async def backlog(broker: EmbeddedBroker, state: Path, count: int, inflight: int) -> None:
+async def backlog(
+    broker: EmbeddedBroker, state: Path, count: int, inflight: int, max_bytes: int | None
+) -> None:
     await broker.stop()
-    outbox = SqliteOutbox(state / "backlog.sqlite3", max_messages=2 * count)
+    outbox = SqliteOutbox(state / "backlog.sqlite3", max_messages=2 * count, max_bytes=max_bytes)
     uplink = uplink_for(broker, outbox, inflight)
     await uplink.start(lambda: {})
     rss_before = rss_mib()
@@ -181,8 +189,8 @@ async def main(args: argparse.Namespace) -> None:
     await broker.start()
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as tmp:
         try:
-            await sustained(broker, Path(tmp), args.messages, args.inflight)
-            await backlog(broker, Path(tmp), args.backlog, args.inflight)
+            await sustained(broker, Path(tmp), args.messages, args.inflight, args.max_bytes)
+            await backlog(broker, Path(tmp), args.backlog, args.inflight, args.max_bytes)
         finally:
             await broker.stop()
             broker.close()
@@ -194,6 +202,7 @@ if __name__ == "__main__":
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--inflight", type=int, default=20)
     parser.add_argument("--cpu", type=int, default=0, help="pin this process to a core (-1: no)")
+    parser.add_argument("--max-bytes", type=int, default=None, help="outbox size limit, bytes")
     args = parser.parse_args()
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})

@@ -112,6 +112,7 @@ class Agent:
         return SqliteOutbox(
             self.config.state_dir / "outbox.sqlite3",
             max_messages=self.config.outbox.max_messages,
+            max_bytes=self.config.outbox.max_bytes,
             telemetry_max_age=self.config.outbox.telemetry_max_age,
             on_drop=self._outbox_dropped,
         )

@@ -193,6 +193,7 @@ class OutboxConfig(_Strict):
     """Bounds of the disk outbox in ``state_dir`` (docs/mqtt.md, Delivery)."""
 
     max_messages: int = Field(100_000, ge=10)
+    max_bytes: int | None = Field(None, ge=10_000)  # payload bytes in all; None: no size limit
     telemetry_max_age: float | None = Field(None, gt=0)  # seconds; older telemetry is dropped
 
 

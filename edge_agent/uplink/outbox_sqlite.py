@@ -5,10 +5,11 @@ survives ``kill -9`` and power loss from the moment the caller holds it. Acknowl
 committed with ``synchronous=NORMAL``: the next durable put carries them to disk; losing a few on
 power loss only means a duplicate that consumers drop by the message id.
 
-Bounded by ``max_messages``. When full, a new message makes room by dropping the oldest message of
-the lowest class (telemetry, then events); records (cycle reports) are never dropped. A telemetry
-message that finds no telemetry or event to drop is refused. A record is always stored, even over
-the limit; ``full`` then tells the station to stop taking parts until the broker drains the outbox.
+Bounded by ``max_messages`` and, optionally, ``max_bytes`` (the payloads' total size). When full,
+a new message makes room by dropping the oldest messages of the lowest class (telemetry, then
+events) until it fits both limits; records (cycle reports) are never dropped. A telemetry message
+that finds not enough telemetry to drop is refused. A record is always stored, even over a limit;
+``full`` then tells the station to stop taking parts until the broker drains the outbox.
 
 The file is opened with an exclusive lock: a second agent on the same state directory fails at
 start instead of interleaving sequence numbers.
@@ -56,11 +57,13 @@ class SqliteOutbox:
         path: str | Path,
         *,
         max_messages: int = 100_000,
+        max_bytes: int | None = None,
         telemetry_max_age: float | None = None,
         on_drop: DropFn | None = None,
     ) -> None:
         self.path = Path(path)
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
         self.telemetry_max_age = telemetry_max_age
         self.on_drop = on_drop
         self.dropped = 0  # since start, all classes
@@ -75,10 +78,13 @@ class SqliteOutbox:
             self._db.executescript(_SCHEMA)  # the first write takes the exclusive lock
             self._db.execute("PRAGMA synchronous=FULL")
             self._durable = True
-            rows = self._db.execute("SELECT keep, count(*) FROM messages GROUP BY keep")
+            rows = self._db.execute(
+                "SELECT keep, count(*), coalesce(sum(length(payload)), 0) FROM messages GROUP BY keep"
+            )
             self._by_class = {k: 0 for k in Keep}
-            for keep, n in rows:
-                self._by_class[Keep(keep)] = n
+            self._bytes = {k: 0 for k in Keep}  # payload bytes per class
+            for keep, n, size in rows:
+                self._by_class[Keep(keep)], self._bytes[Keep(keep)] = n, size
             seq = self._db.execute(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
             ).fetchone()
@@ -111,8 +117,9 @@ class SqliteOutbox:
         dropped: tuple[int, Keep] | None = None
         with self._tx(durable=True):
             self._purge_old_telemetry(message.created)
-            if len(self) >= self.max_messages:
-                dropped = self._make_room(keep, len(self) - self.max_messages + 1)
+            excess = self._excess(len(message.payload))
+            if excess != (0, 0):
+                dropped = self._make_room(keep, *excess)
                 if dropped is None:
                     self._refused(message)
                     return None
@@ -123,6 +130,7 @@ class SqliteOutbox:
             )
         self._next += 1
         self._by_class[keep] += 1
+        self._bytes[keep] += len(message.payload)
         if dropped is not None and dropped[0]:
             self._report_drop(*dropped)
         return message
@@ -138,10 +146,11 @@ class SqliteOutbox:
     def ack(self, message_id: int) -> None:
         self._set_durable(False)
         row = self._db.execute(
-            "DELETE FROM messages WHERE id = ? RETURNING keep", (message_id,)
+            "DELETE FROM messages WHERE id = ? RETURNING keep, length(payload)", (message_id,)
         ).fetchone()
         if row is not None:  # not already dropped
             self._by_class[Keep(row[0])] -= 1
+            self._bytes[Keep(row[0])] -= row[1]
 
     def __len__(self) -> int:
         return sum(self._by_class.values())
@@ -152,7 +161,15 @@ class SqliteOutbox:
 
     @property
     def full(self) -> bool:
-        return self._by_class[Keep.RECORD] >= self.max_messages
+        records = Keep.RECORD
+        if self.max_bytes is not None and self._bytes[records] >= self.max_bytes:
+            return True
+        return self._by_class[records] >= self.max_messages
+
+    @property
+    def size(self) -> int:
+        """Payload bytes waiting, all classes."""
+        return sum(self._bytes.values())
 
     def oldest_created(self) -> float | None:
         row = self._db.execute("SELECT created FROM messages ORDER BY id LIMIT 1").fetchone()
@@ -186,34 +203,51 @@ class SqliteOutbox:
             self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._durable = durable
 
-    def _make_room(self, keep: Keep, needed: int) -> tuple[int, Keep] | None:
-        """Drop ``needed`` messages a new ``keep`` message may displace; None if there are not enough."""
+    def _excess(self, size: int) -> tuple[int, int]:
+        """(messages, bytes) to drop before a message of ``size`` bytes fits both limits."""
+        count = max(0, len(self) + 1 - self.max_messages)
+        if self.max_bytes is None:
+            return count, 0
+        return count, max(0, self.size + size - self.max_bytes)
+
+    def _make_room(self, keep: Keep, count: int, size: int) -> tuple[int, Keep] | None:
+        """Drop the oldest messages a new ``keep`` message may displace, at least ``count`` of them
+        and ``size`` bytes; None (nothing dropped) if there are not enough."""
         # Telemetry displaces only telemetry; events and records displace telemetry, then events.
         ceiling = min(keep, Keep.EVENT)
-        victims = sum(n for k, n in self._by_class.items() if k <= ceiling)
-        if victims < needed and keep != Keep.RECORD:
+        victims: list[tuple[int, Keep, int]] = []
+        freed = 0
+        candidates = self._db.execute(
+            "SELECT id, keep, length(payload) FROM messages WHERE keep <= ? ORDER BY keep, id",
+            (int(ceiling),),
+        )
+        for message_id, k, n in candidates:
+            if len(victims) >= count and freed >= size:
+                break
+            victims.append((message_id, Keep(k), n))
+            freed += n
+        candidates.close()
+        if (len(victims) < count or freed < size) and keep != Keep.RECORD:
             return None
-        rows = self._db.execute(
-            "DELETE FROM messages WHERE id IN"
-            " (SELECT id FROM messages WHERE keep <= ? ORDER BY keep, id LIMIT ?) RETURNING keep",
-            (int(ceiling), needed),
-        ).fetchall()
+        self._db.executemany("DELETE FROM messages WHERE id = ?", [(v[0],) for v in victims])
         lowest = Keep.RECORD
-        for (k,) in rows:
-            self._by_class[Keep(k)] -= 1
-            lowest = min(lowest, Keep(k))
-        return len(rows), lowest
+        for _, k, n in victims:
+            self._by_class[k] -= 1
+            self._bytes[k] -= n
+            lowest = min(lowest, k)
+        return len(victims), lowest
 
     def _purge_old_telemetry(self, now: float) -> None:
         if self.telemetry_max_age is None or now - self._purged < 1.0:
             return
         self._purged = now
         rows = self._db.execute(
-            "DELETE FROM messages WHERE keep = ? AND created < ? RETURNING id",
+            "DELETE FROM messages WHERE keep = ? AND created < ? RETURNING length(payload)",
             (int(Keep.TELEMETRY), now - self.telemetry_max_age),
         ).fetchall()
         if rows:
             self._by_class[Keep.TELEMETRY] -= len(rows)
+            self._bytes[Keep.TELEMETRY] -= sum(n for (n,) in rows)
             self.dropped += len(rows)
             log.warning(
                 "outbox: dropped telemetry older than the age limit",
@@ -231,7 +265,9 @@ class SqliteOutbox:
             topic=message.topic,
             keep=message.keep.name.lower(),
             backlog=len(self),
+            backlog_bytes=self.size,
             max_messages=self.max_messages,
+            max_bytes=self.max_bytes,
         )
         if self.on_drop is not None:
             self.on_drop(1, message.keep)
@@ -243,7 +279,9 @@ class SqliteOutbox:
             dropped=n,
             keep=keep.name.lower(),
             backlog=len(self),
+            backlog_bytes=self.size,
             max_messages=self.max_messages,
+            max_bytes=self.max_bytes,
         )
         if self.on_drop is not None:
             self.on_drop(n, keep)
