@@ -66,6 +66,7 @@ def find_profile(name: str = "reference-plc.yaml") -> Path:
 def demo_steps(i: int) -> tuple[str, str, list[Step]]:
     """Part i's product, variant and routing: st-10 drills, st-20 (us) varies by variant, st-30 presses."""
     k = i % 4
+    j = i % 100  # values vary from part to part but stay inside the profile for any --parts
     drill = {
         "spindle_speed": 1000 + 100 * k,
         "feed_rate": 250.5,
@@ -79,7 +80,7 @@ def demo_steps(i: int) -> tuple[str, str, list[Step]]:
             "B-short",
             "drill",
             {
-                "spindle_speed": 1200 + 50 * i,
+                "spindle_speed": 1200 + 50 * j,
                 "feed_rate": 300.0,
                 "depth": 12.5,
                 "tool": 3,
@@ -92,7 +93,7 @@ def demo_steps(i: int) -> tuple[str, str, list[Step]]:
             "mill",
             {
                 "spindle_speed": 2400,
-                "feed_rate": 420.5 + i,
+                "feed_rate": 420.5 + j,
                 "depth": 6.25,
                 "tool": 7,
                 "coolant_temp": 18.5,
@@ -102,7 +103,7 @@ def demo_steps(i: int) -> tuple[str, str, list[Step]]:
             "housing",
             "H-std",
             "press",
-            {"force": 25000 + 1000 * i, "dwell": 500, "coolant_temp": 21.0},
+            {"force": 25000 + 1000 * j, "dwell": 500, "coolant_temp": 21.0},
         ),
         (
             "housing",
