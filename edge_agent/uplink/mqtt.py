@@ -642,7 +642,8 @@ class MqttUplink:
         self._in_loop(lambda: self._unwatch(sock, read=False))
 
     def _in_loop(self, fn: Callable[[], None]) -> None:
-        assert self._loop is not None
+        if self._loop is None or self._loop.is_closed():
+            return  # paho's __del__ after the loop is gone: nothing left to watch
         if threading.get_ident() == self._loop_thread:
             fn()
         else:
