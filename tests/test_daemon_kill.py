@@ -95,7 +95,9 @@ async def test_daemon_sigkilled_mid_backlog_and_restarted_delivers_every_report(
     await broker.start()
     topic = "edge/gw-test/cycles"
     # Register the counter's persistent session, then let the broker go down: an outage.
-    MqttRecorder(broker.host, broker.port, topic, session="counter").close()
+    counter = MqttRecorder(broker.host, broker.port, topic, session="counter")
+    await counter.ready()  # subscribed: from now on the broker keeps what it misses
+    counter.close()
     await broker.stop()
 
     tags, state, log = tmp_path / "tags", tmp_path / "state", tmp_path / "daemon.log"

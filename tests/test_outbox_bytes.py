@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.instructions.model import Step
@@ -15,6 +16,7 @@ from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
 from edge_agent.uplink.outbox import Keep
 from edge_agent.uplink.outbox_sqlite import SqliteOutbox
+from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import DRILL, running_station
 
 KB = b"x" * 1000
@@ -73,8 +75,14 @@ def test_count_limit_still_applies_with_a_size_limit(tmp_path: Path) -> None:
 
 
 async def test_reports_filling_the_size_limit_stop_the_station(
-    tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker
+    tmp_path: Path, reference_plc: ReferencePlc
 ) -> None:
+    broker = EmbeddedBroker(persistent=True)  # the status watcher's session survives the restart
+    await broker.start()
+    status = "edge/gw-test/status"
+    watch = MqttRecorder(broker.host, broker.port, status, session="status-watch")
+    await watch.ready()  # subscribed: from now on the broker keeps what it misses
+    watch.close()
     state = tmp_path / "state"
     # A cycle report is about 1.3 KB: ten fill 12 KB. Telemetry off: only reports are queued.
     extra = (
@@ -106,6 +114,23 @@ async def test_reports_filling_the_size_limit_stop_the_station(
         assert reference_plc.snapshot() == machine_before
 
         await broker.start()
+        watch = MqttRecorder(broker.host, broker.port, status, session="status-watch")
         report = await asyncio.wait_for(station.agent.reports.get(), 15)
         assert report.status == "ok"  # taken once the broker drained the outbox
         assert await uplink.flush(10)
+        # The line saw the station stop taking parts, and take them again.
+        online = lambda: [m for m in watch.json("status") if m["state"] == "online"]  # noqa: E731
+        await until(lambda: len(online()) >= 2 and online()[-1]["backlog"] == 0, 5)
+        assert any(not m["accepting_parts"] and m["backlog"] >= taken for m in online())
+        assert online()[-1]["accepting_parts"] is True
+    watch.close()
+    await broker.stop()
+    broker.close()
+
+
+async def until(condition: Callable[[], bool], timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
