@@ -254,8 +254,12 @@ class Agent:
         if self.cycle.busy:
             log.info("waiting for the cycle in flight", timeout_s=self.config.cycle.drain_timeout)
         done, _ = await asyncio.wait({events}, timeout=self.config.cycle.drain_timeout)
-        if not done:
-            events.cancel()  # a cycle still running aborts the machine cleanly before it ends
+        while not done:
+            # A cycle still running aborts the machine cleanly before it ends. The cancel is
+            # repeated: Python 3.11's wait_for (inside pymodbus) can swallow one that lands as
+            # an answer arrives, and the cycle would then run on to its handshake timeout.
+            events.cancel()
+            done, _ = await asyncio.wait({events}, timeout=0.2)
         with contextlib.suppress(asyncio.CancelledError):
             await events
         await self.commands.drain()

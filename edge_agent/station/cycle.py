@@ -12,6 +12,7 @@ published for every tag event that reached the cycle, whatever happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import uuid
@@ -178,7 +179,11 @@ class StationCycle:
                 "shutdown",
                 "agent stopped during the cycle",
             )
-            report.machine_state = await asyncio.shield(self._abort(operation))
+            abort = asyncio.ensure_future(self._abort(operation))
+            while not abort.done():  # a repeated cancel must not cut the abort short
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(abort)
+            report.machine_state = abort.result()
             raise
         report.durations_ms.update(
             machine_write=outcome.write_ms,
