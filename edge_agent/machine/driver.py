@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import ConfigError, ConfigProblem
-from .profile import Profile, WritePoint
+from .profile import BasePoint, Profile, WritePoint
 
 RawValue = Any  # driver-specific wire form: Modbus register words or bools, an OPC UA Variant, ...
 
@@ -58,6 +58,19 @@ class MachineDriver(ABC):
     @abstractmethod
     async def wait_until(self, point: str, expected: Any, timeout: float) -> None:
         """Return once ``point`` equals ``expected``; raise MachineFault after ``timeout`` s."""
+
+
+Point = TypeVar("Point", bound=BasePoint)
+
+
+def points_of(profile: Profile, kind: type[Point]) -> dict[str, Point]:
+    """The profile's points, each checked to be of the driver's own point model."""
+    points: dict[str, Point] = {}
+    for name, point in profile.points.items():
+        if not isinstance(point, kind):
+            raise TypeError(f"point '{name}' of profile {profile.name} is not a {kind.__name__}")
+        points[name] = point
+    return points
 
 
 def check_profile_constants(driver: MachineDriver, profile: Profile) -> None:

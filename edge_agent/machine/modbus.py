@@ -31,7 +31,14 @@ from pymodbus.pdu import ModbusPDU
 from ..backoff import Backoff
 from ..errors import MachineError, MachineFault
 from . import codec
-from .driver import MachineDriver, RawValue, check_profile_constants, show_value, values_equal
+from .driver import (
+    MachineDriver,
+    RawValue,
+    check_profile_constants,
+    points_of,
+    show_value,
+    values_equal,
+)
 from .modbus_plan import (
     BIT_TABLES,
     MAX_WRITE_REGISTERS,
@@ -176,11 +183,7 @@ class ModbusDriver(MachineDriver):
         self.settings = settings
         self.profile = profile
         self.device = f"modbus {settings.host}:{settings.port} unit {settings.unit_id}"
-        self._points: dict[str, ModbusPoint] = {}
-        for name, point in profile.points.items():
-            if not isinstance(point, ModbusPoint):
-                raise TypeError(f"point '{name}' of profile {profile.name} is not a Modbus point")
-            self._points[name] = point
+        self._points = points_of(profile, ModbusPoint)
         self._formats = {n: p.register_format() for n, p in self._points.items()}
         self._plans: dict[tuple[Any, ...], list[Request]] = {}
         self._client: AsyncModbusTcpClient | None = None

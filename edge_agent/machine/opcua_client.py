@@ -40,7 +40,7 @@ from ..backoff import Backoff
 from ..errors import ConfigProblem, MachineError, MachineFault
 from ..yamlfile import load_yaml
 from . import codec
-from .driver import MachineDriver, RawValue, show_value, values_equal
+from .driver import MachineDriver, RawValue, points_of, show_value, values_equal
 from .opcua import (
     DATA_TYPES,
     STANDARD_NAMESPACE,
@@ -133,11 +133,7 @@ class OpcUaDriver(MachineDriver):
         self.settings = settings
         self.profile = profile
         self.device = f"opcua {settings.url}"
-        self._points: dict[str, OpcUaPoint] = {}
-        for name, point in profile.points.items():
-            if not isinstance(point, OpcUaPoint):
-                raise TypeError(f"point '{name}' of profile {profile.name} is not an OPC UA point")
-            self._points[name] = point
+        self._points = points_of(profile, OpcUaPoint)
         self._formats = {
             n: codec.Format(type=p.type, scale=p.scale, offset=p.offset, length=p.length)
             for n, p in self._points.items()
