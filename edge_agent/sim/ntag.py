@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, Self, TypeVar
 
 PAGE = 4
 
@@ -163,30 +164,50 @@ class NtagImage:
         self.memory[15] |= 0x0F
 
 
+TagT = TypeVar("TagT")
+
+
+def anticollision(
+    uid: bytes, data: bytes, state: str, sens_res: bytes, sak: int
+) -> tuple[str, bytes] | None:
+    """ISO 14443-3 Type A selection of a 7-byte UID: (next state, reply), None for any other frame.
+
+    States: idle | ready1 | ready2 | active; ``sak`` is the SEL_RES of the last cascade level.
+    """
+    cl1 = bytes([0x88]) + uid[0:3] + bytes([_bcc(b"\x88" + uid[0:3])])
+    cl2 = uid[3:7] + bytes([_bcc(uid[3:7])])
+    if data in (b"\x26", b"\x52"):  # SENS_REQ / ALL_REQ
+        return "ready1", sens_res
+    if data == b"\x93\x20" and state == "ready1":
+        return state, cl1
+    if data == b"\x93\x70" + cl1 and state == "ready1":
+        return "ready2", bytes([SAK_CASCADE])
+    if data == b"\x95\x20" and state == "ready2":
+        return state, cl2
+    if data == b"\x95\x70" + cl2 and state == "ready2":
+        return "active", bytes([sak])
+    return None
+
+
 @dataclass
-class NtagSimulator:
-    """Serves one tag (or none) on a UDP port. ``device`` is the path to give nfcpy."""
+class UdpTagSimulator(Generic[TagT]):
+    """The radio of a simulated Type A tag: one bound UDP socket, frames ``"106A <hex>"``.
+
+    Subclasses answer the frames in ``_command``; ``device`` is the path to give nfcpy.
+    """
 
     host: str = "127.0.0.1"
     port: int = 0
-    tag: NtagImage | None = None
-    # Tests: after this many more bytes written by WRITE commands the tag leaves the field; the
-    # page being written when it happens keeps only its first bytes, like a real torn write.
+    tag: TagT | None = None
+    # Tests: after this many more bytes written the tag leaves the field; the unit being written
+    # when it happens keeps only its first bytes, like a real torn write.
     tear_after_bytes: int | None = None
     # Tests: after this many more commands (after anticollision) the tag leaves the field.
     leave_after_commands: int | None = None
-    # Tests: this many more READ replies come 7 ms late: after nfcpy's 5 ms READ timeout, so it
-    # retries, and well before it gives up (3 x 5 ms).
-    late_reads: int = 0
-    pages_written: list[int] = field(default_factory=list)
     _sock: socket.socket | None = None
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _state: str = "idle"  # idle | ready1 | ready2 | active
-    _authenticated: bool = False  # PWD_AUTH succeeded since the tag was selected
-    # Configuration takes effect when the tag is selected, as on the chip: AUTH0 and PROT as then.
-    _auth0: int = 0xFF
-    _prot: bool = False
 
     @property
     def device(self) -> str:
@@ -195,7 +216,7 @@ class NtagSimulator:
     def start(self) -> str:
         self._sock = bind_udp(self.host, self.port)
         self.port = self._sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, name="ntag-sim", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="tag-sim", daemon=True)
         self._thread.start()
         return self.device
 
@@ -209,7 +230,7 @@ class NtagSimulator:
                 self._thread.join(timeout=2)
             sock.close()
 
-    def __enter__(self) -> NtagSimulator:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -218,16 +239,28 @@ class NtagSimulator:
 
     # ------------------------------------------------------------------------- the field
 
-    def present(self, tag: NtagImage) -> None:
+    def present(self, tag: TagT) -> None:
         with self._lock:
-            self.tag, self._state, self._authenticated = tag, "idle", False
+            self.tag, self._state = tag, "idle"
+            self._reset()
 
-    def remove(self) -> NtagImage | None:
+    def remove(self) -> TagT | None:
         with self._lock:
             tag, self.tag = self.tag, None
             return tag
 
     # ------------------------------------------------------------------------- the radio
+
+    def _reset(self) -> None:
+        """The tag lost power (field off, newly presented): drop per-session state."""
+
+    def _late(self, datagram: bytes) -> bool:
+        """Tests: whether the reply to ``datagram`` comes late."""
+        return False
+
+    def _command(self, tag: TagT, data: bytes) -> bytes | None:
+        """The reply to one frame: bytes, b"" for a garbled frame, None for silence."""
+        raise NotImplementedError
 
     def _serve(self) -> None:
         sock = self._sock
@@ -241,8 +274,7 @@ class NtagSimulator:
                 continue
             with self._lock:
                 reply = self._frame(datagram)
-                late = self.late_reads > 0 and datagram.startswith(b"106A 30")
-                self.late_reads -= late
+                late = self._late(datagram)
             if late:
                 time.sleep(0.007)
             if reply is not None:
@@ -253,7 +285,8 @@ class NtagSimulator:
 
     def _frame(self, datagram: bytes) -> bytes | None:
         if datagram.startswith(b"RFOFF"):
-            self._state, self._authenticated = "idle", False  # the field dropped: the tag resets
+            self._state = "idle"  # the field dropped: the tag resets
+            self._reset()
             return None
         try:
             brty, payload = datagram.split()
@@ -272,32 +305,51 @@ class NtagSimulator:
             return None
         return b"106A " + response.hex().encode() if response else b"106A"
 
+    def _leaving(self) -> bool:
+        """Counts one command against ``leave_after_commands``; True when the tag leaves now."""
+        if self.leave_after_commands is None:
+            return False
+        if self.leave_after_commands <= 0:
+            self.tag = None
+            return True
+        self.leave_after_commands -= 1
+        return False
+
+
+@dataclass
+class NtagSimulator(UdpTagSimulator[NtagImage]):
+    """Serves one NTAG21x (or none) on a UDP port. ``device`` is the path to give nfcpy."""
+
+    # Tests: this many more READ replies come 7 ms late: after nfcpy's 5 ms READ timeout, so it
+    # retries, and well before it gives up (3 x 5 ms).
+    late_reads: int = 0
+    pages_written: list[int] = field(default_factory=list)
+    _authenticated: bool = False  # PWD_AUTH succeeded since the tag was selected
+    # Configuration takes effect when the tag is selected, as on the chip: AUTH0 and PROT as then.
+    _auth0: int = 0xFF
+    _prot: bool = False
+
+    def _reset(self) -> None:
+        self._authenticated = False
+
+    def _late(self, datagram: bytes) -> bool:
+        late = self.late_reads > 0 and datagram.startswith(b"106A 30")
+        self.late_reads -= late
+        return late
+
     def _command(self, tag: NtagImage, data: bytes) -> bytes | None:
-        uid = tag.uid
-        cl1 = bytes([0x88]) + uid[0:3] + bytes([_bcc(b"\x88" + uid[0:3])])
-        cl2 = uid[3:7] + bytes([_bcc(uid[3:7])])
-        if data in (b"\x26", b"\x52"):  # SENS_REQ / ALL_REQ
-            self._state, self._authenticated = "ready1", False
-            return SENS_RES
-        if data == b"\x93\x20" and self._state == "ready1":
-            return cl1
-        if data == b"\x93\x70" + cl1 and self._state == "ready1":
-            self._state = "ready2"
-            return bytes([SAK_CASCADE])
-        if data == b"\x95\x20" and self._state == "ready2":
-            return cl2
-        if data == b"\x95\x70" + cl2 and self._state == "ready2":
-            self._state = "active"
-            self._auth0 = tag.auth0
-            self._prot = bool(tag.memory[(tag.config_page + 1) * PAGE] & 0x80)
-            return bytes([SAK_DONE])
+        step = anticollision(tag.uid, data, self._state, SENS_RES, SAK_DONE)
+        if step is not None:
+            self._state, reply = step
+            self._authenticated = False
+            if self._state == "active":
+                self._auth0 = tag.auth0
+                self._prot = bool(tag.memory[(tag.config_page + 1) * PAGE] & 0x80)
+            return reply
         if self._state != "active":
             return None  # a tag that is not selected stays silent
-        if self.leave_after_commands is not None:
-            if self.leave_after_commands <= 0:
-                self.tag = None
-                return b""
-            self.leave_after_commands -= 1
+        if self._leaving():
+            return b""
         if data == b"\x60":  # GET_VERSION
             return bytes([0x00, 0x04, 0x04, 0x02, 0x01, 0x00, KINDS[tag.kind][2], 0x03])
         if len(data) == 2 and data[0] == 0x30:  # READ: 4 pages, rolling over at the end
