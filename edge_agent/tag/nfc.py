@@ -12,8 +12,8 @@ Write-back on Type 2 tags (NTAG21x, Ultralight): when the new message has the le
 on the tag, only the 4-byte pages that differ are written, and the NDEF TLV length is never touched
 (nfcpy's own NDEF write zeroes it first, which a tear would leave as an empty tag). The pages
 written are read back and compared. Type 3 (FeliCa) tags likewise get only the 16-byte blocks that
-differ, with the attribute block left alone. Other writes go through nfcpy's NDEF write and a
-full read-back.
+differ, with the attribute block left alone, and Type 4 tags an UPDATE BINARY per run of differing
+bytes, with NLEN left alone. Other writes go through nfcpy's NDEF write and a full read-back.
 """
 
 from __future__ import annotations
@@ -339,10 +339,12 @@ def read_message(tag: Any) -> bytes:
 def write_message(tag: Any, message: bytes, previous: bytes | None = None) -> list[int]:
     """Write ``message`` and verify it by reading back.
 
-    Returns the Type 2 pages or Type 3 blocks written; empty for a full NDEF write.
+    Returns the Type 2 pages, Type 3 blocks or Type 4 NDEF file offsets written; empty for a full
+    NDEF write.
     """
     import nfc.tag.tt2
     import nfc.tag.tt3
+    import nfc.tag.tt4
 
     uid = bytes(tag.identifier).hex().upper()
     ndef = ndef_area(tag, fresh=False)
@@ -378,6 +380,14 @@ def write_message(tag: Any, message: bytes, previous: bytes | None = None) -> li
         blocks = _write_changed_blocks(tag, on_tag, message)
         ndef._data = bytearray(message)
         return blocks
+    if (
+        isinstance(tag, nfc.tag.tt4.Type4Tag)
+        and len(on_tag) == len(message)
+        and (previous is None or previous == on_tag)
+    ):
+        offsets = _write_changed_bytes(ndef, on_tag, message)
+        ndef._data = bytearray(message)
+        return offsets
     ndef.octets = message
     if bytes(ndef_area(tag, fresh=True).octets) != message:
         raise TagIOError(f"tag {uid}: the NDEF message read back differs from the one written")
@@ -550,6 +560,41 @@ def _write_changed_blocks(tag: Any, on_tag: bytes, message: bytes) -> list[int]:
             uid = bytes(tag.identifier).hex().upper()
             raise TagIOError(f"tag {uid}: read-back of blocks {blocks[0]}-{blocks[-1]} differs")
     return blocks
+
+
+def _write_changed_bytes(ndef: Any, on_tag: bytes, message: bytes) -> list[int]:
+    """Type 4: UPDATE BINARY each run of bytes that differs, then READ BINARY the runs back.
+
+    NLEN is never touched: nfcpy's NDEF write of a message longer than MLc zeroes it first and
+    sets it last, so a tear in between leaves an empty tag. Returns the NDEF file offsets written.
+    """
+    runs: list[tuple[int, int]] = []  # (start, end) in the message
+    for i, (old, new) in enumerate(zip(on_tag, message, strict=True)):
+        if old != new:
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+    if not runs:
+        return []
+    uid = bytes(ndef.tag.identifier).hex().upper()
+    if not ndef._select_fid(ndef._ndef_file):
+        raise TagIOError(f"tag {uid}: the NDEF file cannot be selected for writing")
+    base = ndef._nlen_size  # the message follows NLEN in the NDEF file
+    for start, end in runs:
+        while start < end:  # _update_binary writes at most MLc bytes per APDU
+            start += ndef._update_binary(base + start, message[start:end])
+    for start, end in runs:
+        back = b""
+        while len(back) < end - start:
+            chunk = bytes(ndef._read_binary(base + start + len(back), end - start - len(back)))
+            if not chunk:
+                break
+            back += chunk
+        if back != message[start:end]:
+            where = f"{base + start}-{base + end - 1}"
+            raise TagIOError(f"tag {uid}: read-back of NDEF file bytes {where} differs")
+    return [base + i for start, end in runs for i in range(start, end)]
 
 
 def _present(tag: Any) -> bool:
