@@ -10,7 +10,8 @@ For each NTAG type, N presentations of a signed traveler (3 steps, one done) to 
   * cycle: the agent's tag work per part = ReadTag (served from the arrival read) + verify +
     write-back,
 and how many pages the write-back touches against nfcpy's own NDEF write of the same message.
-Then the same for a Type 3 (FeliCa) tag emulated by nfcpy itself (blocks of 16 bytes written).
+Then the same for a Type 3 (FeliCa) tag emulated by nfcpy itself (blocks of 16 bytes written) and
+for a Type 4 tag (sim/type4.py; NDEF file bytes written by UPDATE BINARY).
 Medians and p99 in milliseconds. The radio is simulated (loopback UDP, no 106 kbit/s air time), so
 these are the software floor: a real reader adds roughly 1-3 ms per READ/WRITE frame.
 """
@@ -40,6 +41,7 @@ from edge_agent.instructions.recipe import Recipe  # noqa: E402
 from edge_agent.instructions.signing import KeyRing  # noqa: E402
 from edge_agent.sim.felica import FelicaImage, FelicaSimulator  # noqa: E402
 from edge_agent.sim.ntag import NtagImage, NtagSimulator  # noqa: E402
+from edge_agent.sim.type4 import Type4Image, Type4Simulator  # noqa: E402
 from edge_agent.tag.nfc import NfcReader, TagSession  # noqa: E402
 from edge_agent.tag.reader import ScanEvent, ScanKind  # noqa: E402
 
@@ -198,6 +200,60 @@ async def bench_type3(parts: int) -> None:
     )
 
 
+async def bench_type4(parts: int) -> None:
+    """The same on a Type 4 tag (sim/type4.py: ISO-DEP + NDEF Tag Application), NTAG215's traveler."""
+    uid = bytes.fromhex("04C1D2E3F40516")
+    message = message_for(uid, "NTAG215")
+    arrival, read, write, cycle, written, apdus = [], [], [], [], [], []
+    with Type4Simulator() as sim:
+        reader = NfcReader("bench", sim.device, targets=("106A",), poll_interval=0.005)
+        await reader.start()
+        try:
+            for _ in range(parts):
+                tag = Type4Image.blank(uid)
+                tag.put_ndef(message)
+                t0 = time.perf_counter()
+                sim.present(tag)
+                await next_event(reader, ScanKind.ARRIVED)
+                t1 = time.perf_counter()
+                first = await reader.read_ndef(uid)
+                contents = decode_tag(first, uid, KEYRING)
+                new = update_progress(
+                    contents,
+                    contents.progress.with_record(1, StepRecord(StepStatus.OK, "st-20", 2), 3),
+                )
+                t2 = time.perf_counter()
+                await reader.write_ndef(uid, new, previous=first)
+                t3 = time.perf_counter()
+                again = await reader.read_ndef(uid)
+                t4 = time.perf_counter()
+                assert again == new and tag.ndef_message() == new
+                arrival.append((t1 - t0) * 1e3)
+                write.append((t3 - t2) * 1e3)
+                read.append((t4 - t3) * 1e3)
+                cycle.append((t3 - t1) * 1e3)
+                written.append(len(reader.last_write_pages))
+                apdus.append(len(sim.updates))
+                sim.updates.clear()
+                sim.remove()
+                await next_event(reader, ScanKind.LEFT)
+        finally:
+            await reader.stop()
+        tag = Type4Image.blank(uid)  # nfcpy's own NDEF write of the same message, for the count
+        tag.put_ndef(message)
+        sim.present(tag)
+        sim.updates.clear()
+        with TagSession(sim.device, targets=("106A",)) as session:
+            session.tag.ndef.octets = new
+        nfcpy_bytes = sum(length for _, length in sim.updates)
+    print(
+        f"{'Type4':<8} {len(message):>4} B  arrival {fmt(arrival)}  read {fmt(read)}"
+        f"  write-back {fmt(write)}  cycle {fmt(cycle)}  bytes {statistics.median(written):.0f}"
+        f" in {statistics.median(apdus):.0f} UPDATE BINARY"
+        f" (nfcpy NDEF write: {nfcpy_bytes} in {len(sim.updates)} UPDATE BINARY, NLEN zeroed first)"
+    )
+
+
 async def main(parts: int) -> None:
     print(f"tag read + verify + write-back through nfcpy's udp driver, {parts} parts per type")
     print("                  (ms: median    p99)")
@@ -210,6 +266,7 @@ async def main(parts: int) -> None:
             finally:
                 await reader.stop()
     await bench_type3(parts)
+    await bench_type4(parts)
 
 
 if __name__ == "__main__":
