@@ -9,6 +9,10 @@ point, so a consumer that joins late or missed a message is whole again.
 A read that fails marks the group's points stale: one message with ``quality: stale`` and one
 ``telemetry_stale`` event, then silence until the device answers again (``telemetry_recovered`` and
 a full report). Timestamps are taken when the read returned, not when the message left.
+
+A driver that can push changes (``PushingDriver``: OPC UA) is not read at all: it is asked to watch
+the group's points, sampled every ``interval``, and the group reports what it pushed, with the
+server's source timestamps, by the same rules; the session being down makes the group stale.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import structlog
 
 from ..errors import MachineError
-from ..machine.driver import MachineDriver
+from ..machine.driver import MachineDriver, PushingDriver
 from ..machine.profile import Profile, TelemetryGroup
 from ..station.cycle import _jsonable  # the same JSON rendering as cycle results
 
@@ -120,6 +124,9 @@ class Telemetry:
         }
 
     async def _run(self, g: GroupState) -> None:
+        if isinstance(self.driver, PushingDriver):
+            await self._follow(g, self.driver)
+            return
         loop = asyncio.get_running_loop()
         interval = g.spec.interval
         due = loop.time()
@@ -134,19 +141,45 @@ class Telemetry:
                 due = now
             await asyncio.sleep(due - now)
 
+    async def _follow(self, g: GroupState, driver: PushingDriver) -> None:
+        """Report what the driver pushes; wake at least every interval to notice a lost session
+        and the next full report."""
+        names = list(g.spec.points)
+        try:
+            await driver.watch(names, g.spec.interval)
+        except (MachineError, ValueError) as err:  # kept: set up again at the next connect
+            self._failed(g, names, err)
+        while not self._stopping:
+            try:
+                latest = driver.latest(names)
+                if latest is not None:
+                    self._report(g, *latest)
+            except (MachineError, ValueError) as err:
+                self._failed(g, names, err)
+            except Exception:  # a bug must not end this group's watch for good
+                log.exception("telemetry update failed", group=g.name)
+            await driver.changed(g.spec.interval)
+
     async def poll(self, g: GroupState) -> None:
         """One read of group ``g`` and, when something is worth reporting, one message."""
         names = list(g.spec.points)
         try:
             values = await g.read(names)
         except (MachineError, ValueError) as err:
-            g.failures += 1
-            g.error = str(err)
-            if g.stale_since is None:
-                g.stale_since = time.time()
-                self._stale(g, names, str(err))
+            self._failed(g, names, err)
             return
-        now = time.time()
+        self._report(g, values, time.time())
+
+    def _failed(self, g: GroupState, names: list[str], err: Exception) -> None:
+        g.failures += 1
+        g.error = str(err)
+        if g.stale_since is None:
+            g.stale_since = time.time()
+            self._stale(g, names, str(err))
+
+    def _report(self, g: GroupState, values: dict[str, Any], now: float) -> None:
+        """Publish what moved in ``values`` (read or pushed at ``now``), or all of it when due."""
+        names = list(g.spec.points)
         g.reads += 1
         g.last_read = now
         recovered = g.stale_since is not None
@@ -155,7 +188,7 @@ class Telemetry:
                 "telemetry_recovered",
                 g,
                 names,
-                stale_s=round(now - (g.stale_since or now), 3),
+                stale_s=round(time.time() - (g.stale_since or now), 3),
             )
             log.info("telemetry recovered", group=g.name, device=self.driver.device)
             g.stale_since, g.error = None, None

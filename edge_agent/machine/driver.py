@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ..errors import ConfigError, ConfigProblem
 from .profile import BasePoint, Profile, WritePoint
@@ -58,6 +58,25 @@ class MachineDriver(ABC):
     @abstractmethod
     async def wait_until(self, point: str, expected: Any, timeout: float) -> None:
         """Return once ``point`` equals ``expected``; raise MachineFault after ``timeout`` s."""
+
+
+@runtime_checkable
+class PushingDriver(Protocol):
+    """Optional capability of a driver whose machine pushes changes (OPC UA subscriptions).
+
+    Telemetry asks such a driver to watch a group's points instead of reading them on a timer.
+    """
+
+    async def watch(self, points: Sequence[str], interval: float) -> None:
+        """Have the machine push changes of ``points``, sampled every ``interval`` s, from now on
+        and after every reconnect. Raise MachineError when it cannot be set up now."""
+
+    def latest(self, points: Sequence[str]) -> tuple[dict[str, Any], float] | None:
+        """The last pushed values and the newest source time (unix s) among them; None while a
+        point has no value yet. Raise MachineError while the connection is down."""
+
+    async def changed(self, timeout: float) -> None:
+        """Return at the next pushed change, or after ``timeout`` s."""
 
 
 Point = TypeVar("Point", bound=BasePoint)

@@ -120,7 +120,10 @@ class _Changes:
         self.driver = driver
 
     def datachange_notification(self, node: Node, val: Any, data: Any) -> None:
-        self.driver._changed(node.nodeid, val)
+        dv = data.monitored_item.Value
+        # The machine's own time of the value; a server that sets none: its own, else ours.
+        stamp = dv.SourceTimestamp or dv.ServerTimestamp
+        self.driver._changed(node.nodeid, val, stamp.timestamp() if stamp else time.time())
 
     def status_change_notification(self, status: Any) -> None:
         log.warning("subscription status changed", device=self.driver.device, status=str(status))
@@ -149,6 +152,8 @@ class OpcUaDriver(MachineDriver):
         self._names: dict[ua.NodeId, str] = {}
         self._methods: dict[str, _Method] = {}
         self._values: dict[str, Any] = {}
+        self._stamps: dict[str, float] = {}  # source time (unix s) of each notified value
+        self._pushed: dict[float, list[str]] = {}  # telemetry: sampling interval s -> points
         self._seq: dict[str, int] = {}  # data change notifications received per watched point
         self._tick = asyncio.Event()  # set (and replaced) on every data change
         self._lost = asyncio.Event()  # set when this connection is lost
@@ -382,7 +387,7 @@ class OpcUaDriver(MachineDriver):
         if problems:
             raise MachineMismatch(self._problems(problems), device=self.device)
         self._nodes = {n: nodes[n] for n in self._points}
-        self._names = {nodes[n]: n for n in self._watched}
+        self._names = {nodes[n]: n for n in self._points}  # notifications come for watched ones
         self._methods = methods
 
     def _say(self, name: str, address: Address, message: str) -> str:
@@ -526,6 +531,9 @@ class OpcUaDriver(MachineDriver):
 
     async def _subscribe(self, client: Client) -> None:
         self._values.clear()
+        self._stamps.clear()
+        for interval, names in self._pushed.items():
+            await self._monitor(client, names, interval)
         if not self._watched:
             return
         interval_ms = self.settings.publishing_interval * 1000
@@ -548,13 +556,28 @@ class OpcUaDriver(MachineDriver):
             if value.StatusCode.is_good():
                 self._values[name] = self._decode(name, value.Value.Value)
 
-    def _changed(self, node_id: ua.NodeId, value: Any) -> None:
+    async def _monitor(self, client: Client, names: Sequence[str], interval: float) -> None:
+        """One subscription publishing every ``interval`` s, sampling ``names`` as often; the first
+        notification of each carries its current value, so no Read is needed."""
+        ms = interval * 1000
+        subscription = await client.create_subscription(ms, _Changes(self))
+        nodes = [client.get_node(self._nodes[n]) for n in names]
+        handles = await subscription.subscribe_data_change(nodes, sampling_interval=ms)
+        for name, handle in zip(names, handles, strict=True):
+            if isinstance(handle, ua.StatusCode):
+                raise MachineError(
+                    f"cannot monitor point '{name}' ({self._points[name].address}): {handle.name}",
+                    device=self.device,
+                )
+
+    def _changed(self, node_id: ua.NodeId, value: Any, stamp: float | None = None) -> None:
         name = self._names.get(node_id)
         if name is None:
             return
         with contextlib.suppress(ValueError):
             self._values[name] = self._decode(name, value)
             self._seq[name] = self._seq.get(name, 0) + 1
+            self._stamps[name] = stamp if stamp is not None else time.time()
         tick, self._tick = self._tick, asyncio.Event()
         tick.set()
 
@@ -696,6 +719,35 @@ class OpcUaDriver(MachineDriver):
                     f"connection lost while waiting for {point} to become {show_value(expected)}",
                     device=self.device,
                 )
+
+    # -- pushed telemetry (driver.PushingDriver) -----------------------------------------------
+
+    async def watch(self, points: Sequence[str], interval: float) -> None:
+        names = list(dict.fromkeys(points))
+        for name in names:
+            self._point(name)  # ValueError naming a point the profile does not have
+        async with self._connect_lock:  # a connect under way either includes these or precedes
+            watched = self._pushed.setdefault(interval, [])  # re-created at every reconnect
+            names = [n for n in names if n not in watched]  # a restarted telemetry: once only
+            watched.extend(names)
+            if names and self.connected:
+                assert self._client is not None
+                client = self._client
+                monitor = self._monitor(client, names, interval)
+                await self._call(client, "CreateMonitoredItems", monitor)
+
+    def latest(self, points: Sequence[str]) -> tuple[dict[str, Any], float] | None:
+        if not self.connected:
+            error = self._backoff.last_error or "connection lost"
+            raise MachineError(f"no session ({error})", device=self.device)
+        if any(n not in self._values for n in points):
+            return None
+        stamps = [self._stamps[n] for n in points if n in self._stamps]
+        return {n: self._values[n] for n in points}, max(stamps, default=time.time())
+
+    async def changed(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._tick.wait(), timeout)
 
     async def call(self, method: str, args: Sequence[RawValue]) -> list[Any]:
         """Call the method ``method`` (as the profile names it) and return its output arguments."""
