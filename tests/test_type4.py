@@ -185,3 +185,22 @@ async def test_station_runs_a_cycle_on_a_type4_tag_and_writes_progress_back(
     assert sim.updates and all(offset >= 2 for offset, _ in sim.updates)  # tear-safe path
     progress = decode_tag(tag.ndef_message(), UID, keyring).progress
     assert progress.done(0) and not progress.done(1)
+
+
+@pytest.mark.parametrize("lost", [1, 3])
+async def test_type4_lost_answers_are_recovered_by_iso_dep_and_the_write_is_applied_once(
+    t4_sim: Type4Simulator, t4_reader: NfcReader, lost: int
+) -> None:
+    old = traveler(UID)
+    new = progressed(old, 0)
+    tag = type4(old)
+    t4_sim.present(tag)
+    await next_event(t4_reader, ScanKind.ARRIVED)
+    previous = await t4_reader.read_ndef(UID)
+    t4_sim.lose_answers = lost  # the SELECT and the first UPDATE BINARY answers
+    await t4_reader.write_ndef(UID, new, previous=previous)
+    assert t4_sim.lose_answers == 0 and tag.ndef_message() == new
+    changed = [2 + i for i in range(len(new)) if new[i] != old[i]]
+    assert [offset + i for offset, length in t4_sim.updates for i in range(length)] == changed
+    t4_sim.lose_answers = 1
+    assert await t4_reader.read_ndef(UID) == new

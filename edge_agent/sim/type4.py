@@ -8,7 +8,8 @@ D2760000850101, SELECT of the CC file E103 and the NDEF file E104, READ BINARY a
 Over udp there is no CRC; nfcpy leaves it to the reader chip.
 
 Test hooks as on the NTAG simulator: take the tag away, leave after N commands, tear an UPDATE
-BINARY after N written bytes (the bytes before the cut are in the file, no reply comes back).
+BINARY after N written bytes (the bytes before the cut are in the file, no reply comes back), and
+lose answers on the way back (ISO-DEP's R(NAK) recovery).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class Type4Simulator(UdpTagSimulator[Type4Image]):
 
     # Tests: (offset, length) of every UPDATE BINARY that reached the NDEF file.
     updates: list[tuple[int, int]] = field(default_factory=list)
+    # Tests: this many more I-block answers are lost on the way back (the command took effect):
+    # nfcpy times out, sends R(NAK) and gets the same answer again.
+    lose_answers: int = 0
     _app: bool = False  # the NDEF application is selected
     _file: bytes = b""  # the selected elementary file
     _block: int = 1  # ISO-DEP block number of our last I-block
@@ -112,6 +116,9 @@ class Type4Simulator(UdpTagSimulator[Type4Image]):
         if response is None:
             return b""  # torn away mid-UPDATE: a garbled frame instead of the answer
         self._last = bytes([0x02 | number]) + response
+        if self.lose_answers > 0:
+            self.lose_answers -= 1
+            return None
         return self._last
 
     def _apdu(self, tag: Type4Image, apdu: bytes) -> bytes | None:
