@@ -1,6 +1,7 @@
 """Telemetry and command cost of the running daemon, on the loopback reference PLC and mosquitto.
 
     python benchmarks/telemetry.py [--seconds 20] [--commands 500] [--disk-outbox] [--broker-nagle]
+    python benchmarks/telemetry.py --opcua [--seconds 20]
 
 The agent runs as its own process (``python -m edge_agent run``) watching 15 points at 100 ms (one
 group: holding 0..8 and input 0..10 of the reference PLC), while this process serves the PLC, moves
@@ -11,6 +12,10 @@ arrives on the broker. Printed:
   * telemetry messages per second, as a subscriber received them;
   * command round trip: `write` published on edge/<gw>/cmd/write -> register written at the PLC
     -> reply received by the sender, median and p99, one command at a time.
+
+``--opcua``: the same watch on the reference OPC UA machine (its own process), where the group is a
+subscription: 9 points sampled every 100 ms, this process writing two of them every 100 ms through
+its own session. Printed: the agent's CPU and RSS, telemetry messages and values per second.
 """
 
 from __future__ import annotations
@@ -52,6 +57,12 @@ WATCH = """  watch:
       actual_tool: 0
       actual_dwell: 0
       cycle_count: 0
+"""
+
+WATCH_OPCUA = """  watch:
+    interval: 0.1
+    full_every: 60
+    points: [setpoint, count, coolant, label, result, cycles, counter, trigger, done]
 """
 
 GW = "bench"
@@ -243,6 +254,99 @@ async def main(seconds: float, commands: int, nodelay: bool, disk: bool) -> None
     )
 
 
+async def main_opcua(seconds: float) -> None:
+    from asyncua import Client, ua
+
+    from edge_agent.instructions.signing import generate_keypair
+    from edge_agent.sim.broker import EmbeddedBroker
+    from edge_agent.sim.opcua_machine import NAMESPACE
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"opc.tcp://127.0.0.1:{port}/edge-agent"
+    broker = EmbeddedBroker()
+    broker.extra_config = "set_tcp_nodelay true\n"
+    await broker.start()
+    line = Line(broker.port)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        pki = str(tmp / "server-pki")
+        machine = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "edge_agent.sim.opcua_machine", "--port", str(port)),
+            *("--pki", pki),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+        )
+        assert machine.stdout is not None
+        if not (await machine.stdout.readline()).startswith(b"ready"):
+            raise RuntimeError("the OPC UA simulator did not start")
+        profile = (REPO / "firmware_profiles" / "reference-opcua.yaml").read_text()
+        profile = profile[: profile.index("\ntelemetry:")] + "\ntelemetry:\n" + WATCH_OPCUA
+        (tmp / "profile.yaml").write_text(profile)
+        _private, public = generate_keypair("mes", tmp)
+        (tmp / "tags").mkdir()
+        config = tmp / "station.yaml"
+        config.write_text(
+            f"gateway_id: {GW}\nstation: st-20\n"
+            f"reader: {{type: simulated, directory: {json.dumps(str(tmp / 'tags'))}}}\n"
+            f"machine: {{profile: profile.yaml, url: {json.dumps(url)}}}\n"
+            f"broker: {{host: 127.0.0.1, port: {broker.port}}}\n"
+            f"trusted_keys: {{mes: {json.dumps(str(public))}}}\n"
+            "log: {level: warning, format: json}\n"
+        )
+        agent = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edge_agent", "run", "-c", str(config), cwd=REPO
+        )
+        try:
+            async with Client(url) as mover:  # the machine's values move every 100 ms
+                idx = await mover.get_namespace_index(NAMESPACE)
+                double = mover.get_node(ua.NodeId("Double", idx))
+                int32 = mover.get_node(ua.NodeId("Int32", idx))
+
+                async def move() -> None:
+                    rng = random.Random(7)
+                    while True:
+                        await double.write_value(
+                            ua.Variant(rng.uniform(0, 500), ua.VariantType.Double)
+                        )
+                        await int32.write_value(
+                            ua.Variant(rng.randint(1, 1000), ua.VariantType.Int32)
+                        )
+                        await asyncio.sleep(0.1)
+
+                moving = asyncio.create_task(move())
+                if not await asyncio.to_thread(line.first.wait, 15):
+                    raise RuntimeError("no telemetry within 15 s")
+                await asyncio.sleep(2)  # warm-up
+                cpu0, msg0, val0 = cpu_seconds(agent.pid), line.telemetry, line.values
+                t0 = time.perf_counter()
+                await asyncio.sleep(seconds)
+                elapsed = time.perf_counter() - t0
+                cpu = cpu_seconds(agent.pid) - cpu0
+                msgs, values = line.telemetry - msg0, line.values - val0
+                mem = memory_mib(agent.pid)
+                moving.cancel()
+        finally:
+            agent.terminate()
+            await asyncio.wait_for(agent.wait(), 20)
+            machine.terminate()
+            await asyncio.wait_for(machine.wait(), 10)
+            line.close()
+            await broker.stop()
+            broker.close()
+
+    print(
+        f"watch                   9 OPC UA points, one subscription, 100 ms, {seconds:.0f} s window"
+    )
+    print(f"agent CPU               {100 * cpu / elapsed:.2f} % of one core")
+    print(f"agent RSS               {mem['VmRSS']:.1f} MiB (peak {mem['VmHWM']:.1f} MiB)")
+    print(
+        f"telemetry messages      {msgs / elapsed:.1f} /s carrying {values / elapsed:.1f} values/s "
+        "(2 points written every 100 ms, a counter every second; no Read requests)"
+    )
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=20.0, help="measurement window")
@@ -255,5 +359,11 @@ if __name__ == "__main__":
     parser.add_argument(
         "--disk-outbox", action="store_true", help="give the agent a state_dir (SQLite outbox)"
     )
+    parser.add_argument(
+        "--opcua", action="store_true", help="watch the reference OPC UA machine by subscription"
+    )
     args = parser.parse_args()
+    if args.opcua:
+        asyncio.run(main_opcua(args.seconds))
+        sys.exit()
     asyncio.run(main(args.seconds, args.commands, not args.broker_nagle, args.disk_outbox))
