@@ -20,7 +20,10 @@ from edge_agent.machine.driver import PushingDriver
 from edge_agent.machine.opcua import OpcUaSettings
 from edge_agent.machine.opcua_client import OpcUaDriver
 from edge_agent.machine.profile import Profile, load_profile
-from tests.fixtures_opcua import OPCUA_PROFILE, OpcUaMachineProcess
+from edge_agent.sim.broker import EmbeddedBroker
+from tests.fixtures_broker import MqttRecorder
+from tests.fixtures_opcua import OPCUA_PROFILE, OpcUaMachineProcess, machine_yaml, opcua_station
+from tests.test_opcua_station import PROCESS, routing
 
 Sent = list[tuple[str, dict[str, Any], int]]
 
@@ -203,3 +206,28 @@ async def test_server_killed_goes_stale_then_recovers_when_it_is_back(
         assert driver.reads == 0
     finally:
         machine.stop()
+
+
+async def test_the_station_publishes_the_reference_profiles_group_over_mqtt(
+    tmp_path: Path,
+    opcua_machine: OpcUaMachineProcess,
+    broker: EmbeddedBroker,
+    recorder: MqttRecorder,
+) -> None:
+    async with opcua_station(tmp_path, broker.port, machine_yaml(opcua_machine.url)) as station:
+        (first,) = await recorder.wait_for("/telemetry/machine", 1)
+        assert first["full"] is True and set(first["values"]) == {"counter", "result", "cycles"}
+        params = {**PROCESS, "setpoint": 33.25}  # result 66.5, new to this machine
+        report = await station.cycle(station.tag(routing(params), done=1))
+        assert report.status == "ok", report.error
+
+        def reported(point: str) -> list[Any]:
+            later = recorder.json("/telemetry/machine")[1:]
+            return [m["values"][point] for m in later if point in m["values"]]
+
+        def result_seen() -> bool:
+            return 66.5 in reported("result") and report.results["cycles"] in reported("cycles")
+
+        await until(result_seen, 3, "the cycle's result as telemetry")
+        status = station.agent.line_status()["telemetry"]["machine"]
+        assert status["quality"] == "good"
