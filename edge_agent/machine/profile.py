@@ -157,7 +157,8 @@ class TelemetryPoint(_Strict):
 
 
 class TelemetryGroup(_Strict):
-    """Points read together every ``interval`` s and reported by exception, one message per read.
+    """Points watched together every ``interval`` s (read on Modbus, subscribed on OPC UA) and
+    reported by exception, one message per read or publish.
 
     Every ``full_every`` s (and after a gap in the data) the report carries every point.
     ``max_gap`` is how many unused addresses a read may bridge to merge requests (Modbus).
