@@ -34,6 +34,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -233,8 +234,11 @@ class ReferenceOpcUaMachine:
 
     async def _set(self, name: str, value: Any, vtype: ua.VariantType) -> None:
         assert self._server is not None
+        # Stamped at the source, as a PLC does: telemetry reports the machine's time of change.
+        now = datetime.now(UTC)
         await self._server.write_attribute_value(
-            self._nodes[name], ua.DataValue(ua.Variant(value, vtype))
+            self._nodes[name],
+            ua.DataValue(ua.Variant(value, vtype), SourceTimestamp=now, ServerTimestamp=now),
         )
 
     def _spawn(self, coro: Any) -> None:
