@@ -23,6 +23,13 @@ class Backoff:
         """Seconds until the next attempt may run (0: now)."""
         return max(0.0, self._retry_at - time.monotonic())
 
+    def waiting(self) -> str | None:
+        """Why no attempt is made now, in words for an error message; None when one may be."""
+        wait = self.remaining()
+        if wait <= 0:
+            return None
+        return f"unreachable, next attempt in {wait:.2f} s (last error: {self.last_error})"
+
     def failed(self, error: str, *, longest: bool = False) -> float:
         """Record a failed attempt; returns the delay before the next one.
 

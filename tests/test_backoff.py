@@ -25,3 +25,14 @@ def test_refusal_waits_longest_and_success_resets() -> None:
     assert b.failed("wrong password", longest=True) >= 24.0
     assert b.succeeded() == 1
     assert b.failures == 0 and b.remaining() == 0.0
+
+
+def test_waiting_says_why_and_for_how_long() -> None:
+    b = Backoff(5.0, 10.0)
+    assert b.waiting() is None
+    b.failed("Connection refused")
+    message = b.waiting()
+    assert message is not None and message.startswith("unreachable, next attempt in ")
+    assert message.endswith("s (last error: Connection refused)")
+    b.succeeded()
+    assert b.waiting() is None

@@ -201,13 +201,9 @@ class ModbusDriver(MachineDriver):
         async with self._connect_lock:
             if self.connected:
                 return
-            wait = self._backoff.remaining()
-            if wait > 0:
-                raise MachineError(
-                    f"unreachable, next attempt in {wait:.2f} s "
-                    f"(last error: {self._backoff.last_error})",
-                    device=self.device,
-                )
+            waiting = self._backoff.waiting()
+            if waiting is not None:
+                raise MachineError(waiting, device=self.device)
             try:
                 await self._open()
             except MachineError as err:
