@@ -32,7 +32,7 @@ PRESS = {"force": 25000, "dwell": 500, "coolant_temp": 21.0}
 @dataclass
 class Station:
     agent: Agent
-    reader: SimulatedReader
+    reader: SimulatedReader  # or the configured reader when running_station(reader=...)
     key: Ed25519PrivateKey
     keyring: KeyRing
     tmp: Path
@@ -68,12 +68,18 @@ class Station:
 
 
 def write_config(
-    tmp: Path, plc_port: int, broker_port: int, *, station: str = "st-20", extra: str = ""
+    tmp: Path,
+    plc_port: int,
+    broker_port: int,
+    *,
+    station: str = "st-20",
+    extra: str = "",
+    reader: str = "{type: simulated}",
 ) -> Path:
     _private, public = generate_keypair("mes", tmp)
     path = tmp / "station.yaml"
     path.write_text(
-        f"gateway_id: gw-test\nstation: {station}\nreader: {{type: simulated}}\n"
+        f"gateway_id: gw-test\nstation: {station}\nreader: {reader}\n"
         f"machine: {{profile: {json.dumps(str(PROFILE))}, host: 127.0.0.1, port: {plc_port}, timeout: 0.5, reconnect_max: 0.5}}\n"
         f"broker: {{host: 127.0.0.1, port: {broker_port}, reconnect_min: 0.05, reconnect_max: 0.3}}\n"
         f"trusted_keys: {{mes: {json.dumps(str(public))}}}\n{extra}"
@@ -85,10 +91,13 @@ def write_config(
 async def running_station(
     tmp: Path, plc_port: int, broker_port: int, **kw: str
 ) -> AsyncIterator[Station]:
+    """A station from a real config. With ``reader=`` (YAML of the reader section) the agent opens
+    that reader itself (nfc, autoid); otherwise ``station.reader`` is a SimulatedReader."""
     path = write_config(tmp, plc_port, broker_port, **kw)
     config = load_config(path)
-    reader = SimulatedReader()
-    agent = Agent(config, reader=reader)
+    simulated = SimulatedReader() if "reader" not in kw else None
+    agent = Agent(config, reader=simulated)
+    reader = simulated if simulated is not None else agent.reader
     key = load_private_key(tmp / "mes.key")
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.errors import ConfigError
 from edge_agent.instructions.model import Step
-from edge_agent.instructions.signing import KeyRing, load_private_key
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.ntag import NtagImage, NtagSimulator
 from edge_agent.sim.reference_plc import ReferencePlc as Plc
@@ -23,7 +21,7 @@ from edge_agent.tag.presence import ReturnFilter
 from edge_agent.tag.reader import ScanEvent, ScanKind
 from edge_agent.tag.registry import create_reader
 from tests.fixtures_nfc import UID, image, traveler
-from tests.station_harness import DRILL, PRESS, Station, write_config
+from tests.station_harness import DRILL, PRESS, Station, running_station, write_config
 
 OTHER = bytes.fromhex("04998877665544")
 
@@ -101,22 +99,12 @@ async def station(
     tmp_path: Path, plc: Plc, broker: EmbeddedBroker, on_return: str
 ) -> AsyncIterator[tuple[Station, NtagSimulator]]:
     with NtagSimulator() as sim:
-        path = write_config(tmp_path, plc.port, broker.port)
         reader = (
             f"{{type: nfc, device: '{sim.device}', targets: [106A], poll_interval: 0.02,"
             f" on_return: {on_return}}}"
         )
-        path.write_text(path.read_text().replace("reader: {type: simulated}", f"reader: {reader}"))
-        agent = Agent(load_config(path))
-        key = load_private_key(tmp_path / "mes.key")
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        try:
-            await agent.uplink.wait_connected(5)
-            yield Station(agent, None, key, KeyRing({"mes": key.public_key()}), tmp_path), sim  # type: ignore[arg-type]
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 20)
+        async with running_station(tmp_path, plc.port, broker.port, reader=reader) as station:
+            yield station, sim
 
 
 async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -8,17 +8,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from edge_agent.agent import Agent
-from edge_agent.config import load_config
 from edge_agent.demo import DemoOptions, run_demo
 from edge_agent.instructions.format import decode_tag
 from edge_agent.instructions.model import Step
-from edge_agent.instructions.signing import KeyRing, load_private_key
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.ntag import NtagImage, NtagSimulator
 from edge_agent.sim.reference_plc import ReferencePlc as Plc
 from edge_agent.tag.nfc import NfcReader
-from tests.station_harness import DRILL, PRESS, Station, write_config
+from tests.station_harness import DRILL, PRESS, Station, running_station
 
 
 async def test_demo_nfc_writes_progress_back_and_reads_it_back() -> None:
@@ -38,21 +35,10 @@ async def nfc_station(
 ) -> AsyncIterator[tuple[Station, NtagSimulator]]:
     """A station whose config names an nfc reader on the NTAG simulator's udp port."""
     with NtagSimulator() as sim:
-        path = write_config(tmp_path, plc.port, broker.port)
         reader = f"{{type: nfc, device: '{sim.device}', targets: [106A], poll_interval: 0.02}}"
-        path.write_text(path.read_text().replace("reader: {type: simulated}", f"reader: {reader}"))
-        agent = Agent(load_config(path))
-        assert isinstance(agent.reader, NfcReader)
-        key = load_private_key(tmp_path / "mes.key")
-        keyring = KeyRing({"mes": key.public_key()})
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        try:
-            await agent.uplink.wait_connected(5)
-            yield Station(agent, None, key, keyring, tmp_path), sim  # type: ignore[arg-type]
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 20)
+        async with running_station(tmp_path, plc.port, broker.port, reader=reader) as station:
+            assert isinstance(station.agent.reader, NfcReader)
+            yield station, sim
 
 
 def ntag(station: Station, steps: list[Step], uid: bytes) -> NtagImage:

@@ -9,19 +9,16 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from edge_agent.agent import Agent
-from edge_agent.config import load_config
 from edge_agent.errors import TagIOError
 from edge_agent.instructions.format import decode_tag, update_progress
 from edge_agent.instructions.model import Step, StepRecord, StepStatus
-from edge_agent.instructions.signing import KeyRing, load_private_key
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc as Plc
 from edge_agent.sim.type4 import Type4Image, Type4Simulator
 from edge_agent.tag.nfc import NfcReader
 from edge_agent.tag.reader import ScanKind
 from tests.fixtures_nfc import KEYRING, next_event, traveler
-from tests.station_harness import DRILL, PRESS, Station, write_config
+from tests.station_harness import DRILL, PRESS, running_station
 
 UID = bytes.fromhex("04C1D2E3F40516")
 
@@ -158,24 +155,15 @@ async def test_station_runs_a_cycle_on_a_type4_tag_and_writes_progress_back(
     tmp_path: Path, reference_plc: Plc, broker: EmbeddedBroker
 ) -> None:
     with Type4Simulator() as sim:
-        path = write_config(tmp_path, reference_plc.port, broker.port)
         reader = f"{{type: nfc, device: '{sim.device}', targets: [106A], poll_interval: 0.02}}"
-        path.write_text(path.read_text().replace("reader: {type: simulated}", f"reader: {reader}"))
-        agent = Agent(load_config(path))
-        key = load_private_key(tmp_path / "mes.key")
-        keyring = KeyRing({"mes": key.public_key()})
-        station = Station(agent, None, key, keyring, tmp_path)  # type: ignore[arg-type]
-        steps = [Step("drill", DRILL, "st-20"), Step("press", PRESS, "st-30")]
-        tag = type4(station.tag(steps, uid=UID).message)
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        try:
-            await agent.uplink.wait_connected(5)
+        async with running_station(
+            tmp_path, reference_plc.port, broker.port, reader=reader
+        ) as station:
+            steps = [Step("drill", DRILL, "st-20"), Step("press", PRESS, "st-30")]
+            tag = type4(station.tag(steps, uid=UID).message)
             sim.present(tag)
-            report = await asyncio.wait_for(agent.reports.get(), 10)
-        finally:
-            stop.set()
-            await asyncio.wait_for(task, 20)
+            report = await asyncio.wait_for(station.agent.reports.get(), 10)
+            keyring = station.keyring
     assert (report.status, report.tag_write, report.step and report.step["index"]) == (
         "ok",
         "ok",
