@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     _log_options(demo, default_level="warning")
     demo.set_defaults(func=cmd_demo)
 
-    from .cli_tag import register
+    from . import cli_profile, cli_tag
 
-    register(sub)
+    cli_tag.register(sub)
+    cli_profile.register(sub)
     return parser
 
 
