@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, PartRejected, TagIOError
-from .instructions.format import (
+from .instructions.codec import (
     DEFAULT_TAG,
     TAG_CAPACITY,
     TagContents,

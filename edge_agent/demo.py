@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from .agent import Agent
 from .config import load_config
 from .errors import PartRejected
-from .instructions.format import TAG_CAPACITY, decode_tag, encode_tag, update_progress
+from .instructions.codec import TAG_CAPACITY, decode_tag, encode_tag, update_progress
 from .instructions.model import Step, StepRecord, StepStatus
 from .instructions.recipe import Recipe
 from .instructions.signing import KeyRing, generate_keypair, load_private_key

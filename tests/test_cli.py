@@ -67,7 +67,7 @@ async def test_run_daemon_end_to_end_and_sigterm(
     tmp_path: Path, reference_plc: object, broker: EmbeddedBroker, recorder: MqttRecorder
 ) -> None:
     """`edge-agent run` with a directory reader: drop a tag file, get a report, SIGTERM, offline."""
-    from edge_agent.instructions.format import TAG_CAPACITY, decode_tag, encode_tag, update_progress
+    from edge_agent.instructions.codec import TAG_CAPACITY, decode_tag, encode_tag, update_progress
     from edge_agent.instructions.model import Step, StepRecord, StepStatus
     from edge_agent.instructions.recipe import Recipe
     from edge_agent.instructions.signing import KeyRing, load_private_key

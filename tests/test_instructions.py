@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.errors import PartRejected
-from edge_agent.instructions.format import (
+from edge_agent.instructions.codec import (
     PROGRESS_TYPE,
     SIGNING_CONTEXT,
     TAG_CAPACITY,

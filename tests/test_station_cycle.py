@@ -11,7 +11,7 @@ import ndef
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.instructions.format import TRAVELER_TYPE, decode_tag
+from edge_agent.instructions.codec import TRAVELER_TYPE, decode_tag
 from edge_agent.instructions.model import Step, StepStatus
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.tag.simulated import SimulatedTag

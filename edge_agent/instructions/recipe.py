@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from ..yamlfile import load_yaml, validate
-from .format import MAX_PARAMS, MAX_STEPS, name_problem, text_problem, value_problem
+from .limits import MAX_PARAMS, MAX_STEPS, name_problem, text_problem, value_problem
 from .model import Step
 
 

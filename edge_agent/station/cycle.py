@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from ..errors import MachineError, MachineFault, PartRejected, TagIOError
-from ..instructions.format import TagContents, decode_tag, update_progress
+from ..instructions.codec import TagContents, decode_tag, update_progress
 from ..instructions.model import ParamValue, Step, StepRecord, StepStatus
 from ..instructions.signing import KeyRing
 from ..machine.driver import MachineDriver, RawValue
