@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import PartRejected
-from .limits import CRC_SIZE, MAX_SEQ, REF_SIZE, check_uid, reject, uid_hex
+from .limits import CRC_SIZE, MAX_MESSAGE, MAX_SEQ, REF_SIZE, check_uid, reject, uid_hex
 from .model import Progress, Traveler
 from .ndef_v1 import (
     DEFAULT_TAG,
@@ -76,7 +76,16 @@ def decode_tag(message: bytes, uid: bytes, keyring: KeyRing) -> TagContents:
     traveler = decode_traveler(payloads[0], uid, keyring)
     ref = traveler.digest[:REF_SIZE]
     slots = (payloads[1], payloads[2])
-    found = [read_slot(slot, ref, len(traveler.steps)) for slot in slots]
+    steps, size = len(traveler.steps), len(slots[0])
+    if size < (needed := full_progress_size(steps)):
+        # Otherwise the machine would run and the write-back fail: the step would run again.
+        raise reject(
+            "malformed_ndef",
+            uid,
+            f"progress slots of {size} bytes cannot record the {steps} steps of this traveler "
+            f"(a record on every step needs {needed})",
+        )
+    found = [read_slot(slot, ref, steps) for slot in slots]
     valid = [(p.seq, -i, i) for i, (p, _) in enumerate(found) if p is not None]
     if not valid:
         why = "; ".join(f"slot {'AB'[i]}: {note}" for i, (_, note) in enumerate(found))
@@ -121,18 +130,21 @@ def encode_tag(
     traveler_size = record_size(len(traveler_payload), TRAVELER_TYPE)
     needed_slot = full_progress_size(len(recipe.steps))
     needed = traveler_size + 2 * record_size(needed_slot, PROGRESS_TYPE)
-    if traveler_size > capacity:
+    # The format bounds a message at MAX_MESSAGE bytes whatever the tag holds.
+    room = min(capacity, MAX_MESSAGE)
+    holds = f"the tag holds {capacity}" if room == capacity else f"a message holds at most {room}"
+    if traveler_size > room:
         raise ValueError(
-            f"traveler record is {traveler_size} bytes, the tag holds {capacity}: "
-            f"{traveler_size - capacity} bytes over (and 2 progress slots need "
+            f"traveler record is {traveler_size} bytes, {holds}: "
+            f"{traveler_size - room} bytes over (and 2 progress slots need "
             f"{needed - traveler_size} more)"
         )
-    if needed > capacity:
+    if needed > room:
         raise ValueError(
             f"traveler ({traveler_size} bytes) and two progress slots of {needed_slot} bytes "
-            f"need {needed} bytes, the tag holds {capacity}: {needed - capacity} bytes over"
+            f"need {needed} bytes, {holds}: {needed - room} bytes over"
         )
-    slot = slot_size(capacity - traveler_size)
+    slot = slot_size(room - traveler_size)
     ref = digest[:REF_SIZE]
     message = build_message(
         traveler_payload, slot_payload(progress_cbor(0, ref, ()), slot), bytes(slot)

@@ -28,9 +28,13 @@ UID_SIZES = range(4, 11)  # ISO 14443 UIDs are 4, 7 or 10 bytes; FeliCa IDm 8
 SIGNATURE_SIZE = 64
 REF_SIZE = 4
 CRC_SIZE = 4
-SIZING_STATION_CHARS = 8  # a slot must hold a full progress with station ids this long
+# A station id, in a step and in a progress record, follows the rule of the agent's `station`
+# setting: then a slot sized for records of MAX_STATION characters holds every possible progress.
+MAX_STATION = 8
+SIZING_STATION_CHARS = MAX_STATION
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*\Z")  # operations and parameter names
+STATION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
 
 
 def uid_hex(uid: bytes) -> str:
@@ -67,6 +71,14 @@ def name_problem(value: object) -> str | None:
     problem = text_problem(value, MAX_NAME)
     if problem is None and isinstance(value, str) and not NAME_PATTERN.match(value):
         problem = "must be lower case letters, digits and _ (starting with a letter)"
+    return problem
+
+
+def station_problem(value: object) -> str | None:
+    """Why ``value`` is not a station id (a step's station, a record's station), or None."""
+    problem = text_problem(value, MAX_STATION)
+    if problem is None and isinstance(value, str) and not STATION_PATTERN.match(value):
+        problem = "must be letters, digits, _ . and - (starting with a letter or digit)"
     return problem
 
 

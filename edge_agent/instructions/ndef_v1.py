@@ -72,13 +72,28 @@ def _split_v1(message: bytes) -> tuple[bytes, bytes, bytes] | None:
 
 def split_records(message: bytes, uid: bytes) -> tuple[bytes, bytes, bytes]:
     """The traveler and slot payloads, or PartRejected saying how the message is not v1."""
+    if len(message) > MAX_MESSAGE:  # before anything else, whatever the layout
+        raise reject(
+            "malformed_ndef",
+            uid,
+            f"NDEF message of {len(message)} bytes is too large (at most {MAX_MESSAGE})",
+        )
     payloads = _split_v1(message)
-    if payloads is not None:  # the common case: exactly our layout, no need for ndeflib
-        return payloads
+    if payloads is None:  # not exactly our layout: ndeflib says how
+        payloads = _explain(message, uid)
+    a, b = len(payloads[1]), len(payloads[2])
+    if a != b:  # a rewrite would change the message length, which tear safety rules out
+        raise reject(
+            "malformed_ndef",
+            uid,
+            f"progress slots must be of equal size: slot A holds {a} bytes, slot B {b}",
+        )
+    return payloads
+
+
+def _explain(message: bytes, uid: bytes) -> tuple[bytes, bytes, bytes]:
     if not message:
         raise reject("no_traveler", uid, "the tag holds an empty NDEF message (blank tag?)")
-    if len(message) > MAX_MESSAGE:
-        raise reject("malformed_ndef", uid, f"NDEF message of {len(message)} bytes is too large")
     try:
         # known_types={}: do not let ndeflib interpret payloads (URIs, Wi-Fi, ...) of foreign records.
         import ndef  # only to explain input that is not in our layout; it costs ~1.5 MiB

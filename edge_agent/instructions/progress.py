@@ -13,10 +13,10 @@ from .limits import (
     MAX_TIME,
     REF_SIZE,
     SIZING_STATION_CHARS,
-    text_problem,
+    station_problem,
 )
 from .model import Progress, StepRecord, StepStatus
-from .traveler import int_field, text_field
+from .traveler import int_field, station_field
 
 _STATUS_CODES = {StepStatus.OK: 0, StepStatus.FAILED: 1}
 _STATUS_BY_CODE = {code: status for status, code in _STATUS_CODES.items()}
@@ -36,6 +36,8 @@ def read_slot(payload: bytes, ref: bytes, step_count: int) -> tuple[Progress | N
         if any(data[end:]):
             raise Malformed("non-zero padding")
         value = loads(data[:end])
+        if dumps(value) != data[:end]:
+            raise Malformed("progress is not canonical CBOR")
         if not isinstance(value, list) or len(value) != 4:
             raise Malformed("not [version, seq, traveler ref, records]")
         version, seq, slot_ref, raw_records = value
@@ -63,7 +65,7 @@ def _parse_record(raw: object) -> StepRecord | None:
         raise Malformed(f"unknown step status {status!r}")
     return StepRecord(
         status=_STATUS_BY_CODE[status],
-        station=text_field(station, "station"),
+        station=station_field(station, "station"),
         time=int_field(at, "time", 0, MAX_TIME),
     )
 
@@ -75,7 +77,7 @@ def check_records(records: Sequence[StepRecord | None], step_count: int) -> None
     for i, record in enumerate(records):
         if record is None:
             continue
-        if problem := text_problem(record.station):
+        if problem := station_problem(record.station):
             raise ValueError(f"record for step {i + 1}: station {problem}")
         if type(record.time) is not int or not 0 <= record.time <= MAX_TIME:
             raise ValueError(f"record for step {i + 1}: time must be unix seconds in 0..{MAX_TIME}")

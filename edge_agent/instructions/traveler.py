@@ -23,6 +23,7 @@ from .limits import (
     UID_SIZES,
     name_problem,
     reject,
+    station_problem,
     text_problem,
     uid_hex,
     value_problem,
@@ -186,6 +187,27 @@ def text_field(value: object, what: str, max_len: int = MAX_TEXT) -> str:
     return value
 
 
+def station_field(value: object, what: str) -> str:
+    problem = station_problem(value)
+    if problem:
+        raise Malformed(f"{what} {cbor_text(value)} {problem}")
+    assert isinstance(value, str)
+    return value
+
+
+def cbor_text(value: object) -> str:
+    """``value`` as CBOR diagnostic notation writes it, for messages: true, null, 5.0, "st-20"."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return '"' + value[:40].encode("unicode_escape").decode("ascii") + '"'
+    if isinstance(value, bytes):
+        return f"h'{value[:40].hex()}'"
+    return repr(value)[:40]
+
+
 def int_field(value: object, what: str, low: int, high: int) -> int:
     if type(value) is not int or not low <= value <= high:
         raise Malformed(f"{what} must be an integer in {low}..{high}")
@@ -196,6 +218,9 @@ def _parse_body(body: bytes, key_id: str, digest: bytes) -> Traveler:
     fields = decode_exact(body, "traveler body")
     if not isinstance(fields, dict):
         raise Malformed("must be a map")
+    for key in fields:  # `true` or `5.0` would pass for 1 and 5 in a dict: a second encoding
+        if type(key) is not int:
+            raise Malformed(f"field key {cbor_text(key)} is not an unsigned integer")
     keys = set(fields)
     if not keys <= _ALL_KEYS:  # unknown keys may change meaning: a new field needs a new version
         raise Malformed(f"unknown field keys {sorted(map(repr, keys - _ALL_KEYS))}")
@@ -219,6 +244,8 @@ def _parse_body(body: bytes, key_id: str, digest: bytes) -> Traveler:
     if len({n for s in steps for n in s.parameters}) != len(names):
         raise Malformed("parameter names table lists names no step uses")
     lot = fields.get(K_LOT)
+    if K_LOT in fields and lot is None:
+        raise Malformed(f"material lot is null: key {K_LOT} is left out when there is no lot")
     return Traveler(
         part_id=text_field(fields[K_PART], "part id"),
         product=text_field(fields[K_PRODUCT], "product"),
@@ -245,7 +272,10 @@ def _parse_step(raw: object, index: int, names: list[str]) -> Step:
     parameters: dict[str, ParamValue] = {}
     for name_index, value in params.items():
         if type(name_index) is not int or not 0 <= name_index < len(names):
-            raise Malformed(f"{where} parameter key must index the parameter names")
+            raise Malformed(
+                f"{where} parameter key {cbor_text(name_index)} is not an index into the "
+                f"{len(names)} parameter names"
+            )
         name = names[name_index]
         if problem := value_problem(value):
             raise Malformed(f"{where} parameter {name}: {problem}")
@@ -253,5 +283,5 @@ def _parse_step(raw: object, index: int, names: list[str]) -> Step:
     return Step(
         operation=operation,
         parameters=parameters,
-        station=None if station is None else text_field(station, f"{where} station"),
+        station=None if station is None else station_field(station, f"{where} station"),
     )
