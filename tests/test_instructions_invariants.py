@@ -8,6 +8,7 @@ traveler. Each case is built here as bytes, the way another implementation of th
 from __future__ import annotations
 
 import hashlib
+import random
 import struct
 import zlib
 from pathlib import Path
@@ -25,7 +26,9 @@ from edge_agent.instructions.codec import (
     TRAVELER_TYPE,
     decode_tag,
     full_progress_size,
+    update_progress,
 )
+from edge_agent.instructions.model import Progress, StepRecord, StepStatus
 from edge_agent.instructions.signing import KeyRing
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.tag.simulated import SimulatedTag
@@ -280,3 +283,106 @@ async def test_a_tag_that_breaks_an_invariant_never_moves_the_machine(
     report = await station.cycle(part)
     assert report.status == "ok" and report.tag_write == "ok", report.error
     assert decode_tag(part.message, uid, station.keyring).progress.done(0)
+
+
+# ---- seeded fuzzing of the invariants --------------------------------------------------------------
+
+STATIONS = ["st-20", "x" * 8, None]
+BAD_STATIONS = ["x" * 9, "", "a b", "-st", "st\u00e9"]
+NEW_CHECKS = (
+    "cannot record the",
+    "must be of equal size",
+    "material lot is null",
+    "is not an unsigned integer",
+    "station",
+)
+
+
+def _station(rng: random.Random) -> str | None:
+    return rng.choice(STATIONS if rng.random() < 0.95 else BAD_STATIONS)
+
+
+def _random_steps(rng: random.Random) -> list[tuple[str, dict[str, Any], str | None]]:
+    params: list[dict[str, Any]] = [{}, {"depth": 12.5}, {"depth": 1, "tool": True, "label": "ab"}]
+    return [
+        (rng.choice(["drill", "mill"]), rng.choice(params), _station(rng))
+        for _ in range(rng.randrange(1, 5))
+    ]
+
+
+def _random_body(rng: random.Random, steps: list[Any]) -> dict[Any, Any]:
+    fields = body(steps)
+    roll = rng.random()
+    if roll < 0.1:
+        fields[4] = rng.choice([None, "LOT-1", "", 7])
+    elif roll < 0.2:  # a key spelled another way
+        key = rng.choice([0, 1, 2, 3, 5])
+        other: Any = rng.choice([bool(key) if key < 2 else float(key), float(key), str(key)])
+        fields[other] = fields.pop(key)
+    return fields
+
+
+def _random_slot(rng: random.Random, ref: bytes, steps: int, size: int) -> bytes:
+    roll = rng.random()
+    if roll < 0.1 or size < 5:
+        return bytes(max(size, 0))
+    if roll < 0.15:
+        return rng.randbytes(size)
+    records = [
+        None if rng.random() < 0.2 else [rng.choice([0, 1, 1, 2]), _station(rng), 2**32 - 1]
+        for _ in range(rng.randrange(steps + 1 + (rng.random() < 0.05)))
+    ]
+    slot_ref = ref if rng.random() < 0.95 else b"abcd"
+    data = cbor2.dumps([1, rng.randrange(3), slot_ref, records], canonical=True)
+    if rng.random() < 0.05:  # the same value, seq spelled in 4 bytes: not canonical
+        data = data[:2] + b"\x1a" + data[2:3].rjust(4, b"\0") + data[3:]
+    if len(data) + 4 > size:
+        return rng.randbytes(size)
+    return slot(ref, size, data)
+
+
+def _check_recordable(contents: Any) -> None:
+    """What the invariants promise: any station can record any step, the message length fixed."""
+    steps = len(contents.traveler.steps)
+    assert len(contents.message) <= 8192
+    assert len(contents.slot_payloads[0]) == len(contents.slot_payloads[1])
+    worst = StepRecord(StepStatus.FAILED, "x" * 8, 2**32 - 1)
+    for i in range(steps):
+        progress = contents.progress.with_record(i, worst, steps)
+        assert len(update_progress(contents, progress)) == len(contents.message)
+    everything = Progress(records=(worst,) * steps)
+    assert len(update_progress(contents, everything)) == len(contents.message)
+
+
+def test_random_tags_are_either_rejected_or_recordable() -> None:
+    rng = random.Random(20261201)
+    accepted = 0
+    refusals: set[str] = set()
+    for _ in range(1200):
+        steps = _random_steps(rng)
+        payload, ref = traveler(_random_body(rng, steps))
+        full = full_progress_size(len(steps))
+        size_a = rng.choice([full - 1, full, full, full + 1, full + 40, rng.randrange(0, 300)])
+        size_b = size_a if rng.random() < 0.9 else rng.randrange(0, 300)
+        data = message(
+            payload,
+            _random_slot(rng, ref, len(steps), size_a),
+            _random_slot(rng, ref, len(steps), size_b),
+        )
+        mutation = rng.random()
+        if mutation < 0.1:
+            data = data[: rng.randrange(len(data))]
+        elif mutation < 0.2:
+            flipped = bytearray(data)
+            flipped[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            data = bytes(flipped)
+        try:
+            contents = decode_tag(data, UID, KEYRING)
+        except PartRejected as err:
+            assert str(err).startswith(f"tag {UID.hex().upper()}: ")
+            refusals.update(w for w in NEW_CHECKS if w in str(err))
+            continue
+        accepted += 1
+        _check_recordable(contents)
+    assert accepted > 300, "the generator must also make valid tags, or it tests nothing"
+    assert refusals == set(NEW_CHECKS), "every invariant was broken at least once"
