@@ -15,7 +15,7 @@ notifications, not by polling.
 
 Connection policy: when the connection is lost (server restart, network), whatever is in flight
 fails at once with a MachineError (the cycle is reported failed, never repeated), and a supervisor
-reconnects with capped exponential backoff, resolving nodes anew (a restarted server may number its
+(``link.Link``) reconnects with capped exponential backoff, resolving nodes anew (a restarted server may number its
 namespaces differently) and re-creating the subscription. asyncua's own reconnect is off: it
 would reuse the old node ids.
 """
@@ -36,8 +36,8 @@ import structlog
 from asyncua import Client, Node, ua
 from asyncua.crypto import security_policies
 
-from ..backoff import Backoff
 from ..errors import ConfigProblem, MachineError, MachineFault
+from ..link import Link, LinkWaiting
 from ..yamlfile import load_yaml
 from . import codec
 from .driver import MachineDriver, RawValue, points_of, show_value, values_equal
@@ -158,8 +158,10 @@ class OpcUaDriver(MachineDriver):
         self._tick = asyncio.Event()  # set (and replaced) on every data change
         self._lost = asyncio.Event()  # set when this connection is lost
         self._connect_lock = asyncio.Lock()
-        self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
-        self._refusal = False  # the last failure was the server or the profile saying no
+        # A wrong password, an untrusted certificate, a profile mismatch: the link waits longest.
+        self._link = Link(
+            "machine", self.device, settings.reconnect_min, settings.reconnect_max, logger=log
+        )
         self.mismatch: MachineMismatch | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
@@ -179,45 +181,30 @@ class OpcUaDriver(MachineDriver):
         async with self._connect_lock:
             if self.connected:
                 return
-            waiting = self._backoff.waiting()
-            if waiting is not None:
-                raise MachineError(waiting, device=self.device, retryable=not self._refusal)
             try:
-                await self._open()
-            except MachineError as err:
-                if isinstance(err, MachineMismatch):
-                    self.mismatch = err  # parts are refused until the server matches again
-                # A wrong password, an untrusted certificate, a profile mismatch: wait longest.
-                self._refusal = not err.retryable
-                error = str(err).removeprefix(f"{self.device}: ")
-                self._backoff.failed(error, longest=self._refusal)
+                await self._link.attempt(self._open)
+            except LinkWaiting as err:
+                retryable = not self._link.refused
+                raise MachineError(str(err), device=self.device, retryable=retryable) from None
+            except MachineMismatch as err:
+                self.mismatch = err  # parts are refused until the server matches again
                 raise
-            failures = self._backoff.succeeded()
-            if failures:
-                log.warning("machine reachable again", device=self.device, attempts=failures)
-            self._refusal = False
+            self.sessions += 1
+
+    def attempt_now(self) -> None:
+        self._link.attempt_now()
 
     async def _supervise(self) -> None:
         """Reconnect in the background, so that the next part finds the session ready."""
-        warned = False
-        while not self._closed:
-            if self.connected:
-                warned = False
-                await self._lost.wait()
-                log.warning("connection to the machine lost; reconnecting", device=self.device)
-                await self._drop()
-                continue
-            await asyncio.sleep(self._backoff.remaining())
-            try:
-                await self.connect()
-            except MachineError as err:
-                if not warned:
-                    log.warning(
-                        "machine not reachable; retrying", device=self.device, error=str(err)
-                    )
-                    warned = True
+        await self._link.run(self._hold)
 
-    async def _open(self) -> None:
+    async def _hold(self) -> None:
+        await self.connect()
+        await self._lost.wait()
+        await self._drop()
+
+    async def _open(self) -> dict[str, Any]:
+        """Open a session and check the address space; returns fields for the log line."""
         s = self.settings
         started = time.perf_counter()
         await self._drop()
@@ -254,13 +241,11 @@ class OpcUaDriver(MachineDriver):
         self._client, self._lost = client, lost
         self.mismatch = None
         self.connect_ms = (time.perf_counter() - started) * 1000
-        log.info(
-            "connected",
-            device=self.device,
-            security=f"{s.security.policy}/{s.security.mode}",
-            identity=s.identity,
-            ms=round(self.connect_ms, 1),
-        )
+        return {
+            "security": f"{s.security.policy}/{s.security.mode}",
+            "identity": s.identity,
+            "ms": round(self.connect_ms, 1),
+        }
 
     async def _select_endpoint(self, client: Client) -> ua.EndpointDescription:
         sec = self.settings.security
@@ -314,6 +299,7 @@ class OpcUaDriver(MachineDriver):
 
     async def close(self) -> None:
         self._closed = True
+        self._link.stop()
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             supervisor.cancel()
@@ -733,7 +719,7 @@ class OpcUaDriver(MachineDriver):
 
     def latest(self, points: Sequence[str]) -> tuple[dict[str, Any], float] | None:
         if not self.connected:
-            error = self._backoff.last_error or "connection lost"
+            error = self._link.last_error or "connection lost"
             raise MachineError(f"no session ({error})", device=self.device)
         if any(n not in self._values for n in points):
             return None

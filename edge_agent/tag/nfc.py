@@ -1,7 +1,7 @@
 """NFC readers through nfcpy: ``reader: {type: nfc, device: usb | usb:VID:PID | tty:USB0:pn532 | udp:HOST:PORT}``.
 
-nfcpy is blocking, so one thread owns the reader: it opens the device (retrying with capped
-backoff while it is absent), senses, activates the tag in the field, holds it while it stays and
+nfcpy is blocking, so one thread owns the reader: it opens the device (``link.Link`` retries with
+capped backoff while it is absent), senses, activates the tag in the field, holds it while it stays and
 serves ReadTag/WriteTag requests from the event loop through a queue. Results and scan events go
 back with ``call_soon_threadsafe``. Tag I/O never happens outside that thread.
 
@@ -32,6 +32,7 @@ from typing import Any
 import structlog
 
 from ..errors import TagIOError
+from ..link import Link
 from .reader import ScanEvent, ScanKind, TagReader
 
 log = structlog.get_logger("reader.nfc")
@@ -96,6 +97,14 @@ class NfcReader(TagReader):
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self._opener = opener
+        self._link = Link(
+            "nfc reader",
+            device,
+            backoff_min,
+            backoff_max,
+            logger=log,
+            context=lambda: {"reader": name},
+        )
         self._events: asyncio.Queue[ScanEvent | None] = asyncio.Queue()
         self._requests: queue.Queue[_Request] = queue.Queue()
         self._stopping = threading.Event()
@@ -152,51 +161,26 @@ class NfcReader(TagReader):
     # ------------------------------------------------------------------ the reader thread
 
     def _run(self) -> None:
-        delay, failures = self.backoff_min, 0
-        while not self._stopping.is_set():
-            try:
-                clf = self._opener(self.device)
-            except (OSError, ValueError, TypeError) as err:
-                failures += 1
-                # WARNING once, then DEBUG: an absent reader must not flood the log at 3 a.m.
-                level = log.warning if failures == 1 else log.debug
-                level(
-                    "nfc reader not available; retrying",
-                    reader=self.name,
-                    device=self.device,
-                    error=str(err) or type(err).__name__,
-                    retry_in_s=delay,
-                )
-                self._stopping.wait(delay)
-                delay = min(delay * 2, self.backoff_max)
-                continue
-            if failures:
-                log.info("nfc reader recovered", reader=self.name, device=self.device)
-            else:
-                log.info("nfc reader opened", reader=self.name, device=self.device)
-            delay, failures = self.backoff_min, 0
+        self._link.run_blocking(self._session, self._stopping)
+
+    def _session(self) -> None:
+        """Open the reader and scan until it fails; the link logs and paces the attempts."""
+        clf = self._opener(self.device)
+        try:
+            self._link.up()
             self.connected.set()
-            try:
-                self._scan(clf)
-            except OSError as err:  # unplugged: nfcpy's drivers raise IOError from the device
-                failures = 1
-                log.warning(
-                    "nfc reader lost; retrying",
-                    reader=self.name,
-                    device=self.device,
-                    error=str(err) or type(err).__name__,
-                )
-            except Exception:  # a bug here or in nfcpy must not end the thread: reopen and go on
-                failures = 1
-                log.exception("nfc reader failed; reopening", reader=self.name, device=self.device)
-            finally:
-                self.connected.clear()
-                self._leave()
-                self._fail_pending(f"reader {self.name} ({self.device}) is not available")
-                with contextlib.suppress(Exception):
-                    clf.close()
-            if failures:
-                self._stopping.wait(delay)
+            self._scan(clf)
+        except OSError:  # unplugged: nfcpy's drivers raise IOError from the device
+            raise
+        except Exception:  # a bug here or in nfcpy must not end the thread: reopen and go on
+            log.exception("nfc reader failed; reopening", reader=self.name, device=self.device)
+            raise
+        finally:
+            self.connected.clear()
+            self._leave()
+            self._fail_pending(f"reader {self.name} ({self.device}) is not available")
+            with contextlib.suppress(Exception):
+                clf.close()
 
     def _scan(self, clf: Any) -> None:
         import nfc.clf
