@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
+from edge_agent.sim.reference_plc import ReferencePlc
 from edge_agent.station.cycle import CycleReport
 from tests.fixtures_broker import MqttRecorder
 from tests.fixtures_opcua import OpcUaMachineProcess, machine_yaml, opcua_station
-from tests.station_harness import Station
+from tests.station_harness import DRILL, Station, running_station
 from tests.test_opcua_station import PROCESS, routing
 
 # Far longer than the test: without the attempt a part makes, the machine stays unused.
@@ -117,3 +119,32 @@ async def test_parts_in_an_outage_are_refused_untouched_and_the_first_after_it_r
         assert "failed" not in {r["status"] for r in reports}
     finally:
         machine.stop()
+
+
+async def test_modbus_plc_stopped_parts_refused_untouched_then_the_next_part_runs(
+    tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker
+) -> None:
+    steps = [Step("drill", DRILL, "st-10"), Step("drill", DRILL, "st-20")]
+    off = "telemetry: {enabled: false}\n"  # only parts talk to the PLC here
+    async with running_station(tmp_path, reference_plc.port, broker.port, extra=off) as station:
+        driver = station.agent.driver
+        for n in range(1, 5):
+            if n == 2:
+                await reference_plc.stop()
+                while driver.connected:  # noqa: ASYNC110 (noticed from the socket)
+                    await asyncio.sleep(0.01)
+            tag = station.tag(steps, done=1, uid=bytes([4, 1, 0, 0, 0, 0, n]))
+            before = tag.message
+            report = await station.cycle(tag)
+            if n == 1:
+                assert report.status == "ok", report.error
+            else:
+                assert_refused_untouched(Presented(report, before, tag.message))
+        assert "modbus 127.0.0.1" in (report.error or "")  # names the device
+
+        await reference_plc.start(reference_plc.host, reference_plc.port)
+        reference_plc.requests.clear()
+        tag = station.tag(steps, done=1, uid=bytes([4, 1, 0, 0, 0, 0, 9]))
+        report = await station.cycle(tag)
+        assert report.status == "ok", report.error  # the part's arrival reconnected at once
+        assert reference_plc.requests  # and this part's cycle ran on the PLC
