@@ -164,11 +164,12 @@ class Link:
             self._now.set()
 
     async def pause(self) -> None:
-        """Return when the next attempt may run: the backoff expired or ``attempt_now()``."""
+        """Return when the next attempt may run: the backoff expired, ``attempt_now()`` or
+        ``stop()``."""
         if self._now is None:
             self._now = asyncio.Event()
         self._now.clear()
-        while (wait := self.remaining()) > 0:
+        while (wait := self.remaining()) > 0 and not self.stopped:
             try:
                 await asyncio.wait_for(self._now.wait(), wait)
             except TimeoutError:

@@ -208,3 +208,13 @@ def test_blocking_run_stops_when_told() -> None:
     link.run_blocking(session, stop)
     assert len(attempts) == 3 and link.state is LinkState.STOPPED
     assert link.last_error == "[Errno 19] No such device"
+
+
+async def test_stop_ends_a_pause_at_once() -> None:
+    link = Link("autoid reader", "opc.tcp://reader:4840", 30.0, 60.0)
+    peer = Peer(link)
+    task = asyncio.create_task(link.run(peer.session))
+    await until(lambda: peer.attempts == 1)
+    link.stop()  # 24..36 s of backoff left
+    await asyncio.wait_for(task, 1)
+    assert peer.attempts == 1 and link.state is LinkState.STOPPED
