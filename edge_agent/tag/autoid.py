@@ -8,7 +8,8 @@ the same length writes only the span of bytes that differ from ``previous`` (one
 reads that span back. A status other than SUCCESS is a TagIOError naming the status.
 
 The connection is supervised (``link.Link``): absent or lost, the reader is retried with capped
-backoff (WARNING once, DEBUG after, INFO when recovered); a tag in the field when the link drops gets its LEFT event.
+backoff (WARNING once, DEBUG after, INFO when recovered); a tag in the field when the link drops
+gets its LEFT event.
 """
 
 from __future__ import annotations
