@@ -54,6 +54,7 @@ class MachineError(EdgeAgentError):
 
     def __init__(self, message: str, *, device: str = "", retryable: bool = True) -> None:
         self.device = device
+        self.detail = message  # without the device, for a log line that names it as a field
         self.retryable = retryable
         super().__init__(f"{device}: {message}" if device else message)
 

@@ -379,10 +379,10 @@ async def test_failover_to_the_next_broker_uri(broker: EmbeddedBroker) -> None:
         assert await uplink.flush(5)
         await uplink.stop({"state": "offline"})
     [failed] = unreachable(logs)
-    assert failed["broker"] == f"mqtt://127.0.0.1:{dead}"
+    assert failed["device"] == f"mqtt://127.0.0.1:{dead}"
     assert failed["reason"] == "Connection refused"
     connected = [e for e in logs if e["event"] == "broker link recovered"]
-    assert connected[0]["broker"] == f"mqtt://{broker.host}:{broker.port}"
+    assert connected[0]["device"] == f"mqtt://{broker.host}:{broker.port}"
 
 
 def take_over_session(broker: EmbeddedBroker, client_id: str, protocol: str) -> None:

@@ -18,7 +18,7 @@ import pytest
 from edge_agent.line.telemetry import Telemetry
 from edge_agent.machine.driver import PushingDriver
 from edge_agent.machine.opcua import OpcUaSettings
-from edge_agent.machine.opcua_client import OpcUaDriver
+from edge_agent.machine.opcua.driver import OpcUaDriver
 from edge_agent.machine.profile import Profile, load_profile
 from edge_agent.sim.broker import EmbeddedBroker
 from tests.fixtures_broker import MqttRecorder
