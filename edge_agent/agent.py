@@ -28,6 +28,8 @@ from .line.thingsboard import ThingsBoard
 from .machine import registry
 from .machine.driver import MachineDriver
 from .machine.profile import Profile, load_profile
+from .service.heartbeat import Heartbeat
+from .service.metrics import CycleMetrics
 from .station.cycle import CycleReport, StationCycle
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
@@ -72,6 +74,8 @@ class Agent:
             write_back=config.cycle.write_back,
         )
         self.reports: asyncio.Queue[CycleReport] = asyncio.Queue()  # for the demo and tests
+        self.heartbeat = Heartbeat()  # the part-taking loop's sign of life, for the watchdog
+        self.metrics = CycleMetrics()  # cycles by status and reason, durations by phase
         self._started = time.time()
         self._stopping = False
         # Held by a cycle for its whole run: commands write and reloads swap only between cycles.
@@ -154,6 +158,8 @@ class Agent:
 
     def _publish(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
         self.uplink.publish(suffix, payload, qos=qos)
+        if suffix == "cycles":
+            self.metrics.observe(payload)
         if self.thingsboard is not None:
             self.thingsboard.mirror(suffix, payload)
 
@@ -224,7 +230,7 @@ class Agent:
         # Cycles run here, one at a time, in the order tags arrive. Shutdown waits for this task
         # (the cycle in flight finishes) and cancels it only past the drain timeout, when the
         # cycle's own cancel path leaves the machine idle and still publishes the report.
-        async for event in self.reader.events():
+        async for event in self.heartbeat.events(self.reader.events()):
             if self._stopping:
                 return
             if event.kind is not ScanKind.ARRIVED:
@@ -307,7 +313,7 @@ class Agent:
         new = load_config(old.source)
         restart = [
             k
-            for k in ("gateway_id", "station", "reader", "broker", "log", "thingsboard")
+            for k in ("gateway_id", "station", "reader", "broker", "log", "thingsboard", "health")
             if getattr(new, k) != getattr(old, k)
         ]
         machine_changed = (

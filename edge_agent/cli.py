@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run the station daemon",
-        description="Run the station daemon until SIGTERM/SIGINT.",
+        description="Run the station daemon until SIGTERM/SIGINT; SIGHUP reloads the config "
+        "and firmware profile between cycles (an invalid one is refused, the old one runs on).",
     )
     run.add_argument("-c", "--config", required=True, type=Path, help="config YAML (see config/)")
     _log_options(run)
@@ -190,11 +191,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
 
     async def main() -> None:
+        from .service.run import Service
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Agent(config).run(stop)
+        early: list[int] = []  # a SIGHUP while the agent is being built: a reload once it runs
+        loop.add_signal_handler(signal.SIGHUP, early.append, signal.SIGHUP)
+        service = Service(Agent(config), stop)
+        loop.add_signal_handler(signal.SIGHUP, service.request_reload)
+        if early:
+            service.request_reload()
+        await service.run()
 
     asyncio.run(main())
     return EXIT_OK
@@ -224,6 +233,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:  # the shipped profile is not where an install put it
         print(f"edge-agent demo: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except ModuleNotFoundError as err:  # an install without the demo extra
+        print(
+            f"edge-agent demo: this demo needs the Python package '{err.name}', which is not "
+            "installed: pip install 'edge-agent[demo]' (in a checkout: pip install -e '.[demo]')",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
 
