@@ -105,6 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     _log_options(demo, default_level="warning")
     demo.set_defaults(func=cmd_demo)
 
+    health = sub.add_parser(
+        "health",
+        help="ask a running daemon's health endpoint whether the station is healthy",
+        description="GET /healthz of the daemon's health endpoint (config: health.listen) and "
+        "print the state in words. Exit 0 when healthy, 1 when not or when nothing answers "
+        "(for Docker's HEALTHCHECK and monitoring scripts).",
+    )
+    health.add_argument(
+        "--listen", default="127.0.0.1:9410", metavar="HOST:PORT", help="default 127.0.0.1:9410"
+    )
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.set_defaults(func=cmd_health)
+
     from .cli_tag import register
 
     register(sub)
@@ -242,6 +255,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{args.listen}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as err:  # 503: the daemon answered, the station is not well
+        body = err.read()
+    except (OSError, ValueError) as err:
+        print(f"edge-agent health: no answer from {url}: {getattr(err, 'reason', err)}")
+        return EXIT_FAILED
+    try:
+        answer = json.loads(body)
+        healthy, state = bool(answer["healthy"]), str(answer["state"])
+    except (ValueError, KeyError, TypeError):
+        print(f"edge-agent health: {url} did not answer as edge-agent does")
+        return EXIT_FAILED
+    print(f"edge-agent health: {state}")
+    return EXIT_OK if healthy else EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -105,6 +106,24 @@ async def test_notify_watchdog_reload_and_health_of_the_real_daemon(
         health = json.loads(body)
         assert status == 200 and health["healthy"] and health["state"] == "accepting parts"
         assert health["status"]["gateway_id"] == "gw-test"
+        # What Docker's HEALTHCHECK runs; and with nothing listening, a failure.
+        command = [sys.executable, "-m", "edge_agent", "health", "--listen"]
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [*command, f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert (out.returncode, out.stdout) == (0, "edge-agent health: accepting parts\n")
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [*command, f"127.0.0.1:{free_port()}"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert out.returncode == 1 and "no answer from" in out.stdout
 
         assert (await part(0))["status"] == "ok"
         status, text = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/metrics")
