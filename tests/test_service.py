@@ -4,6 +4,7 @@ AF_UNIX datagram socket as $NOTIFY_SOCKET, SIGHUP, and /healthz and /metrics ove
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -15,9 +16,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from edge_agent.agent import Agent
+from edge_agent.config import load_config
 from edge_agent.instructions.signing import KeyRing, load_private_key
+from edge_agent.service.run import Service
 from edge_agent.sim.broker import EmbeddedBroker, free_port
 from edge_agent.sim.reference_plc import ReferencePlc
+from edge_agent.tag.simulated import SimulatedReader, SimulatedTag
 from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import write_config
 from tests.test_daemon_kill import tag_message
@@ -169,3 +176,60 @@ async def test_notify_watchdog_reload_and_health_of_the_real_daemon(
     assert daemon.returncode == 0, log.read_text()[-3000:]
     for line in log.read_text().splitlines():  # JSON mode: nothing but JSON lines
         json.loads(line)
+
+
+class WedgedReader(SimulatedReader):
+    """A reader whose ReadTag never returns until released, as a hung USB reader does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def read_ndef(self, uid: bytes) -> bytes:
+        await self.release.wait()
+        return await super().read_ndef(uid)
+
+
+async def test_watchdog_pings_stop_while_a_part_is_stuck_and_resume_after(
+    tmp_path: Path,
+    reference_plc: ReferencePlc,
+    broker: EmbeddedBroker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    notify = NotifySocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # a ping every 0.2 s
+    config = load_config(write_config(tmp_path, reference_plc.port, broker.port))
+    reader = WedgedReader()
+    agent = Agent(config, reader=reader)
+    stop = asyncio.Event()
+    service = Service(agent, stop)
+    service.longest_cycle = lambda: 0.5  # the profile allows 67 s; the test has less time
+    running = asyncio.create_task(service.run())
+    try:
+        await notify.until("READY=1")
+        await notify.until("WATCHDOG=1", timeout=5)
+        key = load_private_key(tmp_path / "mes.key")
+        uid = bytes.fromhex("04C0FFEE000001")
+        message = tag_message(key, KeyRing({"mes": key.public_key()}), uid, 1)
+        reader.present(SimulatedTag(uid, message))
+        stuck = await notify.until("STATUS=degraded: one part has been in hand", timeout=10)
+        assert "WATCHDOG=1" not in stuck
+        healthy, words = service.health()
+        assert not healthy and words.startswith("degraded: one part has been in hand for")
+        # Silence from here on: systemd would kill and restart the daemon.
+        seen = len(notify.received)
+        with contextlib.suppress(AssertionError):
+            await notify.until("WATCHDOG=1", timeout=1.5)
+        assert not any("WATCHDOG=1" in d for d in notify.received[seen:])
+
+        reader.release.set()  # the part goes through after all: the loop is alive again
+        await notify.until("WATCHDOG=1", timeout=10)
+        assert service.health() == (True, "accepting parts")
+        assert agent.metrics.cycles == {("ok", ""): 1}
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 30)
+        stopping = await notify.until("STOPPING=1", timeout=5)
+        notify.close()
+    assert any(f.startswith("STATUS=stopping") for f in stopping)

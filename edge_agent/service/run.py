@@ -14,6 +14,7 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,8 @@ class Service:
         self.agent = agent
         self.stop = stop
         self.links = Links(agent)
+        #: Seconds one part may be in hand before the loop counts as stuck (from the profile).
+        self.longest_cycle: Callable[[], float] = lambda: longest_cycle(agent.profile)
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
 
@@ -88,7 +91,7 @@ class Service:
         accepting = bool(status.get("accepting_parts", True))
         problems = [f"{p['component']}: {p['error']}" for p in status.get("problems", [])]
         # Waiting for room in a full outbox is a known state, not a hang.
-        stalled = agent.heartbeat.stalled(longest_cycle(agent.profile) if accepting else math.inf)
+        stalled = agent.heartbeat.stalled(self.longest_cycle() if accepting else math.inf)
         if stalled is not None:
             problems.insert(0, stalled)
         if not accepting:
@@ -111,9 +114,7 @@ class Service:
         if self.stop.is_set():
             return True  # the loop ends on purpose; the drain is bounded by its own timeouts
         accepting = bool(agent.status().get("accepting_parts", True))
-        return (
-            agent.heartbeat.stalled(longest_cycle(agent.profile) if accepting else math.inf) is None
-        )
+        return agent.heartbeat.stalled(self.longest_cycle() if accepting else math.inf) is None
 
     # ------------------------------------------------------------------ running
 
