@@ -19,7 +19,8 @@ import structlog
 
 from . import __version__
 from .config import AgentConfig, load_config
-from .errors import ConfigError, ConfigProblem, MachineError
+from .errors import ConfigError, ConfigProblem, MachineError, PartRejected, TagIOError
+from .instructions.format import decode_tag
 from .instructions.signing import KeyRing
 from .line.adjustments import Adjustments
 from .line.commands import Commands
@@ -31,6 +32,7 @@ from .machine.profile import Profile, load_profile
 from .service.heartbeat import Heartbeat
 from .service.metrics import CycleMetrics
 from .station.cycle import CycleReport, StationCycle
+from .station.cycle import _part as part_of
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
 from .uplink.mqtt import MqttUplink, dumps, response_properties
@@ -236,7 +238,7 @@ class Agent:
             if event.kind is not ScanKind.ARRIVED:
                 continue
             if self.paused:
-                self._refuse_paused(event)
+                await self._refuse_paused(event)
                 continue
             await self._wait_outbox_room(event)
             if self._stopping:
@@ -245,11 +247,17 @@ class Agent:
                 report = await self.cycle.run(event)
             self.reports.put_nowait(report)
 
-    def _refuse_paused(self, event: ScanEvent) -> None:
+    async def _refuse_paused(self, event: ScanEvent) -> None:
         p = self.config.profile
         report = CycleReport(self.config.gateway_id, self.config.station, event.uid.hex().upper())
         report.reason, report.error = "paused", "the station is paused by the line; part not taken"
         report.profile = {"name": p.name, "version": p.version, "hash": p.content_hash}
+        # Which part was turned away: the tag is read and verified; the machine is not touched.
+        try:
+            contents = decode_tag(await self.reader.read_ndef(event.uid), event.uid, self.keyring)
+            report.part, report.key_id = part_of(contents), contents.traveler.key_id
+        except (TagIOError, PartRejected) as err:
+            report.error += f"; the part is not known: {err}"
         self._publish("cycles", report.as_message(), 1)
         self.reports.put_nowait(report)
 
