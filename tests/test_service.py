@@ -21,6 +21,7 @@ import pytest
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.instructions.signing import KeyRing, load_private_key
+from edge_agent.service.heartbeat import Heartbeat
 from edge_agent.service.run import Service
 from edge_agent.sim.broker import EmbeddedBroker, free_port
 from edge_agent.sim.reference_plc import ReferencePlc
@@ -233,3 +234,21 @@ async def test_watchdog_pings_stop_while_a_part_is_stuck_and_resume_after(
         stopping = await notify.until("STOPPING=1", timeout=5)
         notify.close()
     assert any(f.startswith("STATUS=stopping") for f in stopping)
+
+
+async def test_heartbeat_says_when_the_part_taking_loop_has_ended() -> None:
+    heartbeat = Heartbeat()
+    assert heartbeat.stalled(60) == "the part-taking loop has not started"
+    reader = SimulatedReader()
+
+    async def take_parts() -> None:  # dies on its first part, as a write-back error once did
+        async for _event in heartbeat.events(reader.events()):
+            raise PermissionError("tag file not writable")
+
+    loop = asyncio.create_task(take_parts())
+    await heartbeat.running.wait()
+    assert heartbeat.stalled(60) is None  # waiting for a tag is alive
+    reader.present(SimulatedTag(b"\x04\x01\x02\x03\x04\x05\x06", b""))
+    with pytest.raises(PermissionError):
+        await loop
+    assert heartbeat.stalled(60) == "the part-taking loop has ended"
