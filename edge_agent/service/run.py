@@ -124,7 +124,14 @@ class Service:
         server = None
         listen = self.agent.config.health.listen
         if listen is not None:
-            server = await serve(self, *listen)
+            try:
+                server = await serve(self, *listen)
+            except OSError as err:  # the station's work matters more than its metrics
+                log.error(
+                    "health endpoint not started; running without it",
+                    address=f"{listen[0]}:{listen[1]}",
+                    error=err.strerror or str(err),
+                )
         runner = asyncio.create_task(self.agent.run(self.stop), name="agent")
         helpers = [asyncio.create_task(self._systemd(runner), name="systemd")]
         if server is not None:
@@ -152,10 +159,13 @@ class Service:
         interval = watchdog_interval()
         tick = min(interval, STATUS_EVERY) if interval else STATUS_EVERY
         started = asyncio.ensure_future(self.agent.heartbeat.running.wait())
-        await asyncio.wait({started, runner}, return_when=asyncio.FIRST_COMPLETED)
-        if not started.done():  # the agent ended before it took parts
-            started.cancel()
-            return
+        while not started.done():  # starting: the loop turns, so the watchdog is fed
+            if interval:
+                notify("WATCHDOG=1")
+            await asyncio.wait({started, runner}, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
+            if runner.done():  # the agent ended before it took parts
+                started.cancel()
+                return
         told = self.health()[1]
         notify("READY=1", f"STATUS={told}", f"MAINPID={os.getpid()}")
         log.info("systemd told: ready", status=told, watchdog_s=interval and interval * 2)
