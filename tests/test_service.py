@@ -149,6 +149,12 @@ async def test_notify_watchdog_reload_and_health_of_the_real_daemon(
         assert 10 * 2**20 < float(rss.split()[1]) < 500 * 2**20
         status, _ = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/nothing")
         assert status == 404
+        # Bounded: a request head over 8 KiB is refused, the connection closed.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nX-Padding: " + b"a" * 9000 + b"\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 431 ")
 
         # SIGHUP with a broken file: refused, said so, and the station runs on as it was.
         config.write_text(good.replace("timeout: 0.5", "timeout: -1"))
