@@ -20,7 +20,6 @@ import structlog
 from . import __version__
 from .config import AgentConfig, load_config
 from .errors import ConfigError, ConfigProblem, MachineError, PartRejected, TagIOError
-from .instructions.format import decode_tag
 from .instructions.signing import KeyRing
 from .line.adjustments import Adjustments
 from .line.commands import Commands
@@ -32,7 +31,6 @@ from .machine.profile import Profile, load_profile
 from .service.heartbeat import Heartbeat
 from .service.metrics import CycleMetrics
 from .station.cycle import CycleReport, StationCycle
-from .station.cycle import _part as part_of
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
 from .uplink.mqtt import MqttUplink, dumps, response_properties
@@ -254,8 +252,7 @@ class Agent:
         report.profile = {"name": p.name, "version": p.version, "hash": p.content_hash}
         # Which part was turned away: the tag is read and verified; the machine is not touched.
         try:
-            contents = decode_tag(await self.reader.read_ndef(event.uid), event.uid, self.keyring)
-            report.part, report.key_id = part_of(contents), contents.traveler.key_id
+            report.part, report.key_id = await self.cycle.identify(event.uid)
         except (TagIOError, PartRejected) as err:
             report.error += f"; the part is not known: {err}"
         self._publish("cycles", report.as_message(), 1)

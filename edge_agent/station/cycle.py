@@ -195,6 +195,12 @@ class StationCycle:
         report.status, report.machine_state = "ok", "cycle complete"
         await self._write_progress(contents, index, StepStatus.OK, report)
 
+    async def identify(self, uid: bytes) -> tuple[dict[str, Any], str]:
+        """The part on the tag and the key that signed it: read and verified, nothing written,
+        the machine not touched. Raises TagIOError or PartRejected."""
+        contents = decode_tag(await self.reader.read_ndef(uid), uid, self.keyring)
+        return _part(contents), contents.traveler.key_id
+
     # ------------------------------------------------------------------ decisions before any write
 
     def _mine(self, step: Step) -> bool:
