@@ -137,7 +137,9 @@ async def test_notify_watchdog_reload_and_health_of_the_real_daemon(
         status, text = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/metrics")
         assert status == 200
         lines = text.splitlines()
+        assert "# TYPE edge_agent_cycles_total counter" in lines
         assert 'edge_agent_cycles_total{status="ok",reason=""} 1' in lines
+        assert "# TYPE edge_agent_cycle_duration_seconds histogram" in lines
         assert 'edge_agent_cycle_duration_seconds_count{phase="total"} 1' in lines
         assert (
             'edge_agent_cycle_duration_seconds_bucket{phase="machine_cycle",le="+Inf"} 1' in lines

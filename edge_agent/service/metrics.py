@@ -79,11 +79,12 @@ class Writer:
         help_: str,
         samples: Iterable[tuple[Mapping[str, str], float]],
     ) -> None:
+        if kind == "counter":  # format 0.0.4: HELP, TYPE and samples share the _total name
+            name += "_total"
         self.lines.append(f"# HELP {name} {help_}")
         self.lines.append(f"# TYPE {name} {kind}")
-        suffix = "_total" if kind == "counter" else ""
         for labels, value in samples:
-            self.lines.append(f"{name}{suffix}{_labels(labels)} {_number(value)}")
+            self.lines.append(f"{name}{_labels(labels)} {_number(value)}")
 
     def histogram(self, name: str, help_: str, by: str, hists: Mapping[str, Histogram]) -> None:
         self.lines.append(f"# HELP {name} {help_}")
