@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run the station daemon",
-        description="Run the station daemon until SIGTERM/SIGINT.",
+        description="Run the station daemon until SIGTERM/SIGINT; SIGHUP reloads the config "
+        "and firmware profile between cycles (an invalid one is refused, the old one runs on).",
     )
     run.add_argument("-c", "--config", required=True, type=Path, help="config YAML (see config/)")
     _log_options(run)
@@ -103,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _log_options(demo, default_level="warning")
     demo.set_defaults(func=cmd_demo)
+
+    health = sub.add_parser(
+        "health",
+        help="ask a running daemon's health endpoint whether the station is healthy",
+        description="GET /healthz of the daemon's health endpoint (config: health.listen) and "
+        "print the state in words. Exit 0 when healthy, 1 when not or when nothing answers "
+        "(for Docker's HEALTHCHECK and monitoring scripts).",
+    )
+    health.add_argument(
+        "--listen", default="127.0.0.1:9410", metavar="HOST:PORT", help="default 127.0.0.1:9410"
+    )
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    health.set_defaults(func=cmd_health)
 
     from .cli_tag import register
 
@@ -190,11 +204,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
 
     async def main() -> None:
+        from .service.run import Service
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Agent(config).run(stop)
+        early: list[int] = []  # a SIGHUP while the agent is being built: a reload once it runs
+        loop.add_signal_handler(signal.SIGHUP, early.append, signal.SIGHUP)
+        service = Service(Agent(config), stop)
+        loop.add_signal_handler(signal.SIGHUP, service.request_reload)
+        if early:
+            service.request_reload()
+        await service.run()
 
     asyncio.run(main())
     return EXIT_OK
@@ -224,8 +246,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:  # the shipped profile is not where an install put it
         print(f"edge-agent demo: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except ModuleNotFoundError as err:  # an install without the demo extra
+        print(
+            f"edge-agent demo: this demo needs the Python package '{err.name}', which is not "
+            "installed: pip install 'edge-agent[demo]' (in a checkout: pip install -e '.[demo]')",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_FAILED
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = f"http://{args.listen}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as err:  # 503: the daemon answered, the station is not well
+        body = err.read()
+    except (OSError, ValueError) as err:
+        print(f"edge-agent health: no answer from {url}: {getattr(err, 'reason', err)}")
+        return EXIT_FAILED
+    try:
+        answer = json.loads(body)
+        healthy, state = bool(answer["healthy"]), str(answer["state"])
+    except (ValueError, KeyError, TypeError):
+        print(f"edge-agent health: {url} did not answer as edge-agent does")
+        return EXIT_FAILED
+    print(f"edge-agent health: {state}")
+    return EXIT_OK if healthy else EXIT_FAILED
 
 
 def main(argv: list[str] | None = None) -> int:

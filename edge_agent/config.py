@@ -212,6 +212,24 @@ class ThingsBoardConfig(_Strict):
     adjustments_attribute: str | None = "adjustments"  # shared attribute holding an adjustment set
 
 
+class HealthConfig(_Strict):
+    """The optional HTTP endpoint for /healthz and /metrics (docs/operations.md); off by default."""
+
+    # "PORT" (on 127.0.0.1) or "HOST:PORT"; no authentication: keep it on loopback unless a
+    # firewall decides who may scrape it.
+    listen: tuple[str, int] | None = None
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _host_port(cls, v: Any) -> Any:
+        if v is None or isinstance(v, tuple):
+            return v
+        host, _, port = str(v).rpartition(":")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"'{v}' is not PORT or HOST:PORT (e.g. 127.0.0.1:9410)")
+        return (host.strip("[]") or "127.0.0.1", int(port))
+
+
 class LogConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -231,6 +249,7 @@ class AgentConfigDoc(_Strict):
     state_dir: Path | None = None  # the disk outbox lives here; without it, in memory only
     outbox: OutboxConfig = OutboxConfig()
     log: LogConfig = LogConfig()
+    health: HealthConfig = HealthConfig()
 
     @field_validator("trusted_keys")
     @classmethod
@@ -260,6 +279,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     thingsboard: ThingsBoardConfig = field(default_factory=ThingsBoardConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     @property
     def client_id(self) -> str:
@@ -354,6 +374,7 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         state_dir=_resolve(base, doc.state_dir) if doc.state_dir is not None else None,
         outbox=doc.outbox,
         thingsboard=doc.thingsboard,
+        health=doc.health,
     )
 
 

@@ -179,3 +179,34 @@ async def test_demo_against_external_machine_and_broker(
     # An independent subscriber on the external broker saw the same three reports.
     reports = await recorder.wait_for("demo-gw/cycles", 3)
     assert [r["status"] for r in reports] == ["ok", "ok", "ok"]
+
+
+def test_every_demo_option_readme_advertises_is_installed_by_the_demo_extra() -> None:
+    """README's first command installs '.[demo]'; the options it then advertises need these."""
+    import tomllib
+
+    readme = (REPO / "README.md").read_text()
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    demo = {req.split("==")[0].lower() for req in extras["demo"]}
+    needs = {"--nfc": "nfcpy", "--opcua": "asyncua"}  # the library each option imports
+    for option, package in needs.items():
+        assert f"`{option}`" in readme
+        assert package in demo, f"demo {option} needs {package}, not in the demo extra"
+
+
+def test_demo_without_its_library_says_what_to_install(tmp_path: Path) -> None:
+    # An install without the demo extra: asyncua cannot be imported.
+    blocker = tmp_path / "asyncua"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'asyncua'\", name='asyncua')\n"
+    )
+    out = edge_agent(
+        "demo", "--opcua", "--parts", "1", env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}
+    )
+    assert out.returncode == 1
+    assert "needs the Python package 'asyncua'" in out.stderr
+    assert "pip install 'edge-agent[demo]'" in out.stderr
+    assert "Traceback" not in out.stderr

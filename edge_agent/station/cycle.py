@@ -188,14 +188,21 @@ class StationCycle:
                     await asyncio.shield(abort)
             report.machine_state = abort.result()
             raise
+        # Sums of rounded phases (0.123 + 0.456) are not round themselves: 3 decimals, as every phase.
         report.durations_ms.update(
-            machine_write=outcome.write_ms,
-            machine_cycle=outcome.machine_ms,
-            machine_read=outcome.read_ms,
+            machine_write=round(outcome.write_ms, 3),
+            machine_cycle=round(outcome.machine_ms, 3),
+            machine_read=round(outcome.read_ms, 3),
         )
         report.results = {k: _jsonable(v) for k, v in outcome.results.items()}
         report.status, report.machine_state = "ok", "cycle complete"
         await self._write_progress(contents, index, StepStatus.OK, report)
+
+    async def identify(self, uid: bytes) -> tuple[dict[str, Any], str]:
+        """The part on the tag and the key that signed it: read and verified, nothing written,
+        the machine not touched. Raises TagIOError or PartRejected."""
+        contents = decode_tag(await self.reader.read_ndef(uid), uid, self.keyring)
+        return _part(contents), contents.traveler.key_id
 
     # ------------------------------------------------------------------ decisions before any write
 
