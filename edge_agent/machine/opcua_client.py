@@ -37,7 +37,7 @@ from asyncua import Client, Node, ua
 from asyncua.crypto import security_policies
 
 from ..backoff import Backoff
-from ..errors import ConfigProblem, MachineError, MachineFault
+from ..errors import ConfigProblem, MachineError, MachineFault, MachineRefused
 from ..yamlfile import load_yaml
 from . import codec
 from .driver import MachineDriver, RawValue, points_of, show_value, values_equal
@@ -103,6 +103,8 @@ _REFUSALS = {
     "BadSecurityChecksFailed",
     "BadSecurityPolicyRejected",
 }
+# The server refused the user identity itself (name, password, user certificate).
+_AUTHENTICATION = {"BadUserAccessDenied", "BadIdentityTokenInvalid", "BadIdentityTokenRejected"}
 
 
 @dataclass(frozen=True)
@@ -811,6 +813,10 @@ class OpcUaDriver(MachineDriver):
                 f"add {self.settings.security.pki / 'own' / 'cert.der'} to the server's trusted certificates",
                 "BadSecurityChecksFailed": "the server refused the gateway's certificate or signature",
             }.get(name, "")
+            if name in _AUTHENTICATION:
+                return MachineRefused(
+                    f"{what}: authentication refused ({name}): {hint}", device=self.device
+                )
             message = f"{what}: {name}" + (f" ({hint})" if hint else "")
             return MachineError(message, device=self.device, retryable=name not in _REFUSALS)
         if isinstance(err, TimeoutError | asyncio.TimeoutError):
