@@ -273,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
         sys.stdout.flush()  # inside the try: a closed pipe is seen here, not at exit
     except BrokenPipeError:
-        # The reader went away (`edge-agent tag ... | head`): that is not an error of ours.
-        # Point stdout at /dev/null so the interpreter's final flush does not complain either.
+        # The reader went away (`edge-agent tag ... | head`): end quietly, as a tool killed by
+        # SIGPIPE would (128 + 13); stdout goes to /dev/null so the final flush is quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
+        return 128 + signal.SIGPIPE
     return code
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from edge_agent.errors import ConfigError, ConfigProblem
 from edge_agent.machine.profile import load_profile
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.uplink.outbox_sqlite import SqliteOutbox
+from tests.fixtures_opcua import OPCUA_PROFILE, USER, OpcUaMachineProcess
 from tests.test_cli import REPO, edge_agent
 
 PROFILE = REPO / "firmware_profiles/reference-plc.yaml"
@@ -281,3 +283,82 @@ def test_claim_holds_until_released(tmp_path: Path) -> None:
     again = statedir.claim(config)
     assert again is not None
     again.release()
+
+
+# ---------------------------------------------------------------- --online
+
+
+async def test_online_lists_every_point_the_machine_refuses(
+    tmp_path: Path, reference_plc: object
+) -> None:
+    port = reference_plc.port  # type: ignore[attr-defined]
+    text = (
+        PROFILE.read_text()
+        .replace("program: {table: holding, address: 9,", "program: {table: holding, address: 900,")
+        .replace(
+            "cycle_count: {table: input, address: 10,", "cycle_count: {table: input, address: 1000,"
+        )
+    )
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(text)
+    config = _station(tmp_path, profile=profile)
+    config.write_text(config.read_text().replace("port: 5020", f"port: {port}"))
+    code, _, err = await _cli("check-config", "--online", "-c", str(config))
+    assert code == 2, err
+    assert "the machine does not match the profile (2 problems)" in err
+    assert (
+        f"{profile}:{_line(profile, 'program:')}: points.program: read_holding_registers address 900"
+        in err
+    )
+    assert (
+        f"{profile}:{_line(profile, 'cycle_count:')}: points.cycle_count: read_input_registers address 1000"
+        in err
+    )
+    assert "ILLEGAL_ADDRESS" in err
+
+    config.write_text(config.read_text().replace(f"port: {port}", "port: 1"))
+    code, _, err = await _cli("check-config", "--online", "-c", str(config))
+    assert code == 1 and "machine unreachable" in err and "Traceback" not in err, err
+
+
+def test_online_calls_a_refused_password_an_authentication_refusal(
+    opcua_machine: OpcUaMachineProcess, tmp_path: Path
+) -> None:
+    config = _station(tmp_path, profile=OPCUA_PROFILE)
+    config.write_text(
+        config.read_text().replace(
+            "  host: 127.0.0.1\n  port: 5020\n",
+            f"  url: {opcua_machine.url}\n  timeout: 1\n  username: {USER[0]}\n  password: wrong\n",
+        )
+    )
+    out = edge_agent("check-config", "--online", "-c", str(config))
+    assert out.returncode == 2, out.stderr
+    assert "authentication refused by the machine (1 problem)" in out.stderr
+    assert f"{config}:{_line(config, 'username:')}: machine.username: " in out.stderr
+    assert "authentication refused (BadUserAccessDenied)" in out.stderr
+
+
+def test_output_cut_short_by_the_reader_ends_quietly(tmp_path: Path) -> None:
+    """`edge-agent tag keygen ... | head -0`: the reader is gone before the first line."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent",
+            "tag",
+            "keygen",
+            "--key-id",
+            "k",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141, err  # as a tool killed by SIGPIPE
+    assert err == ""
+    assert (tmp_path / "k.pub").exists()  # the work was done; only the printing was cut
