@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Edge runtime for product-driven manufacturing: reads the instructions a part carries "
         "on its NFC/RFID tag, programs the station's machine (Modbus TCP, OPC UA) and reports every "
         "cycle over MQTT.",
-        epilog="Exit codes: 0 ok, 1 failed, 2 invalid configuration or usage.",
+        epilog="Exit codes: 0 ok, 1 failed (check-config --online: the machine is unreachable), "
+        "2 invalid configuration or usage, 3 tag commands: no reader or tag. "
+        "'edge-agent COMMAND --help' describes each command.",
     )
     parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run the station daemon",
-        description="Run the station daemon until SIGTERM/SIGINT.",
+        description="Run the station daemon until SIGTERM/SIGINT. The config is validated first "
+        "with the checks of check-config; a problem is listed as file:line: key.path: message "
+        "and the exit code is 2. While it runs, the agent holds its state_dir (edge-agent.lock): "
+        "a second agent on the same directory is refused.",
     )
     run.add_argument("-c", "--config", required=True, type=Path, help="config YAML (see config/)")
     _log_options(run)
@@ -121,13 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _log_options(p: argparse.ArgumentParser, default_level: str = "") -> None:
     p.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default=default_level or None
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=default_level or None,
+        help=f"default: {default_level or 'log.level of the config'}",
     )
     p.add_argument(
         "--log-format",
         choices=["auto", "json", "console"],
         default=None,
-        help="default: JSON unless on a terminal",
+        help="default: console"
+        if default_level
+        else "default: the config's log.format (auto: JSON unless on a terminal)",
     )
 
 

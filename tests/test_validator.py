@@ -362,3 +362,26 @@ def test_output_cut_short_by_the_reader_ends_quietly(tmp_path: Path) -> None:
     assert proc.wait(60) == 141, err  # as a tool killed by SIGPIPE
     assert err == ""
     assert (tmp_path / "k.pub").exists()  # the work was done; only the printing was cut
+
+
+def test_every_command_says_what_it_does_in_its_help() -> None:
+    import argparse
+
+    from edge_agent.cli import build_parser
+
+    def commands(
+        parser: argparse.ArgumentParser, name: str
+    ) -> list[tuple[str, argparse.ArgumentParser]]:
+        found = [(name, parser)]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, child in action.choices.items():
+                    found += commands(child, f"{name} {sub}")
+        return found
+
+    every = commands(build_parser(), "edge-agent")
+    assert len(every) == 12  # edge-agent, its 4 commands, the 7 tag commands
+    for name, parser in every:
+        assert parser.description, f"{name} --help does not say what it does"
+    help_text = dict(every)["edge-agent check-config"].format_help()
+    assert "exit 2" in help_text and "exit 1 when the machine cannot be reached" in help_text
