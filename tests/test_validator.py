@@ -385,3 +385,21 @@ def test_every_command_says_what_it_does_in_its_help() -> None:
         assert parser.description, f"{name} --help does not say what it does"
     help_text = dict(every)["edge-agent check-config"].format_help()
     assert "exit 2" in help_text and "exit 1 when the machine cannot be reached" in help_text
+
+
+def test_a_handshake_typo_is_one_line_with_did_you_mean(tmp_path: Path) -> None:
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(
+        PROFILE.read_text()
+        .replace("  - set: trigger\n", "  - sett: trigger\n")
+        .replace("{wait: done, equals: true, timeout: 5}", "{wait: done, equal: true, timeout: 5}")
+        .replace("{wait: done, equals: false, timeout: 2}", "{wait: done, timeout: -2}")
+    )
+    found = [str(p) for p in _problems(_station(tmp_path, profile=profile))]
+    assert found == [
+        f"{profile}:{_line(profile, '- sett:')}: handshake[2].sett: unknown key (did you mean 'set'?)",
+        f"{profile}:{_line(profile, '- {wait: done, equal:')}: handshake[3].equal: unknown key "
+        "(did you mean 'equals'?)",
+        f"{profile}:{_line(profile, '- {wait: done, timeout: -2}')}: handshake[6].timeout: "
+        "Input should be greater than 0",
+    ]

@@ -270,7 +270,9 @@ def load_profile(path: str | Path, text: str | None = None) -> Profile:
     try:
         doc = ProfileDoc.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(problems_from_validation(err, file, lines)) from err
+        found = problems_from_validation(err, file, lines)
+        add_suggestions(found, ProfileDoc)  # did you mean, for handshake keys too
+        raise ConfigError(found) from err
 
     problems: list[ConfigProblem] = []
     points = _validate_points(doc, file, lines, problems)
