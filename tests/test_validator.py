@@ -403,3 +403,14 @@ def test_a_handshake_typo_is_one_line_with_did_you_mean(tmp_path: Path) -> None:
         f"{profile}:{_line(profile, '- {wait: done, timeout: -2}')}: handshake[6].timeout: "
         "Input should be greater than 0",
     ]
+
+
+def test_a_bad_default_is_one_problem_at_defaults(tmp_path: Path) -> None:
+    profile = _profile(
+        tmp_path, "driver: modbus\n", "driver: modbus\ndefaults: {word_order: badc}\n"
+    )
+    found = [str(p) for p in _problems(_station(tmp_path, profile=profile))]
+    assert found == [
+        f"{profile}:{_line(profile, 'defaults:')}: defaults.word_order: "
+        "Input should be 'big' or 'little'"
+    ]

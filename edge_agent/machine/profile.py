@@ -304,7 +304,14 @@ def _validate_points(
         except ValidationError as err:
             found = problems_from_validation(err, file, lines, ("points", name))
             add_suggestions(found, model, skip=2)
-            problems.extend(found)
+            for problem in found:  # a bad default is one mistake, at `defaults`, not per point
+                key = problem.path.split(".")[2] if problem.path.count(".") >= 2 else ""
+                if key in defaults and key not in spec:
+                    problem = ConfigProblem(
+                        file, lines.get(("defaults", key)), f"defaults.{key}", problem.message
+                    )
+                if problem not in problems:
+                    problems.append(problem)
     return points
 
 
