@@ -192,7 +192,8 @@ async def _check_online(config: AgentConfig) -> int:
                 message = str(err).removeprefix(f"{driver.device}: ")
                 mismatches.append(ConfigProblem(profile.source, None, f"points.{name}", message))
     except MachineRefused as err:
-        key = ("machine", "username" if config.machine.username else "user_certificate")
+        user = getattr(config.machine, "username", None)
+        key = ("machine", "username" if user else "user_certificate")
         problem = config.problem(key if key in config.lines else ("machine",), str(err))
         return _config_error(ConfigError([problem]), "authentication refused by the machine")
     except MachineError as err:
