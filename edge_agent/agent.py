@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .config import AgentConfig, load_config
+from .config import NEEDS_RESTART, AgentConfig, load_config, profile_for
 from .errors import ConfigError, ConfigProblem, MachineError, PartRejected, TagIOError
 from .instructions.signing import KeyRing
 from .line.adjustments import Adjustments
@@ -316,11 +316,7 @@ class Agent:
         """
         old = self.config
         new = load_config(old.source)
-        restart = [
-            k
-            for k in ("gateway_id", "station", "reader", "broker", "log", "thingsboard", "health")
-            if getattr(new, k) != getattr(old, k)
-        ]
+        restart = [k for k in NEEDS_RESTART if getattr(new, k) != getattr(old, k)]
         machine_changed = (
             new.profile.content_hash != old.profile.content_hash or new.machine != old.machine
         )
@@ -363,19 +359,7 @@ class Agent:
         """
         current = self.config.profile
         profile = load_profile(origin, text=text)
-        if profile.driver != current.driver:
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        origin,
-                        None,
-                        "driver",
-                        f"'{profile.driver}' differs from the machine's driver '{current.driver}': "
-                        "a new machine needs a new config, not a pushed profile",
-                    )
-                ]
-            )
-        driver = registry.driver_module(profile.driver).create(self.config.machine, profile)
+        driver = profile_for(profile, self.config, text=text)  # check-config's checks
         await self._activate(dataclasses.replace(self.config, profile=profile), driver)
         self._previous_profile = current
         log.warning(

@@ -59,6 +59,15 @@ class MachineError(EdgeAgentError):
         super().__init__(f"{device}: {message}" if device else message)
 
 
+class MachineRefused(MachineError):
+    """The machine answered but refused this gateway's identity (user name, password, user
+    certificate): authentication refused. Not retried quickly; the config or the machine's user
+    list must change."""
+
+    def __init__(self, message: str, *, device: str = "") -> None:
+        super().__init__(message, device=device, retryable=False)
+
+
 class MachineFault(MachineError):
     """The machine answered but reported a fault (error code, timeout waiting for done)."""
 

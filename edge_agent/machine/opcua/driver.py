@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import structlog
 from asyncua import Client, ua
 
-from ...errors import MachineError, MachineFault
+from ...errors import MachineError, MachineFault, MachineRefused
 from ...link import Link, LinkWaiting
 from .. import codec
 from ..driver import MachineDriver, RawValue, points_of, show_value, values_equal
@@ -60,6 +60,8 @@ _REFUSALS = {
     "BadSecurityChecksFailed",
     "BadSecurityPolicyRejected",
 }
+# The server refused the user identity itself (name, password, user certificate).
+_AUTHENTICATION = {"BadUserAccessDenied", "BadIdentityTokenInvalid", "BadIdentityTokenRejected"}
 
 
 class OpcUaDriver(SecureChannel, AddressSpace, Subscriptions, MachineDriver):
@@ -403,6 +405,10 @@ class OpcUaDriver(SecureChannel, AddressSpace, Subscriptions, MachineDriver):
                 f"add {self.settings.security.pki / 'own' / 'cert.der'} to the server's trusted certificates",
                 "BadSecurityChecksFailed": "the server refused the gateway's certificate or signature",
             }.get(name, "")
+            if name in _AUTHENTICATION:
+                return MachineRefused(
+                    f"{what}: authentication refused ({name}): {hint}", device=self.device
+                )
             message = f"{what}: {name}" + (f" ({hint})" if hint else "")
             return MachineError(message, device=self.device, retryable=name not in _REFUSALS)
         if isinstance(err, TimeoutError | asyncio.TimeoutError):
