@@ -380,7 +380,8 @@ def test_every_command_says_what_it_does_in_its_help() -> None:
         return found
 
     every = commands(build_parser(), "edge-agent")
-    assert len(every) == 12  # edge-agent, its 4 commands, the 7 tag commands
+    names = {name for name, _ in every}
+    assert {"edge-agent run", "edge-agent check-config", "edge-agent tag encode"} <= names
     for name, parser in every:
         assert parser.description, f"{name} --help does not say what it does"
     help_text = dict(every)["edge-agent check-config"].format_help()
