@@ -16,10 +16,15 @@ COPY config ./config
 RUN pip install --no-cache-dir '.[nfc,opcua]' && mkdir -p /etc/edge-agent \
     && cp -r config/keys firmware_profiles /etc/edge-agent/ \
     && sed 's#\.\./firmware_profiles/#firmware_profiles/#' config/station.example.yaml > /etc/edge-agent/station.yaml \
+    && echo 'health: {listen: 127.0.0.1:9410}' >> /etc/edge-agent/station.yaml \
     && edge-agent check-config -c /etc/edge-agent/station.yaml
 
 USER edge-agent
 ENV PYTHONUNBUFFERED=1
+# The daemon's own verdict (GET /healthz): needs `health: {listen: 127.0.0.1:9410}` in the config
+# (the image's default config has it; add it to yours).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
+    CMD ["edge-agent", "health", "--listen", "127.0.0.1:9410"]
 # JSON logs on stdout/stderr for the container runtime.
 ENTRYPOINT ["edge-agent"]
 CMD ["run", "-c", "/etc/edge-agent/station.yaml", "--log-format", "json"]

@@ -50,7 +50,7 @@ def line(label: str, values: list[float]) -> str:
 
 
 def settings(machine: Any, pki: Path, policy: str, mode: str, user: bool) -> dict[str, Any]:
-    from edge_agent.machine.opcua_security import thumbprint
+    from edge_agent.machine.opcua.security import thumbprint
     from tests.fixtures_opcua import USER
 
     out: dict[str, Any] = {"url": machine.url, "timeout": 2.0, "publishing_interval": INTERVAL_S}
@@ -114,7 +114,7 @@ async def floor_times(
     from asyncua import Client, ua
     from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
-    from edge_agent.machine.opcua_security import default_application_uri
+    from edge_agent.machine.opcua.security import default_application_uri
     from edge_agent.sim.opcua_machine import NAMESPACE
     from tests.fixtures_opcua import USER
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
-from edge_agent.instructions.format import (  # noqa: E402
+from edge_agent.instructions.codec import (  # noqa: E402
     TAG_CAPACITY,
     decode_tag,
     encode_tag,

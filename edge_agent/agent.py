@@ -18,8 +18,8 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .config import AgentConfig, load_config
-from .errors import ConfigError, ConfigProblem, MachineError
+from .config import NEEDS_RESTART, AgentConfig, load_config, profile_for
+from .errors import ConfigError, ConfigProblem, MachineError, PartRejected, TagIOError
 from .instructions.signing import KeyRing
 from .line.adjustments import Adjustments
 from .line.commands import Commands
@@ -28,6 +28,8 @@ from .line.thingsboard import ThingsBoard
 from .machine import registry
 from .machine.driver import MachineDriver
 from .machine.profile import Profile, load_profile
+from .service.heartbeat import Heartbeat
+from .service.metrics import CycleMetrics
 from .station.cycle import CycleReport, StationCycle
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
@@ -72,6 +74,8 @@ class Agent:
             write_back=config.cycle.write_back,
         )
         self.reports: asyncio.Queue[CycleReport] = asyncio.Queue()  # for the demo and tests
+        self.heartbeat = Heartbeat()  # the part-taking loop's sign of life, for the watchdog
+        self.metrics = CycleMetrics()  # cycles by status and reason, durations by phase
         self._started = time.time()
         self._stopping = False
         # Held by a cycle for its whole run: commands write and reloads swap only between cycles.
@@ -154,6 +158,8 @@ class Agent:
 
     def _publish(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
         self.uplink.publish(suffix, payload, qos=qos)
+        if suffix == "cycles":
+            self.metrics.observe(payload)
         if self.thingsboard is not None:
             self.thingsboard.mirror(suffix, payload)
 
@@ -224,13 +230,13 @@ class Agent:
         # Cycles run here, one at a time, in the order tags arrive. Shutdown waits for this task
         # (the cycle in flight finishes) and cancels it only past the drain timeout, when the
         # cycle's own cancel path leaves the machine idle and still publishes the report.
-        async for event in self.reader.events():
+        async for event in self.heartbeat.events(self.reader.events()):
             if self._stopping:
                 return
             if event.kind is not ScanKind.ARRIVED:
                 continue
             if self.paused:
-                self._refuse_paused(event)
+                await self._refuse_paused(event)
                 continue
             await self._wait_outbox_room(event)
             if self._stopping:
@@ -239,11 +245,16 @@ class Agent:
                 report = await self.cycle.run(event)
             self.reports.put_nowait(report)
 
-    def _refuse_paused(self, event: ScanEvent) -> None:
+    async def _refuse_paused(self, event: ScanEvent) -> None:
         p = self.config.profile
         report = CycleReport(self.config.gateway_id, self.config.station, event.uid.hex().upper())
         report.reason, report.error = "paused", "the station is paused by the line; part not taken"
         report.profile = {"name": p.name, "version": p.version, "hash": p.content_hash}
+        # Which part was turned away: the tag is read and verified; the machine is not touched.
+        try:
+            report.part, report.key_id = await self.cycle.identify(event.uid)
+        except (TagIOError, PartRejected) as err:
+            report.error += f"; the part is not known: {err}"
         self._publish("cycles", report.as_message(), 1)
         self.reports.put_nowait(report)
 
@@ -305,11 +316,7 @@ class Agent:
         """
         old = self.config
         new = load_config(old.source)
-        restart = [
-            k
-            for k in ("gateway_id", "station", "reader", "broker", "log", "thingsboard")
-            if getattr(new, k) != getattr(old, k)
-        ]
+        restart = [k for k in NEEDS_RESTART if getattr(new, k) != getattr(old, k)]
         machine_changed = (
             new.profile.content_hash != old.profile.content_hash or new.machine != old.machine
         )
@@ -352,19 +359,7 @@ class Agent:
         """
         current = self.config.profile
         profile = load_profile(origin, text=text)
-        if profile.driver != current.driver:
-            raise ConfigError(
-                [
-                    ConfigProblem(
-                        origin,
-                        None,
-                        "driver",
-                        f"'{profile.driver}' differs from the machine's driver '{current.driver}': "
-                        "a new machine needs a new config, not a pushed profile",
-                    )
-                ]
-            )
-        driver = registry.driver_module(profile.driver).create(self.config.machine, profile)
+        driver = profile_for(profile, self.config, text=text)  # check-config's checks
         await self._activate(dataclasses.replace(self.config, profile=profile), driver)
         self._previous_profile = current
         log.warning(

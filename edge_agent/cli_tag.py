@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError, PartRejected, TagIOError
-from .instructions.format import (
+from .instructions.codec import (
     DEFAULT_TAG,
     TAG_CAPACITY,
     TagContents,
@@ -45,15 +45,33 @@ class _UsageError(Exception):
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    tag = subparsers.add_parser("tag", help="make keys, encode and decode part tags")
+    tag = subparsers.add_parser(
+        "tag",
+        help="make keys, encode and decode part tags",
+        description="Make signing keys, encode a recipe into tag bytes and decode them, and write, "
+        "read, reset or erase a tag in an NFC reader (nfcpy) or in a tag image file.",
+        epilog="Exit codes: 0 done (decode, read: the tag is valid), 1 the tag is rejected "
+        "(REJECTED <reason>), 2 usage, key or recipe problem, 3 no reader, no tag, or the tag "
+        "could not be read or written.",
+    )
     commands = tag.add_subparsers(dest="tag_command", metavar="COMMAND", required=True)
 
-    keygen = commands.add_parser("keygen", help="generate an Ed25519 signing key pair")
+    keygen = commands.add_parser(
+        "keygen",
+        help="generate an Ed25519 signing key pair",
+        description="Write ID.key (private, mode 0600: keep it on the MES) and ID.pub (give it to "
+        "stations: trusted_keys in their config). Never overwrites a key.",
+    )
     keygen.add_argument("--key-id", required=True, help="1-16 characters of A-Z a-z 0-9 _ . -")
     keygen.add_argument("--out", required=True, type=Path, help="directory for ID.key and ID.pub")
     keygen.set_defaults(func=_run(_keygen))
 
-    encode = commands.add_parser("encode", help="sign a recipe and encode it for one tag")
+    encode = commands.add_parser(
+        "encode",
+        help="sign a recipe and encode it for one tag",
+        description="Sign a recipe with a private key and encode it as the NDEF message for the "
+        "tag with this UID (the signature covers the UID: the message is valid on that tag only).",
+    )
     encode.add_argument("--recipe", required=True, type=Path, help="recipe YAML file")
     encode.add_argument(
         "--key", required=True, type=Path, help="private key (PEM), e.g. DIR/ID.key"
@@ -71,7 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     encode.set_defaults(func=_run(_encode))
 
-    decode = commands.add_parser("decode", help="decode and verify a tag's NDEF message")
+    decode = commands.add_parser(
+        "decode",
+        help="decode and verify a tag's NDEF message",
+        description="Decode an NDEF message read from a tag, verify its signature with the trusted "
+        "keys and print the traveler and its progress.",
+    )
     decode.add_argument("file", type=Path, help="NDEF message: binary, or hex text")
     decode.add_argument("--uid", required=True, help="UID of the tag the message was read from")
     decode.add_argument(
@@ -261,7 +284,9 @@ def _register_device_commands(commands: argparse._SubParsersAction) -> None:  # 
         )
 
     write = commands.add_parser(
-        "write", help="sign a recipe for the tag in the reader and write it"
+        "write",
+        help="sign a recipe for the tag in the reader and write it",
+        description="Sign a recipe for the tag in the reader (or the image file) and write it.",
     )
     write.add_argument("--recipe", required=True, type=Path, help="recipe YAML file")
     write.add_argument("--key", required=True, type=Path, help="private key (PEM)")
@@ -279,17 +304,29 @@ def _register_device_commands(commands: argparse._SubParsersAction) -> None:  # 
     where(write)
     write.set_defaults(func=_run(_tag_write))
 
-    read = commands.add_parser("read", help="read, decode and verify the tag in the reader")
+    read = commands.add_parser(
+        "read",
+        help="read, decode and verify the tag in the reader",
+        description="Read the tag in the reader (or the image file), decode and verify it.",
+    )
     where(read)
     trust(read)
     read.set_defaults(func=_run(_tag_read))
 
-    reset = commands.add_parser("reset-progress", help="mark every step of the tag not done")
+    reset = commands.add_parser(
+        "reset-progress",
+        help="mark every step of the tag not done",
+        description="Mark every step of the tag not done, so the part can go through again.",
+    )
     where(reset)
     trust(reset)
     reset.set_defaults(func=_run(_tag_reset))
 
-    erase = commands.add_parser("erase", help="leave an empty NDEF message on the tag")
+    erase = commands.add_parser(
+        "erase",
+        help="leave an empty NDEF message on the tag",
+        description="Leave an empty NDEF message on the tag (the traveler is gone).",
+    )
     where(erase)
     erase.set_defaults(func=_run(_tag_erase))
 

@@ -1,18 +1,27 @@
 """The agent's configuration: one YAML file, validated completely before any device is touched.
 
-Validation runs in stages (every problem in a stage is reported together):
+One validator: ``check-config``, ``run``, ``reload`` (MQTT and SIGHUP) and ``push_profile`` all call
+the functions of this module, so whatever one of them refuses, ``check-config`` refuses first.
+Validation runs in stages (every problem in a stage is reported together, each as
+``file:line: key.path: message``):
   1. the schema of this module (unknown keys, wrong types, missing keys),
-  2. the firmware profile the machine section names, and the ``machine:`` section against the
-     settings model of that profile's driver,
-  3. whole-config checks: trusted key files readable, paths exist.
-Relative paths in the file are relative to the file's own directory.
+  2. the firmware profile the machine section names (``machine/profile.py``), and the ``machine:``
+     section against the settings model of that profile's driver,
+  3. the driver's own rules: it encodes every constant the profile supplies (program numbers,
+     handshake values, parameter defaults) with these settings; no I/O (``machine_for``),
+  4. the files the config names: trusted keys are Ed25519 PEM public keys, the broker's TLS files
+     load, ``state_dir`` and the tag directory are directories the agent can create and write.
+``statedir.py`` adds the last stage, for ``run`` and ``check-config``: no other agent holds the
+state directory and its outbox opens. Relative paths are relative to the file's own directory.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+import ssl
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +36,7 @@ from pydantic import (
 
 from .errors import ConfigError, ConfigProblem
 from .machine import registry
+from .machine.driver import MachineDriver
 from .machine.profile import Profile, load_profile
 from .yamlfile import Lines, load_yaml, problems_from_validation, validate
 
@@ -89,6 +99,12 @@ class TlsConfig(_Strict):
     cert_file: Path | None = None  # client certificate, when the broker asks for one
     key_file: Path | None = None
     verify_hostname: bool = True  # the broker's certificate must name the host we connect to
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> TlsConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is only used with cert_file (the client certificate)")
+        return self
 
 
 _URI = re.compile(r"^(mqtts?)://(\[[0-9A-Fa-f:.]+\]|[^:/\s\[\]]+)(?::(\d{1,5}))?/?$")
@@ -212,6 +228,24 @@ class ThingsBoardConfig(_Strict):
     adjustments_attribute: str | None = "adjustments"  # shared attribute holding an adjustment set
 
 
+class HealthConfig(_Strict):
+    """The optional HTTP endpoint for /healthz and /metrics (docs/operations.md); off by default."""
+
+    # "PORT" (on 127.0.0.1) or "HOST:PORT"; no authentication: keep it on loopback unless a
+    # firewall decides who may scrape it.
+    listen: tuple[str, int] | None = None
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _host_port(cls, v: Any) -> Any:
+        if v is None or isinstance(v, tuple):
+            return v
+        host, _, port = str(v).rpartition(":")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"'{v}' is not PORT or HOST:PORT (e.g. 127.0.0.1:9410)")
+        return (host.strip("[]") or "127.0.0.1", int(port))
+
+
 class LogConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -231,6 +265,7 @@ class AgentConfigDoc(_Strict):
     state_dir: Path | None = None  # the disk outbox lives here; without it, in memory only
     outbox: OutboxConfig = OutboxConfig()
     log: LogConfig = LogConfig()
+    health: HealthConfig = HealthConfig()
 
     @field_validator("trusted_keys")
     @classmethod
@@ -239,6 +274,21 @@ class AgentConfigDoc(_Strict):
             if not re.match(r"^[A-Za-z0-9_.\-]{1,16}$", key_id):
                 raise ValueError(f"key id '{key_id}' must be 1-16 characters of A-Z a-z 0-9 _ . -")
         return v
+
+
+#: Sections a reload does not apply (identity, links and files opened once at start): a change
+#: is reported as ``restart_required``.
+NEEDS_RESTART = (
+    "gateway_id",
+    "station",
+    "reader",
+    "broker",
+    "log",
+    "thingsboard",
+    "health",
+    "state_dir",
+    "outbox",
+)
 
 
 @dataclass(frozen=True)
@@ -260,6 +310,12 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     thingsboard: ThingsBoardConfig = field(default_factory=ThingsBoardConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    lines: Lines = field(default_factory=dict, compare=False, repr=False)  # key path -> line
+
+    def problem(self, path: tuple[str, ...], message: str) -> ConfigProblem:
+        """A problem at ``path`` of this config file, with its line."""
+        return ConfigProblem(self.source, self.lines.get(path), ".".join(path), message)
 
     @property
     def client_id(self) -> str:
@@ -298,43 +354,42 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
             machine = _resolve_paths(settings_model.model_validate(settings), base)
         except ValidationError as err:
             problems.extend(problems_from_validation(err, file, lines, ("machine",)))
+    if profile is not None and machine is not None:
+        try:
+            machine_for(profile, machine)
+        except ConfigError as err:
+            problems.extend(err.problems)
+
+    def problem(path: tuple[str, ...], message: str | None) -> None:
+        if message is not None:
+            problems.append(ConfigProblem(file, lines.get(path), ".".join(path), message))
 
     keys = {}
     for key_id, key_path in doc.trusted_keys.items():
-        resolved = _resolve(base, key_path)
-        if not resolved.is_file():
-            problems.append(
-                ConfigProblem(
-                    file,
-                    lines.get(("trusted_keys", key_id)),
-                    f"trusted_keys.{key_id}",
-                    f"no such file: {resolved}",
-                )
-            )
-        keys[key_id] = resolved
+        keys[key_id] = resolved = _resolve(base, key_path)
+        problem(("trusted_keys", key_id), _public_key_problem(resolved))
 
     reader = doc.reader
     if isinstance(reader, SimulatedReaderConfig) and reader.directory is not None:
         reader = reader.model_copy(update={"directory": _resolve(base, reader.directory)})
+        assert reader.directory is not None
+        problem(("reader", "directory"), _directory_problem(reader.directory))
 
     broker = doc.broker
     if broker.tls is not None:
         tls_paths = {}
         for name in ("ca_file", "cert_file", "key_file"):
             value = getattr(broker.tls, name)
-            if value is None:
-                continue
-            tls_paths[name] = resolved = _resolve(base, value)
-            if not resolved.is_file():
-                problems.append(
-                    ConfigProblem(
-                        file,
-                        lines.get(("broker", "tls", name)),
-                        f"broker.tls.{name}",
-                        f"no such file: {resolved}",
-                    )
-                )
-        broker = broker.model_copy(update={"tls": broker.tls.model_copy(update=tls_paths)})
+            if value is not None:
+                tls_paths[name] = _resolve(base, value)
+        tls = broker.tls.model_copy(update=tls_paths)
+        broker = broker.model_copy(update={"tls": tls})
+        for name, message in _tls_problems(tls):
+            problem(("broker", "tls", name), message)
+
+    state_dir = _resolve(base, doc.state_dir) if doc.state_dir is not None else None
+    if state_dir is not None:
+        problem(("state_dir",), _directory_problem(state_dir))
 
     if problems or profile is None:
         raise ConfigError(problems)
@@ -351,10 +406,165 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         log=doc.log,
         commands=doc.commands,
         telemetry=doc.telemetry,
-        state_dir=_resolve(base, doc.state_dir) if doc.state_dir is not None else None,
+        state_dir=state_dir,
         outbox=doc.outbox,
         thingsboard=doc.thingsboard,
+        health=doc.health,
+        lines=lines,
     )
+
+
+def machine_for(profile: Profile, settings: Any, *, text: str | None = None) -> MachineDriver:
+    """Stage 3: the driver of ``profile`` with these ``machine:`` settings, not connected.
+
+    Creating it encodes every constant the profile supplies, so a program number outside its
+    point's limits or a default outside the envelope is refused here, with its line, and not at
+    the first part. ``text``: the profile's YAML when it is not a file (a pushed profile).
+    """
+    try:
+        return registry.driver_module(profile.driver).create(settings, profile)  # type: ignore[no-any-return]
+    except ConfigError as err:
+        raise ConfigError(locate(err.problems, profile.source, text)) from err
+
+
+def profile_for(profile: Profile, config: AgentConfig, *, text: str | None = None) -> MachineDriver:
+    """The checks ``check-config`` runs on a config's profile, for another profile on the same
+    machine (``push_profile``): the same driver, and stage 3. Returns the driver for it."""
+    current = config.profile.driver
+    if profile.driver != current:
+        lines = _lines_of(profile.source, text)
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    profile.source,
+                    lines.get(("driver",)),
+                    "driver",
+                    f"'{profile.driver}' differs from the machine's driver '{current}': "
+                    "a new machine needs a new config, not a pushed profile",
+                )
+            ]
+        )
+    return machine_for(profile, config.machine, text=text)
+
+
+def _lines_of(file: str, text: str | None) -> Lines:
+    try:
+        return load_yaml(file, text)[1]
+    except ConfigError:
+        return {}
+
+
+_KEY_PART = re.compile(r"\[(\d+)\]|([^.\[\]]+)")
+
+
+def locate(problems: list[ConfigProblem], file: str, text: str | None) -> list[ConfigProblem]:
+    """Give the problems in ``file`` that were found after parsing (``operations.drill.program``)
+    the line of their key. ``text``: the file's YAML when it is not on disk."""
+    if all(p.line is not None or p.file != file for p in problems):
+        return problems
+    lines = _lines_of(file, text)
+    out = []
+    for p in problems:
+        if p.line is None and p.file == file:
+            path: tuple[str | int, ...] = tuple(
+                int(index) if index else key for index, key in _KEY_PART.findall(p.path)
+            )
+            while path and path not in lines:
+                path = path[:-1]
+            p = replace(p, line=lines.get(path))
+        out.append(p)
+    return out
+
+
+def _public_key_problem(path: Path) -> str | None:
+    """Why the agent could not load ``path`` as a trusted key (None: it can)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    if not path.exists():
+        return f"no such file: {path}"
+    if path.is_dir():
+        return f"{path} is a directory, not a key file"
+    if not path.is_file():
+        return f"{path} is not a regular file"
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return f"cannot read {path}: {err.strerror}"
+    if b"PRIVATE KEY-----" in data:
+        return f"{path} is a private key: a station needs only the public key (the .pub file)"
+    try:
+        key = load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return (
+            f"{path} is not a PEM public key (a '-----BEGIN PUBLIC KEY-----' block, "
+            "as 'edge-agent tag keygen' writes)"
+        )
+    if not isinstance(key, Ed25519PublicKey):
+        kind = type(key).__name__.lstrip("_").removesuffix("PublicKey")
+        kind = {"EllipticCurve": "EC"}.get(kind, kind)
+        return f"{path} holds a key of type {kind}; travelers are signed with Ed25519"
+    return None
+
+
+def _directory_problem(path: Path) -> str | None:
+    """Why the agent could not create ``path`` or write in it (None: it can).
+
+    Tried, not guessed from permission bits: a file is created and removed in it, or, when it does
+    not exist yet, a directory in its nearest existing parent. Nothing is left behind.
+    """
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} exists and is not a directory"
+        try:
+            with tempfile.TemporaryFile(dir=path, prefix=".edge-agent-check-"):
+                pass
+        except OSError as err:
+            return f"cannot write in {path}: {err.strerror}"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create {path}: {parent} is not a directory"
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".edge-agent-check-"))
+    except OSError as err:
+        return f"cannot create {path}: {err.strerror} (in {parent})"
+    return None
+
+
+def _tls_problems(tls: TlsConfig) -> list[tuple[str, str]]:
+    """The broker's TLS files, loaded as the uplink loads them (``ssl``), so a bad one is named
+    here and not in a traceback at start."""
+    problems = []
+    for name in ("ca_file", "cert_file", "key_file"):
+        value = getattr(tls, name)
+        if value is not None and not value.is_file():
+            what = "is a directory" if value.is_dir() else "no such file"
+            problems.append((name, f"{what}: {value}"))
+    if problems:
+        return problems
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=str(tls.ca_file))
+    except (ssl.SSLError, OSError) as err:
+        problems.append(("ca_file", f"{tls.ca_file} is not a PEM certificate bundle ({_why(err)})"))
+    if tls.cert_file is not None:
+        try:
+            # An encrypted key would make OpenSSL prompt on the terminal: refuse it instead.
+            context.load_cert_chain(str(tls.cert_file), tls.key_file and str(tls.key_file), b"")
+        except (ssl.SSLError, OSError) as err:
+            problems.append(
+                ("cert_file", f"{tls.cert_file} and its key do not load together ({_why(err)})")
+            )
+    return problems
+
+
+def _why(err: Exception) -> str:
+    reason = getattr(err, "reason", None) or getattr(err, "strerror", None) or str(err)
+    return str(reason).replace("_", " ").lower()
 
 
 def _resolve_paths(model: BaseModel, base: Path) -> Any:

@@ -26,7 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from .agent import Agent
 from .config import load_config
 from .errors import PartRejected
-from .instructions.format import TAG_CAPACITY, decode_tag, encode_tag, update_progress
+from .instructions.codec import TAG_CAPACITY, decode_tag, encode_tag, update_progress
 from .instructions.model import Step, StepRecord, StepStatus
 from .instructions.recipe import Recipe
 from .instructions.signing import KeyRing, generate_keypair, load_private_key
@@ -148,7 +148,7 @@ async def _opcua_machine(options: DemoOptions, workdir: Path) -> tuple[Any, str,
     """(embedded simulator or None, the config's machine settings, a label for the banner)."""
     if options.machine:
         return None, f"url: {json.dumps(options.machine)}", f"{options.machine} (external)"
-    from .machine.opcua_security import thumbprint
+    from .machine.opcua.security import thumbprint
     from .sim.opcua_machine import ReferenceOpcUaMachine
 
     sim = ReferenceOpcUaMachine(pki=workdir / "server-pki", users={"demo": "demo"})

@@ -54,8 +54,18 @@ class MachineError(EdgeAgentError):
 
     def __init__(self, message: str, *, device: str = "", retryable: bool = True) -> None:
         self.device = device
+        self.detail = message  # without the device, for a log line that names it as a field
         self.retryable = retryable
         super().__init__(f"{device}: {message}" if device else message)
+
+
+class MachineRefused(MachineError):
+    """The machine answered but refused this gateway's identity (user name, password, user
+    certificate): authentication refused. Not retried quickly; the config or the machine's user
+    list must change."""
+
+    def __init__(self, message: str, *, device: str = "") -> None:
+        super().__init__(message, device=device, retryable=False)
 
 
 class MachineFault(MachineError):

@@ -98,7 +98,7 @@ def problems_from_validation(
 ) -> list[ConfigProblem]:
     """Translate pydantic's errors into problems that name file, line and key path."""
     problems = []
-    for e in err.errors():
+    for e in _closest_members(err.errors(), lines, prefix):
         path = _data_path(prefix, e["loc"], lines)
         message = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -109,6 +109,38 @@ def problems_from_validation(
             message = message[len("Value error, ") :]
         problems.append(ConfigProblem(file, _line_for(path, lines), _dotted(path), message))
     return problems
+
+
+def _closest_members(errors: list[Any], lines: Lines, prefix: tuple[str | int, ...]) -> list[Any]:
+    """One mistake, one line: a value that matches no member of a union of models (a handshake
+    step with a typo) gets errors from every member, 14 lines for ``sett: trigger``. Keep those of
+    the member that came closest (the fewest errors): ``sett: unknown key``."""
+    groups: dict[tuple[Any, ...], dict[str, int]] = {}
+    tags: list[tuple[tuple[Any, ...], str] | None] = []
+    for e in errors:
+        at = _union_tag(prefix, e["loc"], lines)
+        if at is None:
+            tags.append(None)
+            continue
+        where, tag = e["loc"][:at], e["loc"][at]
+        members = groups.setdefault(where, {})
+        members[tag] = members.get(tag, 0) + 1
+        tags.append((where, tag))
+    closest = {where: min(members, key=members.__getitem__) for where, members in groups.items()}
+    return [e for e, t in zip(errors, tags, strict=True) if t is None or closest[t[0]] == t[1]]
+
+
+def _union_tag(
+    prefix: tuple[str | int, ...], loc: tuple[str | int, ...], lines: Lines
+) -> int | None:
+    # pydantic names the union member (the model's class name) in ``loc``; it is not a key.
+    path = prefix
+    for i, part in enumerate(loc[:-1]):
+        if (*path, part) in lines:
+            path = (*path, part)
+        elif isinstance(part, str) and part[:1].isupper():
+            return i
+    return None
 
 
 def _data_path(
@@ -156,25 +188,21 @@ def add_suggestions(problems: list[ConfigProblem], model: type[BaseModel], skip:
 
 
 def _known_keys(model: type[BaseModel], parents: list[str]) -> list[str]:
-    current: Any = model
+    # A union of models (a handshake step) at some level: the keys of every member.
+    current: list[type[BaseModel]] = [model]
     for part in parents:
         if part.isdigit():  # a list index: the item model was already found through list[...]
             continue
-        fields = getattr(current, "model_fields", None)
-        if fields is None or part not in fields:
-            return []
-        current = _model_of(fields[part].annotation)
-        if current is None:
-            return []
-    fields = getattr(current, "model_fields", None)
-    return list(fields) if fields else []
+        current = [
+            found
+            for m in current
+            if part in m.model_fields
+            for found in _models_of(m.model_fields[part].annotation)
+        ]
+    return list(dict.fromkeys(key for m in current for key in m.model_fields))
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
+def _models_of(annotation: Any) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
+        return [annotation]
+    return [m for arg in getattr(annotation, "__args__", ()) for m in _models_of(arg)]

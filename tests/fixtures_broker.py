@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,14 +13,14 @@ import pytest
 import pytest_asyncio
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.sim.broker import EmbeddedBroker
+from edge_agent.sim.broker import EmbeddedBroker, find_mosquitto
 
 __all__ = ["MqttRecorder", "broker", "recorder"]
 
 
 @pytest_asyncio.fixture
 async def broker() -> AsyncIterator[EmbeddedBroker]:
-    if not shutil.which("mosquitto"):
+    if not find_mosquitto():
         pytest.fail(
             "mosquitto is not installed: `apt-get install mosquitto` (CI does this in .ci/run)"
         )

@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.instructions.format import TAG_CAPACITY, decode_tag, encode_tag, update_progress
+from edge_agent.instructions.codec import TAG_CAPACITY, decode_tag, encode_tag, update_progress
 from edge_agent.instructions.model import Step, StepRecord, StepStatus
 from edge_agent.instructions.recipe import Recipe
 from edge_agent.instructions.signing import KeyRing

@@ -11,7 +11,7 @@ import pytest_asyncio
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
-from edge_agent.instructions.format import decode_tag
+from edge_agent.instructions.codec import decode_tag
 from edge_agent.instructions.model import Step
 from edge_agent.instructions.signing import KeyRing, load_private_key
 from edge_agent.sim.autoid_reader import AutoIdReaderSim, SimulatedRfidTag

@@ -67,7 +67,7 @@ async def test_run_daemon_end_to_end_and_sigterm(
     tmp_path: Path, reference_plc: object, broker: EmbeddedBroker, recorder: MqttRecorder
 ) -> None:
     """`edge-agent run` with a directory reader: drop a tag file, get a report, SIGTERM, offline."""
-    from edge_agent.instructions.format import TAG_CAPACITY, decode_tag, encode_tag, update_progress
+    from edge_agent.instructions.codec import TAG_CAPACITY, decode_tag, encode_tag, update_progress
     from edge_agent.instructions.model import Step, StepRecord, StepStatus
     from edge_agent.instructions.recipe import Recipe
     from edge_agent.instructions.signing import KeyRing, load_private_key
@@ -179,3 +179,34 @@ async def test_demo_against_external_machine_and_broker(
     # An independent subscriber on the external broker saw the same three reports.
     reports = await recorder.wait_for("demo-gw/cycles", 3)
     assert [r["status"] for r in reports] == ["ok", "ok", "ok"]
+
+
+def test_every_demo_option_readme_advertises_is_installed_by_the_demo_extra() -> None:
+    """README's first command installs '.[demo]'; the options it then advertises need these."""
+    import tomllib
+
+    readme = (REPO / "README.md").read_text()
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    demo = {req.split("==")[0].lower() for req in extras["demo"]}
+    needs = {"--nfc": "nfcpy", "--opcua": "asyncua"}  # the library each option imports
+    for option, package in needs.items():
+        assert f"`{option}`" in readme
+        assert package in demo, f"demo {option} needs {package}, not in the demo extra"
+
+
+def test_demo_without_its_library_says_what_to_install(tmp_path: Path) -> None:
+    # An install without the demo extra: asyncua cannot be imported.
+    blocker = tmp_path / "asyncua"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'asyncua'\", name='asyncua')\n"
+    )
+    out = edge_agent(
+        "demo", "--opcua", "--parts", "1", env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}
+    )
+    assert out.returncode == 1
+    assert "needs the Python package 'asyncua'" in out.stderr
+    assert "pip install 'edge-agent[demo]'" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -191,6 +191,8 @@ async def test_pause_lets_the_part_in_the_machine_finish_and_refuses_new_parts(
     assert refused.machine_state == "untouched" and reference_plc.cycles == cycles
     sent = await recorder.wait_for("gw-test/cycles", 2)
     assert sent[1]["reason"] == "paused" and sent[1]["tag_uid"] == "04000000000002"
+    assert sent[1]["part"]["id"] == "P-1" and sent[1]["key_id"] == "mes"  # which part it was
+    assert second.writes == 0  # the tag is read, not written
     assert (await line.call("status"))["result"]["paused"] is True
 
     assert (await line.call("resume"))["result"] == {"paused": False}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.instructions.format import TAG_CAPACITY, encode_tag
+from edge_agent.instructions.codec import TAG_CAPACITY, encode_tag
 from edge_agent.instructions.recipe import load_recipe
 from edge_agent.machine import registry
 from edge_agent.machine.profile import load_profile

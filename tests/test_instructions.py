@@ -19,7 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.errors import PartRejected
-from edge_agent.instructions.format import (
+from edge_agent.instructions.codec import (
     PROGRESS_TYPE,
     SIGNING_CONTEXT,
     TAG_CAPACITY,
@@ -412,14 +412,17 @@ def test_no_valid_slot_is_progress_corrupt() -> None:
         assert rejected(build(payload, a, b)).reason == "progress_corrupt"
 
 
-def test_progress_that_does_not_fit_the_slot_is_a_value_error() -> None:
-    contents = decode_tag(encode(), UID, KEYRING)
-    full = Progress(records=(record("station-1"),) * 3)  # 9 characters each
-    update_progress(contents, Progress(records=(record("st-8char"),) * 3))  # fits: the guarantee
-    long = Progress(records=(record("s" * 40),) * 3)
-    with pytest.raises(ValueError, match=r"bytes over"):
-        update_progress(contents, long)
-    assert len(update_progress(contents, full)) == len(contents.message)
+def test_every_progress_a_station_can_write_fits_the_smallest_slot_allowed() -> None:
+    contents = decode_tag(encode(capacity=447), UID, KEYRING)  # slots just big enough
+    assert contents.slot_size == full_progress_size(3)
+    worst = StepRecord(StepStatus.FAILED, "st-8char", 2**32 - 1)  # longest station id, latest time
+    message = update_progress(contents, Progress(records=(worst,) * 3))
+    assert len(message) == len(contents.message)
+    assert decode_tag(message, UID, KEYRING).progress.records == (worst,) * 3
+    # A station id no station can have is refused before it costs a byte.
+    for station in ("station-1", "s" * 40, "st 20", "-st"):
+        with pytest.raises(ValueError, match="record for step 1: station"):
+            update_progress(contents, Progress(records=(record(station),)))
     with pytest.raises(ValueError, match="records for 3 steps"):
         update_progress(contents, Progress(records=(None,) * 4))
 
@@ -560,4 +563,4 @@ def test_random_validly_signed_bodies_and_progress_only_raise_part_rejected() ->
         payload, digest = signed_payload(body)
         records = [random_cbor(rng, 2) for _ in range(rng.randrange(3))]
         slot_b = slot(rng.randrange(3), rng.choice([digest[:4], b"abcd"]), records, size=200)
-        decode_or_reject(build(payload, slot(0, digest[:4], []), slot_b))
+        decode_or_reject(build(payload, slot(0, digest[:4], [], size=200), slot_b))

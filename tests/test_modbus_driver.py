@@ -92,7 +92,8 @@ async def test_device_names_host_port_and_unit(
 
 async def test_connect_refused_names_host_and_port_then_backs_off(profile: Profile) -> None:
     port = free_port()  # nothing listens there any more
-    settings = ModbusSettings(host="127.0.0.1", port=port, reconnect_min=0.04, reconnect_max=0.12)
+    # Backoffs long enough that a loaded machine's scheduling delays stay well inside them.
+    settings = ModbusSettings(host="127.0.0.1", port=port, reconnect_min=0.2, reconnect_max=0.6)
     d = create(settings, profile)
     with pytest.raises(MachineError) as err:
         await d.connect()
@@ -100,11 +101,10 @@ async def test_connect_refused_names_host_and_port_then_backs_off(profile: Profi
         f"modbus 127.0.0.1:{port} unit 1: cannot connect to 127.0.0.1:{port}: Connection refused"
     )
 
-    # In backoff: fail fast, without knocking.
-    t0 = time.perf_counter()
-    with pytest.raises(MachineError, match=r"unreachable, next attempt in 0\.0\d s") as err:
+    # In backoff: fail fast, without knocking (the message says so; an attempt would say
+    # "cannot connect").
+    with pytest.raises(MachineError, match=r"unreachable, next attempt in 0\.\d\d s") as err:
         await d.read(["tool"])
-    assert time.perf_counter() - t0 < 0.1
     assert err.value.device == d.device
     assert str(err.value).endswith(
         f"(last error: cannot connect to 127.0.0.1:{port}: Connection refused)"
@@ -113,7 +113,7 @@ async def test_connect_refused_names_host_and_port_then_backs_off(profile: Profi
     # The wait doubles with each failed attempt and stops at reconnect_max (jitter: 0.8..1.2).
     waits = []
     for _ in range(4):
-        await asyncio.sleep(0.15)  # past any backoff: this is a real attempt
+        await asyncio.sleep(0.75)  # past any backoff: this is a real attempt
         with pytest.raises(MachineError, match="cannot connect"):
             await d.connect()
         with pytest.raises(MachineError) as err:
@@ -121,8 +121,8 @@ async def test_connect_refused_names_host_and_port_then_backs_off(profile: Profi
         match = re.search(r"next attempt in ([\d.]+) s", str(err.value))
         assert match is not None
         waits.append(float(match.group(1)))
-    assert 0.05 < waits[0] <= 0.1  # second failure: 0.08 +- 20 %, shown to 2 decimals
-    assert waits[1:] == [pytest.approx(0.12, abs=0.01)] * 3
+    assert 0.25 < waits[0] <= 0.5  # second failure: 0.4 +- 20 %, less the time since
+    assert waits[1:] == [pytest.approx(0.6, abs=0.1)] * 3
     await d.close()
 
 
@@ -313,7 +313,7 @@ async def test_done_delay_and_wait_polls(driver: ModbusDriver, reference_plc: Re
     t0 = time.perf_counter()
     await driver.wait_until("done", True, 2.0)
     elapsed = time.perf_counter() - t0
-    assert 0.09 <= elapsed < 0.5
+    assert 0.09 <= elapsed < 1.5  # when done came, well before the 2 s timeout
     assert reference_plc.requests[FC_READ_COILS] > 3  # it polled
 
 
@@ -323,7 +323,7 @@ async def test_wait_times_out_with_machine_fault(
     t0 = time.perf_counter()
     with pytest.raises(MachineFault) as err:
         await driver.wait_until("done", True, 0.2)
-    assert 0.2 <= time.perf_counter() - t0 < 0.5
+    assert 0.2 <= time.perf_counter() - t0 < 2.0  # gave up at its timeout, did not hang
     assert str(err.value) == (
         f"{driver.device}: done did not become true within 0.2 s (last value false)"
     )
@@ -379,7 +379,7 @@ async def test_plc_that_stops_answering(reference_plc: ReferencePlc, profile: Pr
     t0 = time.perf_counter()
     with pytest.raises(MachineError) as err:
         await d.read(["cycle_count"])
-    assert 0.35 < time.perf_counter() - t0 < 1.0  # two tries of 0.2 s
+    assert 0.35 < time.perf_counter() - t0 < 3.0  # two tries of 0.2 s (the message says 1 retry)
     assert str(err.value) == (
         f"{d.device}: read_input_registers address 10 count 1 (cycle_count): "
         "no response within 0.2 s (1 retries)"
@@ -404,7 +404,7 @@ async def test_connection_dropped_during_a_request_fails_at_once(
         MachineError, match=r"read_holding_registers address 7 count 1 \(tool\): connection lost"
     ):
         await read
-    assert time.perf_counter() - t0 < 0.5  # not the 5 s timeout
+    assert time.perf_counter() - t0 < 2.5  # not the 5 s timeout
     reference_plc.set_unreachable(False)
     assert await d.read(["tool"]) == {"tool": 0}
     await d.close()

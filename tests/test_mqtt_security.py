@@ -379,10 +379,10 @@ async def test_failover_to_the_next_broker_uri(broker: EmbeddedBroker) -> None:
         assert await uplink.flush(5)
         await uplink.stop({"state": "offline"})
     [failed] = unreachable(logs)
-    assert failed["broker"] == f"mqtt://127.0.0.1:{dead}"
+    assert failed["device"] == f"mqtt://127.0.0.1:{dead}"
     assert failed["reason"] == "Connection refused"
     connected = [e for e in logs if e["event"] == "broker link recovered"]
-    assert connected[0]["broker"] == f"mqtt://{broker.host}:{broker.port}"
+    assert connected[0]["device"] == f"mqtt://{broker.host}:{broker.port}"
 
 
 def take_over_session(broker: EmbeddedBroker, client_id: str, protocol: str) -> None:
@@ -443,7 +443,9 @@ async def test_commands_queued_while_away_arrive_after_reconnect(
 
 def _config_file(tmp_path: Path, broker_yaml: str) -> Path:
     profile = Path(__file__).resolve().parent.parent / "firmware_profiles" / "reference-plc.yaml"
-    (tmp_path / "mes.pub").write_text("placeholder")
+    (tmp_path / "mes.pub").write_bytes(
+        (profile.parents[1] / "config/keys/mes-example.pub").read_bytes()
+    )
     path = tmp_path / "station.yaml"
     path.write_text(
         "gateway_id: gw-c\nstation: st-20\nreader: {type: simulated}\n"
@@ -454,7 +456,7 @@ def _config_file(tmp_path: Path, broker_yaml: str) -> Path:
 
 
 def test_config_resolves_tls_files_and_failover_uris(tmp_path: Path) -> None:
-    (tmp_path / "ca.pem").write_text("x")
+    (tmp_path / "ca.pem").write_bytes(make_ca("CA")[1].public_bytes(serialization.Encoding.PEM))
     path = _config_file(
         tmp_path,
         "broker:\n  uris: [mqtts://a.plant:8883, 'mqtts://[::1]']\n  protocol: 5\n"

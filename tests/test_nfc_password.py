@@ -8,7 +8,7 @@ import pytest
 
 from edge_agent.cli import main
 from edge_agent.errors import TagIOError
-from edge_agent.instructions.format import decode_tag, update_progress
+from edge_agent.instructions.codec import decode_tag, update_progress
 from edge_agent.instructions.model import StepRecord, StepStatus
 from edge_agent.instructions.signing import generate_keypair
 from edge_agent.sim.ntag import PAGE, NtagImage, NtagSimulator

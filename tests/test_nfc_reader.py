@@ -8,7 +8,7 @@ import ndef
 import pytest
 
 from edge_agent.errors import PartRejected, TagIOError
-from edge_agent.instructions.format import decode_tag, update_progress
+from edge_agent.instructions.codec import decode_tag, update_progress
 from edge_agent.instructions.model import StepRecord, StepStatus
 from edge_agent.sim.ntag import NtagImage, NtagSimulator
 from edge_agent.tag.nfc import NfcReader

@@ -62,10 +62,10 @@ async def test_reader_absent_then_unplugged_mid_presence_then_back(ntag_sim: Nta
     with structlog.testing.capture_logs() as logs:
         await _run_through_outages(reader, port, ntag_sim)
     seen = [(e["log_level"], e["event"]) for e in logs if e["event"].startswith("nfc reader")]
-    absent = [level for level, event in seen if event == "nfc reader not available; retrying"]
+    absent = [level for level, event in seen if event == "nfc reader unreachable"]
     assert absent[0] == "warning" and set(absent[1:]) == {"debug"}  # WARNING once, then DEBUG
-    assert ("warning", "nfc reader lost; retrying") in seen
-    assert seen.count(("info", "nfc reader recovered")) == 2
+    assert ("warning", "nfc reader link lost") in seen
+    assert seen.count(("info", "nfc reader link recovered")) == 2
 
 
 async def _run_through_outages(reader: NfcReader, port: UsbPort, ntag_sim: NtagSimulator) -> None:

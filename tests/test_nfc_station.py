@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from edge_agent.demo import DemoOptions, run_demo
-from edge_agent.instructions.format import decode_tag
+from edge_agent.instructions.codec import decode_tag
 from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.ntag import NtagImage, NtagSimulator

@@ -57,6 +57,7 @@ def test_check_config_online(opcua_machine: OpcUaMachineProcess, tmp_path: Path)
         "check-config", "--online", "-c", str(_config(tmp_path, opcua_machine.url, broken))
     )
     assert bad.returncode == 2
+    assert "the machine does not match the profile (2 problems)" in bad.stderr
     lines = broken.read_text().splitlines()
     count_line = 1 + next(i for i, line in enumerate(lines) if line.strip().startswith("count:"))
     assert (
@@ -70,4 +71,4 @@ def test_check_config_online(opcua_machine: OpcUaMachineProcess, tmp_path: Path)
     nobody = OpcUaMachineProcess(tmp_path)  # nothing listens there
     down = edge_agent("check-config", "--online", "-c", str(_config(tmp_path, nobody.url)))
     assert down.returncode == 1
-    assert "machine check failed" in down.stderr and "connect" in down.stderr
+    assert "machine unreachable" in down.stderr and "connect" in down.stderr

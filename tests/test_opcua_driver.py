@@ -21,8 +21,8 @@ from cryptography import x509
 from edge_agent.errors import MachineError, MachineFault
 from edge_agent.machine import opcua
 from edge_agent.machine.opcua import MachineMismatch
-from edge_agent.machine.opcua_client import OpcUaDriver
-from edge_agent.machine.opcua_security import thumbprint
+from edge_agent.machine.opcua.driver import OpcUaDriver
+from edge_agent.machine.opcua.security import thumbprint
 from edge_agent.machine.profile import load_profile
 from edge_agent.sim.opcua_machine import NAMESPACE
 from edge_agent.station.handshake import run_handshake

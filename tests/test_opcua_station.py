@@ -12,7 +12,7 @@ import pytest
 from asyncua import Client, ua
 
 from edge_agent.instructions.model import Step
-from edge_agent.machine.opcua_security import thumbprint
+from edge_agent.machine.opcua.security import thumbprint
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.opcua_machine import NAMESPACE
 from edge_agent.station.cycle import CycleReport

@@ -11,7 +11,7 @@ import ndef
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.instructions.format import TRAVELER_TYPE, decode_tag
+from edge_agent.instructions.codec import TRAVELER_TYPE, decode_tag
 from edge_agent.instructions.model import Step, StepStatus
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.tag.simulated import SimulatedTag
@@ -257,3 +257,22 @@ async def test_broker_down_reports_delivered_exactly_as_produced(
         recorder.close()
         await broker.stop()
         broker.close()
+
+
+async def test_durations_are_rounded_to_three_decimals_in_every_phase(
+    station: Station, recorder: MqttRecorder
+) -> None:
+    # The parameter write is two requests here (parameters, program): their sum was reported as
+    # e.g. 0.5790000000000001 while every other phase had 3 decimals.
+    for n in range(12):
+        tag = station.tag(
+            routing(Step("drill", DRILL, "st-20")), done=1, uid=bytes([4, n, 2, 3, 4, 5, 6])
+        )
+        report = await station.cycle(tag)
+        assert report.status == "ok", report.error
+    reports = await recorder.wait_for("gw-test/cycles", 12)
+    for message in reports:
+        durations = message["durations_ms"]
+        assert {"total", "tag_read", "verify", "machine_write", "machine_cycle"} <= set(durations)
+        for phase, ms in durations.items():
+            assert ms == round(ms, 3), (phase, ms)

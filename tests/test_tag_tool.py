@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cli import main
-from edge_agent.instructions.format import decode_tag
+from edge_agent.instructions.codec import decode_tag
 from edge_agent.instructions.signing import KeyRing, generate_keypair, load_public_key
 from edge_agent.sim.ntag import NtagImage, NtagSimulator
 

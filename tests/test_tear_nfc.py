@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from edge_agent.errors import TagIOError
-from edge_agent.instructions.format import decode_tag, update_progress
+from edge_agent.instructions.codec import decode_tag, update_progress
 from edge_agent.instructions.model import StepRecord, StepStatus
 from edge_agent.sim.ntag import NtagSimulator
 from edge_agent.tag.nfc import NfcReader

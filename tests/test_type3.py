@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 
 from edge_agent.errors import TagIOError
-from edge_agent.instructions.format import decode_tag, update_progress
+from edge_agent.instructions.codec import decode_tag, update_progress
 from edge_agent.instructions.model import Step, StepRecord, StepStatus
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.felica import FelicaImage, FelicaSimulator

@@ -1,6 +1,6 @@
 """What a tag says about its part, once decoded and verified.
 
-Plain frozen data: the codec (``format.py``) builds these from tag bytes, the station cycle reads them.
+Plain frozen data: the codec (``codec.py``) builds these from tag bytes, the station cycle reads them.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ The same limits as the tag decoder apply here, so a recipe that loads also encod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -34,7 +34,14 @@ from pydantic import (
 )
 
 from ..yamlfile import load_yaml, validate
-from .format import MAX_PARAMS, MAX_STEPS, name_problem, text_problem, value_problem
+from .limits import (
+    MAX_PARAMS,
+    MAX_STEPS,
+    name_problem,
+    station_problem,
+    text_problem,
+    value_problem,
+)
 from .model import Step
 
 
@@ -51,11 +58,11 @@ RecipeValue = Annotated[
 ]
 
 
-def _text_field(value: object) -> object:
+def _text_field(value: object, problem_of: Callable[[object], str | None] = text_problem) -> object:
     if not isinstance(value, str):
         # YAML turns `order: 004711` into the number 4711; silently losing the zeros is worse.
         raise ValueError("must be text; quote it in YAML, e.g. '004711'")
-    if problem := text_problem(value):
+    if problem := problem_of(value):
         raise ValueError(problem)
     return value
 
@@ -77,7 +84,7 @@ class RecipeStep(BaseModel):
     @field_validator("station", mode="before")
     @classmethod
     def _station(cls, value: object) -> object:
-        return None if value is None else _text_field(value)
+        return None if value is None else _text_field(value, station_problem)
 
     @field_validator("parameters", mode="before")
     @classmethod

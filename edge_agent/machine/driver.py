@@ -23,10 +23,16 @@ class MachineDriver(ABC):
 
     #: A short human name for logs and errors, e.g. "modbus 10.0.0.5:502 unit 1".
     device: str
+    #: Successful connections so far: a change means a new session since the last look.
+    sessions: int = 0
 
     @abstractmethod
     async def connect(self) -> None:
         """Open the connection; raise MachineError when the machine cannot be reached."""
+
+    @abstractmethod
+    def attempt_now(self) -> None:
+        """Let the next ``connect()`` try at once, whatever its backoff says (a part is waiting)."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -6,8 +6,9 @@ Every failure is a ``MachineError`` that names the device, the Modbus function, 
 and the points involved; exception responses carry the Modbus exception code's name.
 
 Connection policy: one TCP connection, opened on demand. When it is lost the next call reconnects
-at once; when connecting fails, further attempts back off exponentially (with jitter, capped at
-``reconnect_max``) and calls in between fail fast instead of hammering a PLC that is down.
+at once; when connecting fails, further attempts back off exponentially (``link.Link``: with
+jitter, capped at ``reconnect_max``) and calls in between fail fast instead of hammering a PLC
+that is down, unless a part is waiting (``attempt_now()``).
 pymodbus's own background reconnect is disabled (``reconnect_delay=0``) so that it does not race ours.
 """
 
@@ -22,14 +23,15 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, NoReturn, Self
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 from pymodbus.pdu import ModbusPDU
 
-from ..backoff import Backoff
 from ..errors import MachineError, MachineFault
+from ..link import Link, LinkState, LinkWaiting
 from . import codec
 from .driver import (
     MachineDriver,
@@ -49,6 +51,8 @@ from .modbus_plan import (
     plan_writes,
 )
 from .profile import BasePoint, PointType, Profile
+
+log = structlog.get_logger("modbus")
 
 __all__ = [
     "POINT_MODEL",
@@ -189,7 +193,9 @@ class ModbusDriver(MachineDriver):
         self._client: AsyncModbusTcpClient | None = None
         self._lost: asyncio.Future[None] | None = None  # resolved when the peer drops us
         self._connect_lock = asyncio.Lock()
-        self._backoff = Backoff(settings.reconnect_min, settings.reconnect_max)
+        self._link = Link(
+            "machine", self.device, settings.reconnect_min, settings.reconnect_max, logger=log
+        )
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -201,15 +207,14 @@ class ModbusDriver(MachineDriver):
         async with self._connect_lock:
             if self.connected:
                 return
-            waiting = self._backoff.waiting()
-            if waiting is not None:
-                raise MachineError(waiting, device=self.device)
             try:
-                await self._open()
-            except MachineError as err:
-                self._backoff.failed(str(err).removeprefix(f"{self.device}: "))
-                raise
-            self._backoff.succeeded()
+                await self._link.attempt(self._open)
+            except LinkWaiting as err:
+                raise MachineError(str(err), device=self.device) from None
+            self.sessions += 1
+
+    def attempt_now(self) -> None:
+        self._link.attempt_now()
 
     async def _open(self) -> None:
         await self._drop()
@@ -223,7 +228,7 @@ class ModbusDriver(MachineDriver):
             retries=s.retries,
             reconnect_delay=0,  # 0 disables pymodbus's background reconnect; we do our own
             reconnect_delay_max=0,
-            trace_connect=functools.partial(_on_connection, lost),
+            trace_connect=functools.partial(self._on_connection, lost),
         )
         # client.connect() swallows the reason (it returns False); open the transport the same way
         # it does so that "connection refused" or a DNS failure reaches the error message.
@@ -252,7 +257,14 @@ class ModbusDriver(MachineDriver):
             with contextlib.suppress(Exception):
                 client.close()
 
+    def _on_connection(self, lost: asyncio.Future[None], up: bool) -> None:
+        if not up and not lost.done():
+            lost.set_result(None)
+            if self._link.state is LinkState.CONNECTED:
+                self._link.lost()  # the next call reconnects at once
+
     async def close(self) -> None:
+        self._link.stop()
         with contextlib.suppress(Exception):  # never raises, whatever state the client is in
             await self._drop()
 
@@ -462,8 +474,3 @@ class ModbusDriver(MachineDriver):
         if isinstance(err, ConnectionException):
             raise MachineError(f"{where}: not connected", device=self.device) from err
         raise MachineError(f"{where}: {err}", device=self.device) from err
-
-
-def _on_connection(lost: asyncio.Future[None], up: bool) -> None:
-    if not up and not lost.done():
-        lost.set_result(None)

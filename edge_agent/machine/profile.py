@@ -270,7 +270,9 @@ def load_profile(path: str | Path, text: str | None = None) -> Profile:
     try:
         doc = ProfileDoc.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(problems_from_validation(err, file, lines)) from err
+        found = problems_from_validation(err, file, lines)
+        add_suggestions(found, ProfileDoc)  # did you mean, for handshake keys too
+        raise ConfigError(found) from err
 
     problems: list[ConfigProblem] = []
     points = _validate_points(doc, file, lines, problems)
@@ -302,7 +304,14 @@ def _validate_points(
         except ValidationError as err:
             found = problems_from_validation(err, file, lines, ("points", name))
             add_suggestions(found, model, skip=2)
-            problems.extend(found)
+            for problem in found:  # a bad default is one mistake, at `defaults`, not per point
+                key = problem.path.split(".")[2] if problem.path.count(".") >= 2 else ""
+                if key in defaults and key not in spec:
+                    problem = ConfigProblem(
+                        file, lines.get(("defaults", key)), f"defaults.{key}", problem.message
+                    )
+                if problem not in problems:
+                    problems.append(problem)
     return points
 
 

@@ -1,4 +1,4 @@
-"""An MQTT broker for the demo and the tests: mosquitto when it is on PATH, else amqtt.
+"""An MQTT broker for the demo and the tests: mosquitto when it is installed, else amqtt.
 
 Both are real brokers on a loopback port; the agent cannot tell them from a plant's broker.
 """
@@ -14,6 +14,13 @@ import socket
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def find_mosquitto() -> str | None:
+    """mosquitto's path: on PATH, or in the sbin directories where Debian and Raspberry Pi OS
+    install it (not on a non-root user's PATH)."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+    return shutil.which("mosquitto", path=path)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -47,7 +54,8 @@ class EmbeddedBroker:
         # subscriber with a persistent session misses nothing published while it was away.
         self.persistent = persistent
         self.port = port or free_port(host)
-        self.kind = "mosquitto" if shutil.which("mosquitto") else "amqtt"
+        self._mosquitto = find_mosquitto()
+        self.kind = "mosquitto" if self._mosquitto else "amqtt"
         self._process: asyncio.subprocess.Process | None = None
         self._amqtt: Any = None
         self._dir = tempfile.TemporaryDirectory(prefix="edge-agent-broker-")
@@ -68,7 +76,7 @@ class EmbeddedBroker:
                 + f"log_dest stderr\nlog_type error\n{self.extra_config}"
             )
             self._process = await asyncio.create_subprocess_exec(
-                shutil.which("mosquitto") or "mosquitto",
+                self._mosquitto or "mosquitto",
                 "-c",
                 str(conf),
                 stdout=asyncio.subprocess.DEVNULL,

@@ -4,7 +4,8 @@
     step and check it is this station's -> check every value against the profile BEFORE any write
     -> write -> handshake -> read results -> write progress onto the tag -> publish the report
 
-Three outcomes, each a report: ``ok``; ``rejected`` (the machine was not touched); ``failed`` (the
+Three outcomes, each a report: ``ok``; ``rejected`` (the machine was not touched, e.g. because it
+cannot be reached: ``machine_unavailable``); ``failed`` (the
 machine was touched and the abort steps ran so it is left with its trigger reset). A report is
 published for every tag event that reached the cycle, whatever happened.
 """
@@ -24,7 +25,7 @@ from typing import Any
 import structlog
 
 from ..errors import MachineError, MachineFault, PartRejected, TagIOError
-from ..instructions.format import TagContents, decode_tag, update_progress
+from ..instructions.codec import TagContents, decode_tag, update_progress
 from ..instructions.model import ParamValue, Step, StepRecord, StepStatus
 from ..instructions.signing import KeyRing
 from ..machine.driver import MachineDriver, RawValue
@@ -154,6 +155,8 @@ class StationCycle:
         operation = self.profile.operations[step.operation]
         if program is not None:
             operation = operation.model_copy(update={"program": program})
+        if not await self._machine_reachable(report):
+            return
         if self._abort_pending is not None:
             # The last failure could not reset the machine (it was unreachable). Do that first:
             # a trigger left high would swallow this cycle's rising edge.
@@ -185,14 +188,21 @@ class StationCycle:
                     await asyncio.shield(abort)
             report.machine_state = abort.result()
             raise
+        # Sums of rounded phases (0.123 + 0.456) are not round themselves: 3 decimals, as every phase.
         report.durations_ms.update(
-            machine_write=outcome.write_ms,
-            machine_cycle=outcome.machine_ms,
-            machine_read=outcome.read_ms,
+            machine_write=round(outcome.write_ms, 3),
+            machine_cycle=round(outcome.machine_ms, 3),
+            machine_read=round(outcome.read_ms, 3),
         )
         report.results = {k: _jsonable(v) for k, v in outcome.results.items()}
         report.status, report.machine_state = "ok", "cycle complete"
         await self._write_progress(contents, index, StepStatus.OK, report)
+
+    async def identify(self, uid: bytes) -> tuple[dict[str, Any], str]:
+        """The part on the tag and the key that signed it: read and verified, nothing written,
+        the machine not touched. Raises TagIOError or PartRejected."""
+        contents = decode_tag(await self.reader.read_ndef(uid), uid, self.keyring)
+        return _part(contents), contents.traveler.key_id
 
     # ------------------------------------------------------------------ decisions before any write
 
@@ -287,6 +297,26 @@ class StationCycle:
                 reason, f"tag {uid}: step {index + 1} ({step.operation}): " + "; ".join(problems)
             )
         return encoded, listed
+
+    async def _machine_reachable(self, report: CycleReport) -> bool:
+        """Connect now if there is no session, whatever the backoff says: a part is waiting.
+
+        Unreachable: the part is refused, the machine untouched and the tag unchanged.
+        """
+        if self.driver.connected:
+            return True
+        self.driver.attempt_now()
+        try:
+            await self.driver.connect()
+        except MachineError as err:
+            report.status, report.reason = "rejected", "machine_unavailable"
+            report.error = (
+                f"tag {report.tag_uid}: the machine cannot be reached ({err}); "
+                "nothing was sent to it and the tag is unchanged: present the part again "
+                "when the machine is back"
+            )
+            return False
+        return True
 
     # ------------------------------------------------------------------ after the machine
 

@@ -7,8 +7,9 @@ that region as a 2-byte big-endian length followed by the message. A write-back 
 the same length writes only the span of bytes that differ from ``previous`` (one progress slot), then
 reads that span back. A status other than SUCCESS is a TagIOError naming the status.
 
-The connection is supervised: absent or lost, the reader is retried with capped backoff (WARNING
-once, DEBUG after, INFO when recovered); a tag in the field when the link drops gets its LEFT event.
+The connection is supervised (``link.Link``): absent or lost, the reader is retried with capped
+backoff (WARNING once, DEBUG after, INFO when recovered); a tag in the field when the link drops
+gets its LEFT event.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import structlog
 
 from ..errors import TagIOError
+from ..link import Link
 from .reader import ScanEvent, ScanKind, TagReader
 
 log = structlog.get_logger("reader.autoid")
@@ -85,6 +87,14 @@ class AutoIdReader(TagReader):
             backoff_max,
             watch_interval,
         )
+        self._link = Link(
+            "autoid reader",
+            url,
+            backoff_min,
+            backoff_max,
+            logger=log,
+            context=lambda: {"reader": name},
+        )
         self._events: asyncio.Queue[ScanEvent | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._reader: Any = None  # the RfidReader object node while connected
@@ -103,6 +113,7 @@ class AutoIdReader(TagReader):
         self._task = asyncio.create_task(self._supervise(), name=f"autoid-{self.name}")
 
     async def stop(self) -> None:
+        self._link.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -116,55 +127,36 @@ class AutoIdReader(TagReader):
     # ------------------------------------------------------------------ the link
 
     async def _supervise(self) -> None:
+        await self._link.run(self._session)
+
+    async def _session(self) -> None:
+        """Connect, subscribe, then read every watch interval until the link fails."""
         from asyncua import Client
 
-        delay, failures = self.backoff_min, 0
-        while True:
-            client = Client(self.url, timeout=self.timeout)
-            try:
-                await client.connect()
-                try:
-                    idx = await client.get_namespace_index(NAMESPACE)
-                    reader = await client.nodes.objects.get_child(f"{idx}:RfidReader")
-                    last_scan = await reader.get_child(f"{idx}:LastScanData")
-                    self._methods = {
-                        name: await reader.get_child(f"{idx}:{name}")
-                        for name in ("ReadTag", "WriteTag")
-                    }
-                    self._reader = reader
-                    subscription = await client.create_subscription(50, _ScanHandler(self))
-                    await subscription.subscribe_data_change(last_scan)
-                    await self._subscribe_scan_events(client, subscription, reader, idx)
-                    log.info(
-                        "autoid reader recovered" if failures else "autoid reader connected",
-                        reader=self.name,
-                        url=self.url,
-                    )
-                    delay, failures = self.backoff_min, 0
-                    self.connected.set()
-                    while True:  # liveness: a read every watch interval
-                        await asyncio.sleep(self.watch_interval)
-                        await last_scan.read_value()
-                finally:
-                    self.connected.clear()
-                    self._reader = None
-                    self._scan(b"")
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(client.disconnect(), 2)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # asyncua raises many types for a lost link; all mean retry
-                failures += 1
-                level = log.warning if failures == 1 else log.debug
-                level(
-                    "autoid reader not available; retrying",
-                    reader=self.name,
-                    url=self.url,
-                    error=str(err) or type(err).__name__,
-                    retry_in_s=delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.backoff_max)
+        client = Client(self.url, timeout=self.timeout)
+        try:
+            await client.connect()
+            idx = await client.get_namespace_index(NAMESPACE)
+            reader = await client.nodes.objects.get_child(f"{idx}:RfidReader")
+            last_scan = await reader.get_child(f"{idx}:LastScanData")
+            self._methods = {
+                name: await reader.get_child(f"{idx}:{name}") for name in ("ReadTag", "WriteTag")
+            }
+            self._reader = reader
+            subscription = await client.create_subscription(50, _ScanHandler(self))
+            await subscription.subscribe_data_change(last_scan)
+            await self._subscribe_scan_events(client, subscription, reader, idx)
+            self._link.up()
+            self.connected.set()
+            while True:  # liveness: a read every watch interval
+                await asyncio.sleep(self.watch_interval)
+                await last_scan.read_value()
+        finally:  # asyncua raises many types for a lost link; the link retries on any
+            self.connected.clear()
+            self._reader = None
+            self._scan(b"")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.disconnect(), 2)
 
     async def _subscribe_scan_events(
         self, client: Any, subscription: Any, reader: Any, idx: int

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import string
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class SimulatedReader(TagReader):
         self.directory = directory
         self.poll_interval = poll_interval
         self.tags: dict[bytes, SimulatedTag] = {}  # tags in the field
+        self._files: dict[bytes, Path] = {}  # directory mode: the file each tag came from
         self.fail_next_write: str | None = None  # tests: the next write fails with this reason
         self._events: asyncio.Queue[ScanEvent | None] = asyncio.Queue()
         self._watcher: asyncio.Task[None] | None = None
@@ -104,24 +106,42 @@ class SimulatedReader(TagReader):
         tag.message = message
         tag.writes += 1
         if self.directory is not None:
-            (self.directory / f"{uid.hex().upper()}.ndef").write_bytes(message)
+            path = self._files.get(uid, self.directory / f"{uid.hex().upper()}.ndef")
+            path.write_bytes(message)  # the file it came from, lower-case name or not
 
     # --------------------------------------------------------------- directory mode
 
     async def _watch(self) -> None:
         assert self.directory is not None
+        ignored: set[str] = set()  # bad file names warned about, while they are there
         while True:
             seen: set[bytes] = set()
+            bad: set[str] = set()
             for path in sorted(self.directory.glob("*.ndef")):
-                try:
-                    uid = bytes.fromhex(path.stem)
-                except ValueError:
-                    log.warning("ignoring file whose name is not a hex UID", file=str(path))
+                uid = _uid(path.stem)
+                if uid is None:
+                    bad.add(path.name)
+                    if path.name not in ignored:  # once per file, not once per poll
+                        log.warning("ignoring file whose name is not a hex UID", file=str(path))
                     continue
                 seen.add(uid)
                 if uid not in self.tags:
                     with contextlib.suppress(OSError):  # a file being copied in: next poll
-                        self.present(SimulatedTag(uid, path.read_bytes(), capacity=868))
+                        message = path.read_bytes()
+                        self._files[uid] = path
+                        self.present(SimulatedTag(uid, message, capacity=868))
             for uid in set(self.tags) - seen:
+                self._files.pop(uid, None)
                 self.remove(uid)
+            ignored = bad  # a file removed and put back is warned about again
             await asyncio.sleep(self.poll_interval)
+
+
+def _uid(stem: str) -> bytes | None:
+    """The UID a file name gives: hex digits only (``04A1B2C3D4E5F6``), at least one byte."""
+    if not stem or not all(c in string.hexdigits for c in stem):
+        return None
+    try:
+        return bytes.fromhex(stem)
+    except ValueError:  # an odd number of digits
+        return None

@@ -4,9 +4,10 @@ paho-mqtt is driven from the asyncio event loop (socket readiness callbacks), no
 thread, so callbacks run on the loop and touch our state without locks. Only the blocking TCP
 connect runs in a worker thread.
 
-One supervisor owns the connection: capped exponential backoff with full jitter (a plant's
-gateways must not all reconnect in the same second after a broker restart), one WARNING when the
-link goes down, DEBUG while it stays down, one INFO when it recovers.
+The connection is supervised by ``link.Link`` like every other link: capped exponential backoff
+with jitter (a plant's gateways must not all reconnect in the same second after a broker restart),
+each round of the broker list one step, one WARNING when the link goes down, DEBUG while it stays
+down, one INFO when it recovers.
 
 Delivery: every QoS 1 message goes through the outbox and leaves it only on PUBACK. After a
 reconnect, whatever was not acknowledged is sent again, oldest first; consumers drop duplicates by
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import socket
 import ssl
 import threading
@@ -35,6 +35,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from ..config import BrokerConfig
+from ..link import Link, LinkDown
 from .outbox import Keep, MemoryOutbox, Outbox, OutMessage
 
 log = structlog.get_logger("uplink")
@@ -109,6 +110,16 @@ class MqttUplink:
             self._client.tls_insecure_set(bool(tls and not tls.verify_hostname))
         self._endpoints = broker.endpoints
         self._endpoint = 0  # index of the broker tried next / connected to
+        self._link = Link(
+            "broker",
+            self._address,
+            broker.reconnect_min,
+            broker.reconnect_max,
+            logger=log,
+            context=lambda: {"backlog": len(self.outbox), "oldest_age_s": self.oldest_age},
+            per_round=len(self._endpoints),
+            spread=True,  # a broker restart drops every gateway of the plant at once
+        )
         offline = offline_status or {
             "state": "offline",
             "gateway_id": gateway_id,
@@ -294,6 +305,7 @@ class MqttUplink:
         if not delivered:
             log.warning("uplink stopped with undelivered messages", backlog=len(self.outbox))
         self._stopping = True
+        self._link.stop()
         if self.connected:
             self._client.disconnect()  # a clean DISCONNECT: the broker does not send the last will
             await asyncio.sleep(0)
@@ -307,64 +319,25 @@ class MqttUplink:
     # ----------------------------------------------------------------- connection supervisor
 
     async def _supervise(self) -> None:
-        failures = 0
-        reported: set[tuple[str, str]] = set()  # (broker, reason) logged during this outage
-        while not self._stopping:
-            address = self._address
-            failed = await self._connect_once()
-            if failed is None:
-                backlog = {"backlog": len(self.outbox), "oldest_age_s": self.oldest_age}
-                if failures:
-                    log.info(
-                        "broker link recovered", broker=address, attempts=failures + 1, **backlog
-                    )
-                else:
-                    log.info("broker connected", broker=address, **backlog)
-                failures = 0
-                reported.clear()
-                self._lost.clear()
-                await self._lost.wait()
-                if self._stopping:
-                    return
-                delay = self._backoff(2)  # jittered even now: a broker restart drops every gateway
-                log.warning(
-                    "broker link lost; reconnecting",
-                    broker=address,
-                    backlog=len(self.outbox),
-                    oldest_age_s=self.oldest_age,
-                    retry_in_s=round(delay, 2),
-                )
-                await asyncio.sleep(delay)
-                continue
-            reason, refused = failed
-            failures += 1
-            # Failover: the next broker in the list; the backoff grows with each round of the list.
+        await self._link.run(self._session)
+
+    async def _session(self) -> None:
+        """Connect to the next broker of the list and hold the connection until it is lost."""
+        self._link.device = self._address
+        failed = await self._connect_once()
+        if failed is not None:
+            # Failover: the next broker in the list; the backoff grows with each round of it.
             self._endpoint = (self._endpoint + 1) % len(self._endpoints)
-            delay = self._backoff(-(-failures // len(self._endpoints)), longest=refused)
-            # One WARNING per broker and reason; the same failure again is DEBUG (no log flood).
-            level = log.debug if (address, reason) in reported else log.warning
-            reported.add((address, reason))
-            level(
-                "broker unreachable",
-                broker=address,
-                reason=reason,
-                retry_in_s=round(delay, 2),
-                attempt=failures,
-                backlog=len(self.outbox),
-            )
-            await asyncio.sleep(delay)
+            reason, refused = failed
+            raise LinkDown(reason, refused=refused)
+        self._link.up()
+        self._lost.clear()
+        await self._lost.wait()
 
     @property
     def _address(self) -> str:
         host, port = self._endpoints[self._endpoint]
         return f"{'mqtts' if self._broker.use_tls else 'mqtt'}://{host}:{port}"
-
-    def _backoff(self, failures: int, *, longest: bool = False) -> float:
-        # Full jitter: uniformly random in [min, capped exponential]; spreads a fleet's reconnects.
-        # A refused login cannot fix itself quickly: it waits with the longest cap at once.
-        exponent = 16 if longest else min(failures - 1, 16)
-        cap = min(self._broker.reconnect_max, self._broker.reconnect_min * 2**exponent)
-        return random.uniform(self._broker.reconnect_min, max(cap, self._broker.reconnect_min))
 
     async def _connect_once(self) -> tuple[str, bool] | None:
         """Connect and wait for CONNACK. None on success, else (reason in words, login refused)."""

@@ -14,18 +14,20 @@ certificate dropped in is used at the next attempt, without a restart.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
-from asyncua.crypto import cert_gen
+from asyncua import Client, ua
+from asyncua.crypto import cert_gen, security_policies
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..errors import MachineError
-from .opcua import OpcUaSecurity
+from ...errors import MachineError
+from .models import OpcUaSecurity, OpcUaSettings
 
 
 def default_application_uri() -> str:
@@ -152,3 +154,78 @@ def _common_name(cert: x509.Certificate) -> str:
 
 def _file_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in name)[:80]
+
+
+_POLICY = {"Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256}
+_MODE = {
+    "None": ua.MessageSecurityMode.None_,
+    "Sign": ua.MessageSecurityMode.Sign,
+    "SignAndEncrypt": ua.MessageSecurityMode.SignAndEncrypt,
+}
+_POLICY_NONE_URI = "http://opcfoundation.org/UA/SecurityPolicy#None"
+
+
+class SecureChannel:
+    """Part of ``OpcUaDriver``: the endpoint of the configured security, and the channel's trust."""
+
+    settings: OpcUaSettings
+    device: str
+
+    async def _select_endpoint(self, client: Client) -> ua.EndpointDescription:
+        sec = self.settings.security
+        endpoints = await asyncio.wait_for(
+            client.connect_and_get_server_endpoints(), timeout=self.settings.timeout * 2
+        )
+        policy_uri = _POLICY_NONE_URI if sec.policy == "None" else _POLICY[sec.policy].URI
+        token = _token_type(self.settings)
+        offered = []
+        for ep in endpoints:
+            offered.append(f"{ep.SecurityPolicyUri.rpartition('#')[2]}/{ep.SecurityMode.name}")
+            if ep.SecurityPolicyUri == policy_uri and ep.SecurityMode == _MODE[sec.mode]:
+                tokens = [t.TokenType for t in ep.UserIdentityTokens]
+                if token not in tokens:
+                    names = ", ".join(t.name for t in tokens) or "none"
+                    raise MachineError(
+                        f"endpoint {sec.policy}/{sec.mode} does not accept {token.name} "
+                        f"identities (it accepts: {names})",
+                        device=self.device,
+                        retryable=False,
+                    )
+                return ep
+        raise MachineError(
+            f"the server offers no endpoint with security {sec.policy}/{sec.mode} "
+            f"(offered: {', '.join(sorted(set(offered)))})",
+            device=self.device,
+            retryable=False,
+        )
+
+    async def _secure(self, client: Client, endpoint: ua.EndpointDescription) -> None:
+        sec = self.settings.security
+        if sec.policy == "None":
+            return
+        server_der = _first_certificate(endpoint.ServerCertificate)
+        check_server_certificate(server_der, sec, self.device)
+        cert, key, uri = await own_certificate(sec)
+        client.application_uri = uri
+        await client.set_security(
+            _POLICY[sec.policy],
+            certificate=str(cert),
+            private_key=str(key),
+            server_certificate=server_der,
+            mode=_MODE[sec.mode],
+        )
+
+
+def _token_type(settings: OpcUaSettings) -> ua.UserTokenType:
+    if settings.username is not None:
+        return ua.UserTokenType.UserName
+    if settings.user_certificate is not None:
+        return ua.UserTokenType.Certificate
+    return ua.UserTokenType.Anonymous
+
+
+def _first_certificate(der: bytes) -> bytes:
+    # A server may send its certificate followed by its chain; the first DER SEQUENCE is its own.
+    if len(der) > 4 and der[0] == 0x30 and der[1] == 0x82:
+        return der[: int.from_bytes(der[2:4], "big") + 4]
+    return der

@@ -1,8 +1,7 @@
-"""OPC UA machines: how a profile addresses a node, the ``machine:`` settings, and ``create()``.
+"""OPC UA machines: how a profile addresses a node, and the ``machine:`` settings.
 
-This module is what the driver registry loads to validate a profile; it does not import asyncua
-(≈ 48 MiB and 0.3 s), so ``check-config`` works without the ``opcua`` extra and a Modbus-only station
-never pays for it. The client itself is ``opcua_client.py``, imported by ``create()``.
+The driver registry loads these models (through the package) to validate a profile; this module
+does not import asyncua, so ``check-config`` works without the ``opcua`` extra.
 
 Addressing survives server restarts: a node is named by its namespace *URI* (``namespace:``, usually
 set once in the profile's ``defaults:``) and an identifier (``node: "s=Double"``, ``"i=1001"``,
@@ -15,19 +14,14 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..errors import ConfigError, ConfigProblem, MachineError
-from .driver import check_profile_constants
-from .profile import BasePoint, PointType, Profile
-
-if TYPE_CHECKING:
-    from .opcua_client import OpcUaDriver
+from ...errors import ConfigProblem, MachineError
+from ..profile import BasePoint, PointType
 
 __all__ = [
     "POINT_MODEL",
@@ -37,7 +31,6 @@ __all__ = [
     "MachineMismatch",
     "OpcUaPoint",
     "OpcUaSettings",
-    "create",
     "parse_address",
 ]
 
@@ -256,25 +249,3 @@ class MachineMismatch(MachineError):
         text = "; ".join(f"{p.path}: {p.message}" for p in problems)
         super().__init__(f"machine does not match the profile: {text}", device=device)
         self.retryable = False
-
-
-def create(settings: OpcUaSettings | Mapping[str, Any], profile: Profile) -> OpcUaDriver:
-    """A driver for ``profile``; ConfigError when a constant in the profile cannot be written."""
-    if not isinstance(settings, OpcUaSettings):
-        settings = OpcUaSettings.model_validate(dict(settings))
-    try:
-        from .opcua_client import OpcUaDriver
-    except ImportError as err:  # the opcua extra is not installed
-        raise ConfigError(
-            [
-                ConfigProblem(
-                    profile.source,
-                    None,
-                    "driver",
-                    f"OPC UA needs the 'opcua' extra: pip install 'edge-agent[opcua]' ({err})",
-                )
-            ]
-        ) from err
-    driver = OpcUaDriver(settings, profile)
-    check_profile_constants(driver, profile)
-    return driver
