@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .config import NEEDS_RESTART, AgentConfig, load_config, profile_for
+from .config import NEEDS_RESTART, AgentConfig, load_config, profile_for, profile_keyring
 from .errors import ConfigError, ConfigProblem, MachineError, PartRejected, TagIOError
 from .instructions.signing import KeyRing
 from .line.adjustments import Adjustments
@@ -28,6 +28,8 @@ from .line.thingsboard import ThingsBoard
 from .machine import registry
 from .machine.driver import MachineDriver
 from .machine.profile import Profile, load_profile
+from .machine.profile_diff import envelope_changes
+from .machine.profile_signature import ProfileRefused, is_newer, verify_profile
 from .service.heartbeat import Heartbeat
 from .service.metrics import CycleMetrics
 from .station.cycle import CycleReport, StationCycle
@@ -82,6 +84,14 @@ class Agent:
         self.machine_lock = asyncio.Lock()
         self.paused = False  # by the line: arriving parts are refused, the machine is left alone
         self._previous_profile: Profile | None = None  # before the last push: for rollback
+        # Profiles that were active here (by content hash): a pushed rollback may return to them.
+        self._accepted: dict[str, Profile] = {config.profile.content_hash: config.profile}
+        if config.profile.signature is None:
+            log.warning(
+                "firmware profile is not signed; set machine.require_signed_profile to refuse it",
+                profile=config.profile.name,
+                file=config.profile.source,
+            )
         self.telemetry = self._telemetry()
         self.commands = Commands(
             self,
@@ -188,7 +198,7 @@ class Agent:
             "gateway_id": self.config.gateway_id,
             "station": self.config.station,
             "version": __version__,
-            "profile": {"name": p.name, "version": p.version, "hash": p.content_hash},
+            "profile": p.describe(),
             "machine": self.driver.device,
             "reader": self.reader.name,
             "started": self._started,
@@ -249,7 +259,7 @@ class Agent:
         p = self.config.profile
         report = CycleReport(self.config.gateway_id, self.config.station, event.uid.hex().upper())
         report.reason, report.error = "paused", "the station is paused by the line; part not taken"
-        report.profile = {"name": p.name, "version": p.version, "hash": p.content_hash}
+        report.profile = p.describe()
         # Which part was turned away: the tag is read and verified; the machine is not touched.
         try:
             report.part, report.key_id = await self.cycle.identify(event.uid)
@@ -343,32 +353,52 @@ class Agent:
         config = dataclasses.replace(new, **{k: getattr(old, k) for k in restart})
         await self._activate(config, driver, also=rest)
         self._previous_profile = None  # the files on disk are the reference again
+        self._profile_changed(old.profile, new.profile, "reload")
         p = new.profile
         log.info("configuration reloaded", profile=p.name, version=p.version, restart=restart)
         return {
-            "profile": _describe(p),
+            "profile": p.describe(),
             "machine_reloaded": machine_changed,
             "restart_required": restart,
         }
 
-    async def push_profile(self, text: str, origin: str) -> dict[str, Any]:
-        """Validate a firmware profile sent by the line and make it active between cycles.
+    async def push_profile(
+        self, text: str, origin: str, *, signature: str | None = None, rollback: bool = False
+    ) -> dict[str, Any]:
+        """Make a firmware profile sent by the line active between cycles, if it is certified.
 
-        The profile in use is kept for ``rollback_profile``. Raises ConfigError naming every
-        problem (``origin:line: key: message``); then nothing changed.
+        It must validate (ConfigError naming every problem, ``origin:line: key: message``), carry
+        a valid detached signature by a key of ``profile_keys`` and be newer than the active
+        profile, unless ``rollback`` and it was accepted before (ProfileRefused saying why). On
+        any refusal nothing changed. The profile in use is kept for ``rollback_profile``.
         """
         current = self.config.profile
         profile = load_profile(origin, text=text)
         driver = profile_for(profile, self.config, text=text)  # check-config's checks
+        profile.signature = verify_profile(
+            text.encode(),
+            None if signature is None else signature.encode(),
+            profile_keyring(self.config),
+            name=profile.name,
+            version=profile.version,
+            origin=origin,
+        )
+        if rollback and profile.content_hash not in self._accepted:
+            raise ProfileRefused(
+                "not_accepted_before",
+                f"{origin}: {profile.name} {profile.version} was never active on this station; "
+                "a rollback can only return to a profile accepted before",
+            )
+        if not rollback and not is_newer(profile.version, current.version):
+            raise ProfileRefused(
+                "not_newer",
+                f"{origin}: version {profile.version} is not newer than the active "
+                f"{current.version}; push it with rollback: true to return to an accepted one",
+            )
         await self._activate(dataclasses.replace(self.config, profile=profile), driver)
         self._previous_profile = current
-        log.warning(
-            "firmware profile pushed by the line is active",
-            profile=profile.name,
-            version=profile.version,
-            previous=current.version,
-        )
-        return {"profile": _describe(profile), "previous": _describe(current)}
+        self._profile_changed(current, profile, "rollback" if rollback else "push")
+        return {"profile": profile.describe(), "previous": current.describe()}
 
     async def rollback_profile(self) -> dict[str, Any]:
         """Go back to the profile that was active before the last push (between cycles)."""
@@ -380,8 +410,40 @@ class Agent:
         driver = registry.driver_module(previous.driver).create(self.config.machine, previous)
         await self._activate(dataclasses.replace(self.config, profile=previous), driver)
         self._previous_profile = current  # a rollback can itself be undone
-        log.warning("firmware profile rolled back", profile=previous.name, version=previous.version)
-        return {"profile": _describe(previous), "previous": _describe(current)}
+        self._profile_changed(current, previous, "rollback")
+        return {"profile": previous.describe(), "previous": current.describe()}
+
+    def _profile_changed(self, old: Profile, new: Profile, how: str) -> None:
+        """The envelope changed: log it and tell the line who certified what changed."""
+        self._accepted[new.content_hash] = new
+        while len(self._accepted) > _ACCEPTED_KEPT:
+            del self._accepted[next(iter(self._accepted))]
+        if old.content_hash == new.content_hash:
+            return
+        changes = envelope_changes(old, new)
+        log.warning(
+            "firmware profile changed",
+            how=how,
+            profile=new.name,
+            version=new.version,
+            previous=old.version,
+            signed_by=new.signature.key_id if new.signature else None,
+            changes=len(changes),
+        )
+        self._publish(
+            "events",
+            {
+                "schema": "edge-agent/event/1",
+                "event": "profile_changed",
+                "gateway_id": self.config.gateway_id,
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "how": how,
+                "profile": new.describe(),
+                "previous": old.describe(),
+                "changes": changes,
+            },
+            1,
+        )
 
     async def _activate(
         self,
@@ -404,5 +466,5 @@ class Agent:
             self.telemetry.start()
 
 
-def _describe(profile: Profile) -> dict[str, str]:
-    return {"name": profile.name, "version": profile.version, "hash": profile.content_hash}
+#: Accepted profiles remembered for pushed rollbacks; a profile is a few KiB.
+_ACCEPTED_KEPT = 8

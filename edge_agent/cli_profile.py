@@ -22,7 +22,7 @@ from .instructions.signing import (
 )
 from .machine.profile import load_profile
 from .machine.profile_signature import (
-    SignatureError,
+    ProfileRefused,
     sign_profile,
     signature_path,
     verify_profile,
@@ -46,13 +46,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     commands = profile.add_subparsers(dest="profile_command", metavar="COMMAND", required=True)
 
-    keygen = commands.add_parser("keygen", help="generate an Ed25519 certification key pair")
+    keygen = commands.add_parser(
+        "keygen",
+        help="generate an Ed25519 certification key pair",
+        description="Write ID.key (private, mode 0600; keep it with whoever certifies machines) "
+        "and ID.pub (for stations' profile_keys). Never overwrites a key. Exit 0, or 2.",
+    )
     keygen.add_argument("--key-id", required=True, help="1-16 characters of A-Z a-z 0-9 _ . -")
     keygen.add_argument("--out", required=True, type=Path, help="directory for ID.key and ID.pub")
     keygen.set_defaults(func=_run(_keygen))
 
     sign = commands.add_parser(
-        "sign", help="validate a profile and write its detached signature PROFILE.sig"
+        "sign",
+        help="validate a profile and write its detached signature PROFILE.sig",
+        description="Validate the profile as a station would, then sign the file's exact bytes "
+        "with its name, version and the signing time. Exit 0, or 2 naming the problem.",
     )
     sign.add_argument("profile", type=Path, help="firmware profile YAML")
     sign.add_argument("--key", required=True, type=Path, help="private key (PEM), e.g. DIR/ID.key")
@@ -61,7 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     sign.set_defaults(func=_run(_sign))
 
     verify = commands.add_parser(
-        "verify", help="check a profile's signature and explain exactly what is wrong"
+        "verify",
+        help="check a profile's signature and explain exactly what is wrong",
+        description="Check PROFILE.sig against the profile's bytes and the trusted keys, as a "
+        "station does. Exit 0 valid, 1 invalid (the reason in words), 2 usage or file problem.",
     )
     verify.add_argument("profile", type=Path, help="firmware profile YAML")
     verify.add_argument("--sig", type=Path, help="signature file (default: PROFILE.sig)")
@@ -137,7 +148,7 @@ def _verify(args: argparse.Namespace) -> int:
             version=profile.version,
             origin=str(args.profile),
         )
-    except SignatureError as err:
+    except ProfileRefused as err:
         print(f"INVALID ({err.reason}): {err}")
         return 1
     print(

@@ -10,7 +10,9 @@ Validation runs in stages (every problem in a stage is reported together, each a
   3. the driver's own rules: it encodes every constant the profile supplies (program numbers,
      handshake values, parameter defaults) with these settings; no I/O (``machine_for``),
   4. the files the config names: trusted keys are Ed25519 PEM public keys, the broker's TLS files
-     load, ``state_dir`` and the tag directory are directories the agent can create and write.
+     load, ``state_dir`` and the tag directory are directories the agent can create and write; a
+     profile's detached signature (``<profile>.sig``), when present or required, verifies with a
+     key of ``profile_keys``.
 ``statedir.py`` adds the last stage, for ``run`` and ``check-config``: no other agent holds the
 state directory and its outbox opens. Relative paths are relative to the file's own directory.
 """
@@ -35,9 +37,11 @@ from pydantic import (
 )
 
 from .errors import ConfigError, ConfigProblem
+from .instructions.signing import KeyRing
 from .machine import registry
 from .machine.driver import MachineDriver
 from .machine.profile import Profile, load_profile
+from .machine.profile_signature import ProfileRefused, signature_path, verify_profile
 from .yamlfile import Lines, load_yaml, problems_from_validation, validate
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -258,6 +262,8 @@ class AgentConfigDoc(_Strict):
     machine: dict[str, Any]
     broker: BrokerConfig = BrokerConfig()
     trusted_keys: dict[str, Path] = Field(min_length=1)
+    # Who may certify firmware profiles: a trust list of its own, never the travelers' keys.
+    profile_keys: dict[str, Path] = {}
     cycle: CycleConfig = CycleConfig()
     commands: CommandsConfig = CommandsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
@@ -267,7 +273,7 @@ class AgentConfigDoc(_Strict):
     log: LogConfig = LogConfig()
     health: HealthConfig = HealthConfig()
 
-    @field_validator("trusted_keys")
+    @field_validator("trusted_keys", "profile_keys")
     @classmethod
     def _key_ids(cls, v: dict[str, Path]) -> dict[str, Path]:
         for key_id in v:
@@ -311,6 +317,8 @@ class AgentConfig:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     thingsboard: ThingsBoardConfig = field(default_factory=ThingsBoardConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    profile_keys: dict[str, Path] = field(default_factory=dict)
+    require_signed_profile: bool = False  # machine.require_signed_profile
     lines: Lines = field(default_factory=dict, compare=False, repr=False)  # key path -> line
 
     def problem(self, path: tuple[str, ...], message: str) -> ConfigProblem:
@@ -349,7 +357,7 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
     machine: Any = None
     if profile is not None:
         settings_model = registry.driver_module(profile.driver).SETTINGS_MODEL
-        settings = {k: v for k, v in doc.machine.items() if k != "profile"}
+        settings = {k: v for k, v in doc.machine.items() if k not in _MACHINE_KEYS}
         try:
             machine = _resolve_paths(settings_model.model_validate(settings), base)
         except ValidationError as err:
@@ -368,6 +376,15 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
     for key_id, key_path in doc.trusted_keys.items():
         keys[key_id] = resolved = _resolve(base, key_path)
         problem(("trusted_keys", key_id), _public_key_problem(resolved))
+    profile_keys = {}
+    for key_id, key_path in doc.profile_keys.items():
+        profile_keys[key_id] = resolved = _resolve(base, key_path)
+        problem(("profile_keys", key_id), _public_key_problem(resolved))
+    require_signed = doc.machine.get("require_signed_profile", False)
+    if not isinstance(require_signed, bool):
+        problem(("machine", "require_signed_profile"), "must be true or false")
+    elif profile is not None and not problems:
+        problem(("machine", "profile"), _signature_problem(profile, profile_keys, require_signed))
 
     reader = doc.reader
     if isinstance(reader, SimulatedReaderConfig) and reader.directory is not None:
@@ -410,6 +427,8 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         outbox=doc.outbox,
         thingsboard=doc.thingsboard,
         health=doc.health,
+        profile_keys=profile_keys,
+        require_signed_profile=require_signed is True,
         lines=lines,
     )
 
@@ -474,6 +493,40 @@ def locate(problems: list[ConfigProblem], file: str, text: str | None) -> list[C
             p = replace(p, line=lines.get(path))
         out.append(p)
     return out
+
+
+#: Keys of the ``machine:`` section that are the agent's, not the driver's.
+_MACHINE_KEYS = ("profile", "require_signed_profile")
+
+
+def profile_keyring(config: AgentConfig) -> KeyRing:
+    """The keys that may certify this station's firmware profiles (loaded: stage 4 checked them)."""
+    return KeyRing.from_files({k: str(p) for k, p in config.profile_keys.items()})
+
+
+def _signature_problem(profile: Profile, keys: dict[str, Path], required: bool) -> str | None:
+    """Verify the on-disk profile's ``.sig`` and record what it vouches for on ``profile``.
+
+    An unsigned profile is a problem only when signatures are required (the agent then warns
+    at start); a signature that is present must always verify.
+    """
+    sig_path = signature_path(profile.source)
+    if not sig_path.exists():
+        return f"{profile.source} is not signed (no {sig_path.name})" if required else None
+    try:
+        profile.signature = verify_profile(
+            Path(profile.source).read_bytes(),
+            sig_path.read_bytes(),
+            KeyRing.from_files({k: str(p) for k, p in keys.items()}),
+            name=profile.name,
+            version=profile.version,
+            origin=sig_path.name,
+        )
+    except ProfileRefused as err:
+        return f"signature refused: {err}"
+    except OSError as err:
+        return f"{err.filename}: cannot read: {err.strerror}"
+    return None
 
 
 def _public_key_problem(path: Path) -> str | None:

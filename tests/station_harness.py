@@ -67,6 +67,22 @@ class Station:
         return report
 
 
+def certified(tmp: Path, text: str, key_id: str = "cert") -> dict[str, str]:
+    """``push_profile`` params: the profile's text with a signature by ``tmp/<key_id>.key``."""
+    from edge_agent.machine.profile import load_profile
+    from edge_agent.machine.profile_signature import sign_profile
+
+    profile = load_profile("pushed profile", text=text)
+    signature = sign_profile(
+        text.encode(),
+        name=profile.name,
+        version=profile.version,
+        key=load_private_key(tmp / f"{key_id}.key"),
+        key_id=key_id,
+    )
+    return {"yaml": text, "signature": signature.decode()}
+
+
 def write_config(
     tmp: Path,
     plc_port: int,
@@ -77,12 +93,14 @@ def write_config(
     reader: str = "{type: simulated}",
 ) -> Path:
     _private, public = generate_keypair("mes", tmp)
+    _private, certifier = generate_keypair("cert", tmp)
     path = tmp / "station.yaml"
     path.write_text(
         f"gateway_id: gw-test\nstation: {station}\nreader: {reader}\n"
         f"machine: {{profile: {json.dumps(str(PROFILE))}, host: 127.0.0.1, port: {plc_port}, timeout: 0.5, reconnect_max: 0.5}}\n"
         f"broker: {{host: 127.0.0.1, port: {broker_port}, reconnect_min: 0.05, reconnect_max: 0.3}}\n"
-        f"trusted_keys: {{mes: {json.dumps(str(public))}}}\n{extra}"
+        f"trusted_keys: {{mes: {json.dumps(str(public))}}}\n"
+        f"profile_keys: {{cert: {json.dumps(str(certifier))}}}\n{extra}"
     )
     return path
 

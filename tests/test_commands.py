@@ -16,7 +16,7 @@ from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
 from tests.fixtures_broker import MqttRecorder
-from tests.station_harness import DRILL, PROFILE, Station, running_station
+from tests.station_harness import DRILL, PROFILE, Station, certified, running_station
 
 ALL = (
     "commands: {allowed: [status, read, write, pause, resume, reload, push_profile, "
@@ -270,7 +270,8 @@ async def test_profile_push_activates_between_cycles_and_rolls_back(
     tag = station.tag([Step("drill", DRILL, "st-20")], uid=b"\x04\x00\x00\x00\x00\x00\x01")
     station.reader.present(tag)
     await in_cycle(station)
-    push = asyncio.create_task(line.call("push_profile", {"yaml": narrower_profile()}))
+    params = certified(station.tmp, narrower_profile())
+    push = asyncio.create_task(line.call("push_profile", params))
     first = await asyncio.wait_for(station.agent.reports.get(), 5)
     reply = await push
     # The cycle in the machine finished on the profile it started with; then 1.1 took over.

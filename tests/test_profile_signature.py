@@ -14,7 +14,7 @@ from edge_agent.instructions.signing import load_public_key as load_pub
 from edge_agent.machine.profile import load_profile
 from edge_agent.machine.profile_diff import envelope_changes
 from edge_agent.machine.profile_signature import (
-    SignatureError,
+    ProfileRefused,
     is_newer,
     sign_profile,
     verify_profile,
@@ -57,7 +57,7 @@ def _verify(profile: Path, signature: bytes | None, keys: Path) -> None:
 
 
 def _reason(profile: Path, signature: bytes | None, keys: Path) -> str:
-    with pytest.raises(SignatureError) as err:
+    with pytest.raises(ProfileRefused) as err:
         _verify(profile, signature, keys)
     assert "profile" in str(err.value)
     return err.value.reason

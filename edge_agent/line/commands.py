@@ -27,6 +27,7 @@ from ..config import CommandName
 from ..errors import ConfigError, MachineError
 from ..machine.driver import MachineDriver
 from ..machine.profile import Profile, ResetPoint, SetPoint, WaitFor, WritePoint
+from ..machine.profile_signature import ProfileRefused
 from ..station.cycle import _check_value, _jsonable
 from .telemetry import iso
 
@@ -60,7 +61,9 @@ class StationControl(Protocol):
 
     async def reload(self) -> dict[str, Any]: ...
 
-    async def push_profile(self, text: str, origin: str) -> dict[str, Any]: ...
+    async def push_profile(
+        self, text: str, origin: str, *, signature: str | None = None, rollback: bool = False
+    ) -> dict[str, Any]: ...
 
     async def rollback_profile(self) -> dict[str, Any]: ...
 
@@ -85,6 +88,8 @@ class ReadParams(_Params):
 
 class ProfileParams(_Params):
     yaml: str = Field(min_length=1, max_length=1_000_000)  # the profile file's text
+    signature: str | None = Field(None, max_length=4096)  # its detached .sig file's text
+    rollback: bool = False  # return to a profile accepted before, even if its version is older
 
 
 class WriteParams(_Params):
@@ -231,7 +236,12 @@ class Commands:
     async def _push_profile(self, params: dict[str, Any]) -> Any:
         p = _params(ProfileParams, params)
         # Errors name this origin as their file: "pushed profile:12: points.speed.type: ..."
-        return await self.station.push_profile(p.yaml, "pushed profile")
+        try:
+            return await self.station.push_profile(
+                p.yaml, "pushed profile", signature=p.signature, rollback=p.rollback
+            )
+        except ProfileRefused as err:
+            raise CommandError("profile_refused", f"{err.reason}: {err}") from None
 
     async def _rollback_profile(self, params: dict[str, Any]) -> Any:
         _params(NoParams, params)

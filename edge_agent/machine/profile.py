@@ -15,13 +15,16 @@ import hashlib
 import math
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError, ConfigProblem
 from ..yamlfile import Lines, add_suggestions, load_yaml, problems_from_validation
 from . import registry
+
+if TYPE_CHECKING:
+    from .profile_signature import ProfileSignature
 
 
 class _Strict(BaseModel):
@@ -233,6 +236,14 @@ class Profile:
         self.telemetry = doc.telemetry
         self.source = source
         self.content_hash = digest  # "sha256:<hex>" of the file's bytes, reported with every cycle
+        self.signature: ProfileSignature | None = None  # set once its signature was verified
+
+    def describe(self) -> dict[str, str]:
+        """Which envelope judged a part: in every cycle report, the status and profile events."""
+        described = {"name": self.name, "version": self.version, "hash": self.content_hash}
+        if self.signature is not None:
+            described.update(signed_by=self.signature.key_id, signed_at=self.signature.signed_at)
+        return described
 
     def parameter_limits(self, operation: str, parameter: str) -> tuple[float | None, float | None]:
         """The effective [min, max] of a parameter: the operation's, within the point's."""

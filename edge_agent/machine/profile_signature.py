@@ -33,10 +33,11 @@ _MAX_SIGNATURE_FILE = 4096  # a real one is ~400 bytes; anything larger is not o
 _SIGNED_FIELDS = ("schema", "profile", "version", "sha256", "key_id", "signed_at")
 
 
-class SignatureError(EdgeAgentError):
-    """A profile's signature is missing, malformed, untrusted or does not match. ``reason`` is a
-    stable code (``missing``, ``malformed``, ``untrusted_key``, ``bad_signature``, ``tampered``,
-    ``wrong_profile``); the message says what is wrong in words."""
+class ProfileRefused(EdgeAgentError):
+    """A profile is not accepted as the machine's envelope. ``reason`` is a stable code: its
+    signature is ``missing``, ``malformed``, by an ``untrusted_key``, a ``bad_signature``, over a
+    ``tampered`` file or the ``wrong_profile``; or its version is ``not_newer`` than the active
+    one. The message says what is wrong in words."""
 
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
@@ -99,16 +100,16 @@ def verify_profile(
 ) -> ProfileSignature:
     """Check ``signature_file`` against the profile's exact bytes and parsed name/version.
 
-    Raises SignatureError saying exactly what is wrong; returns what the signature vouches for.
+    Raises ProfileRefused saying exactly what is wrong; returns what the signature vouches for.
     """
     if signature_file is None:
-        raise SignatureError("missing", f"{origin}: no signature (expected a detached .sig)")
+        raise ProfileRefused("missing", f"{origin}: no signature (expected a detached .sig)")
     claims, signature = _parse(signature_file, origin)
     key_id = claims["key_id"]
     key = keys.get(key_id)
     if key is None:
         trusted = ", ".join(sorted(keys)) or "none"
-        raise SignatureError(
+        raise ProfileRefused(
             "untrusted_key",
             f"{origin}: signed with key '{key_id}', which is not a trusted profile key "
             f"(profile_keys: {trusted})",
@@ -116,20 +117,20 @@ def verify_profile(
     try:
         key.verify(signature, _signed_message(claims))
     except InvalidSignature:
-        raise SignatureError(
+        raise ProfileRefused(
             "bad_signature",
             f"{origin}: the signature does not verify with profile key '{key_id}' "
             "(the signature file was altered or made with another key)",
         ) from None
     digest = hashlib.sha256(profile_bytes).hexdigest()
     if digest != claims["sha256"]:
-        raise SignatureError(
+        raise ProfileRefused(
             "tampered",
             f"{origin}: the profile was changed after it was signed "
             f"(sha256 {digest[:16]}…, signed {claims['sha256'][:16]}…)",
         )
     if (claims["profile"], claims["version"]) != (name, version):
-        raise SignatureError(
+        raise ProfileRefused(
             "wrong_profile",
             f"{origin}: the signature is for profile {claims['profile']} {claims['version']}, "
             f"the file says {name} {version}",
@@ -151,8 +152,8 @@ def _signed_message(claims: dict[str, str]) -> bytes:
 
 
 def _parse(data: bytes, origin: str) -> tuple[dict[str, str], bytes]:
-    def bad(why: str) -> SignatureError:
-        return SignatureError("malformed", f"{origin}: signature file is not usable: {why}")
+    def bad(why: str) -> ProfileRefused:
+        return ProfileRefused("malformed", f"{origin}: signature file is not usable: {why}")
 
     if len(data) > _MAX_SIGNATURE_FILE:
         raise bad(f"{len(data)} bytes, at most {_MAX_SIGNATURE_FILE}")

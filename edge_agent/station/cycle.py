@@ -103,11 +103,7 @@ class StationCycle:
         """One full cycle for the tag of ``event``. Never raises, except CancelledError."""
         started = time.perf_counter()
         report = CycleReport(self.gateway_id, self.station, event.uid.hex().upper())
-        report.profile = {
-            "name": self.profile.name,
-            "version": self.profile.version,
-            "hash": self.profile.content_hash,
-        }
+        report.profile = self.profile.describe()
         self.busy = True
         try:
             await self._cycle(event, report, started)
