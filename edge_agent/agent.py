@@ -12,12 +12,11 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from . import __version__
+from . import __version__, messages
 from .config import AgentConfig, load_config
 from .errors import ConfigError, ConfigProblem, MachineError
 from .instructions.signing import KeyRing
@@ -124,17 +123,9 @@ class Agent:
         if now - self._alarm_at < 60:
             return
         self._alarm_at, dropped, self._dropped = now, self._dropped, 0
+        fields = {"dropped": dropped, "class": keep.name.lower(), "backlog": self.uplink.backlog}
         self.uplink.publish(
-            "events",
-            {
-                "schema": "edge-agent/event/1",
-                "event": "outbox_dropped",
-                "gateway_id": self.config.gateway_id,
-                "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
-                "dropped": dropped,
-                "class": keep.name.lower(),
-                "backlog": self.uplink.backlog,
-            },
+            "events", messages.event(self.config.gateway_id, "outbox_dropped", at=now, **fields)
         )
 
     async def _wait_outbox_room(self, event: ScanEvent) -> None:

@@ -483,10 +483,10 @@ def test_profile_constants_are_checked_when_the_driver_is_created(
     with pytest.raises(ConfigError) as err:
         create(reference_plc_settings, profile)
     assert [(p.path, p.message) for p in err.value.problems] == [
-        ("handshake[1]", "program: 70000 does not fit u16 (representable range 0..65535)"),
+        ("handshake[1]", "program=70000 is outside the safe range: above maximum 3"),
         (
             "operations.drill.parameters.dwell.default",
-            "dwell: 20000 is outside the safe range 0.0..10000.0",
+            "dwell=20000 ms is outside the safe range: above maximum 10000 ms",
         ),
     ]
     assert err.value.problems[0].file == str(tmp_path / "p.yaml")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
-from enum import StrEnum
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,30 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ConfigError, ConfigProblem
 from ..yamlfile import Lines, add_suggestions, load_yaml, problems_from_validation
 from . import registry
+from .codec import INT_RANGES as INT_RANGES
+from .codec import PointType as PointType
+from .values import Accepted, Refused, check_value
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PointType(StrEnum):
-    U16 = "u16"
-    I16 = "i16"
-    U32 = "u32"
-    I32 = "i32"
-    F32 = "f32"
-    F64 = "f64"
-    BOOL = "bool"
-    STRING = "string"
-
-
-#: Raw range of each integer type; engineering limits must map inside it.
-INT_RANGES: dict[PointType, tuple[int, int]] = {
-    PointType.U16: (0, 0xFFFF),
-    PointType.I16: (-0x8000, 0x7FFF),
-    PointType.U32: (0, 0xFFFF_FFFF),
-    PointType.I32: (-0x8000_0000, 0x7FFF_FFFF),
-}
 
 
 class BasePoint(_Strict):
@@ -74,6 +58,11 @@ class BasePoint(_Strict):
     @property
     def writable(self) -> bool:
         return True
+
+    def cells(self) -> frozenset[tuple[str, int | str]]:
+        """The machine memory the point occupies, as (area, address) pairs: two points sharing a
+        pair are the same register. Drivers override it; the base point names none."""
+        return frozenset()
 
 
 class ParameterSpec(_Strict):
@@ -218,6 +207,46 @@ class ProfileDoc(_Strict):
         return v
 
 
+@dataclass(frozen=True)
+class HandshakePoints:
+    """The points the handshake and ``on_abort`` touch, by what they do with them."""
+
+    set: frozenset[str]
+    reset: frozenset[str]
+    write: frozenset[str]  # `write:` steps: the program number or a constant
+    wait: frozenset[str]
+    read: frozenset[str]  # `read_error:` steps
+    program: str | None  # the point a `write:` without a value gives the program number
+
+    @classmethod
+    def of(cls, steps: Sequence[HandshakeStep]) -> HandshakePoints:
+        def named(kind: type[Any], attr: str) -> frozenset[str]:
+            return frozenset(getattr(s, attr) for s in steps if isinstance(s, kind))
+
+        program = next(
+            (s.write for s in steps if isinstance(s, WritePoint) and s.value is None), None
+        )
+        return cls(
+            set=named(SetPoint, "set"),
+            reset=named(ResetPoint, "reset"),
+            write=named(WritePoint, "write"),
+            wait=named(WaitFor, "wait"),
+            read=named(ReadError, "read_error"),
+            program=program,
+        )
+
+    @property
+    def all(self) -> frozenset[str]:
+        return self.set | self.reset | self.write | self.wait | self.read
+
+    def role(self, point: str) -> str:
+        """What the handshake does with ``point``, for messages: "set", "wait", ..."""
+        for role in ("set", "reset", "write", "wait", "read"):
+            if point in getattr(self, role):
+                return "read_error" if role == "read" else role
+        return ""
+
+
 class Profile:
     """A validated firmware profile, ready for the station cycle."""
 
@@ -233,6 +262,8 @@ class Profile:
         self.telemetry = doc.telemetry
         self.source = source
         self.content_hash = digest  # "sha256:<hex>" of the file's bytes, reported with every cycle
+        #: What the handshake and on_abort touch; it belongs to the station cycle.
+        self.handshake_points = HandshakePoints.of([*doc.handshake, *doc.on_abort])
 
     def parameter_limits(self, operation: str, parameter: str) -> tuple[float | None, float | None]:
         """The effective [min, max] of a parameter: the operation's, within the point's."""
@@ -241,6 +272,38 @@ class Profile:
         lo = _tighter(point.min, spec.min, max)
         hi = _tighter(point.max, spec.max, min)
         return lo, hi
+
+    def check_value(
+        self,
+        value: Any,
+        *,
+        point: str | None = None,
+        operation: str | None = None,
+        parameter: str | None = None,
+    ) -> Accepted | Refused:
+        """May ``value`` be written, and what will the machine hold? For a recipe parameter give
+        ``operation`` and ``parameter`` (the operation's limits apply, within the point's); for
+        a point written directly give ``point``. Raises KeyError for names not in the profile."""
+        if operation is not None and parameter is not None:
+            name = self.operations[operation].parameters[parameter].point
+            lo, hi = self.parameter_limits(operation, parameter)
+            return check_value(self.points[name], value, label=parameter, lo=lo, hi=hi)
+        if point is None:
+            raise TypeError("give point, or operation and parameter")
+        p = self.points[point]
+        return check_value(p, value, label=point, lo=p.min, hi=p.max)
+
+    def handshake_owner(self, point: str) -> str | None:
+        """The handshake point ``point`` is, or shares machine memory with (by address, so an
+        alias under another name is caught too); None when the handshake does not touch it."""
+        touched = self.handshake_points.all
+        if point in touched:
+            return point
+        cells = self.points[point].cells()
+        for name in sorted(touched):
+            if name in self.points and cells & self.points[name].cells():
+                return name
+        return None
 
 
 def _tighter(a: float | None, b: float | None, pick: Any) -> float | None:
