@@ -25,6 +25,7 @@ from ..yamlfile import Lines, add_suggestions, load_yaml, problems_from_validati
 from . import registry
 from .codec import INT_RANGES as INT_RANGES
 from .codec import PointType as PointType
+from .rules import check_safety, check_step_shapes, reporter
 from .values import Accepted, Refused, check_value
 
 
@@ -330,15 +331,19 @@ def load_profile(path: str | Path, text: str | None = None) -> Profile:
             [ConfigProblem(file, None, "", f"not UTF-8 text (byte {err.start})")]
         ) from err
     data, lines = load_yaml(path, source)
+    problems = check_step_shapes(data, file, lines)
     try:
         doc = ProfileDoc.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(problems_from_validation(err, file, lines)) from err
+        raise ConfigError(problems + problems_from_validation(err, file, lines)) from err
+    if problems:
+        raise ConfigError(problems)
 
-    problems: list[ConfigProblem] = []
     points = _validate_points(doc, file, lines, problems)
     if not problems:
         _check_references(doc, points, file, lines, problems)
+    if not problems:  # the safety rules need every name to resolve
+        check_safety(doc, points, reporter(file, lines, problems))
     if problems:
         raise ConfigError(problems)
     return Profile(doc, points, file, "sha256:" + hashlib.sha256(raw).hexdigest())
@@ -359,13 +364,23 @@ def _validate_points(
             )
         )
     points: dict[str, BasePoint] = {}
+    from_defaults: set[ConfigProblem] = set()
     for name, spec in doc.points.items():
         try:
             points[name] = model.model_validate({**defaults, **spec})
         except ValidationError as err:
             found = problems_from_validation(err, file, lines, ("points", name))
             add_suggestions(found, model, skip=2)
-            problems.extend(found)
+            for problem in found:
+                # A bad default is one mistake, reported once at `defaults`, not once per point.
+                key = problem.path.removeprefix(f"points.{name}.")
+                if key in defaults and key not in spec:
+                    line = lines.get(("defaults", key))
+                    problem = ConfigProblem(file, line, f"defaults.{key}", problem.message)
+                    if problem in from_defaults:
+                        continue
+                    from_defaults.add(problem)
+                problems.append(problem)
     return points
 
 
@@ -442,11 +457,6 @@ def _check_references(
     for group_name, group in doc.telemetry.items():
         for point_name in group.points:
             known(point_name, ("telemetry", group_name, "points", point_name))
-
-    if doc.on_abort == [] and any(isinstance(s, SetPoint) for s in doc.handshake):
-        problem(
-            ("handshake",), "sets a trigger but has no 'on_abort' steps to reset it after a failure"
-        )
 
 
 def _value_kind_mismatch(type_: PointType, value: Any) -> str | None:
