@@ -243,6 +243,12 @@ def _shortest_scaled(fmt: Format, raw: float) -> float:
         candidate = float(f"{value:.{digits}g}")
         if same((candidate - fmt.offset) / fmt.scale, raw):
             return candidate
+    up = down = value  # no decimal maps back: the nearest double that does
+    for _ in range(16):
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+        for candidate in (up, down):
+            if same((candidate - fmt.offset) / fmt.scale, raw):
+                return candidate
     return value
 
 

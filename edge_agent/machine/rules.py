@@ -62,7 +62,7 @@ PROFILE_RULES: dict[str, str] = {
     ),
     "unknown_step": "unknown step '{key}'{hint}",
     "step_two_kinds": "one step does one thing: '{first}' and '{second}' belong in two steps",
-    "step_shape": "a step is a word ({words}) or a mapping such as {{set: trigger}}",
+    "step_shape": "a step is a word ({words}) or a mapping such as 'set: trigger'",
 }
 
 Path = tuple[str | int, ...]

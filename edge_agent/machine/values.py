@@ -177,7 +177,7 @@ def _outside(
             rule,
             label=label,
             value=value,
-            held=held,
+            held=show(held),
             min=show(lo),
             unit=unit,
         )
@@ -188,7 +188,7 @@ def _outside(
             rule,
             label=label,
             value=value,
-            held=held,
+            held=show(held),
             max=show(hi),
             unit=unit,
         )
