@@ -204,3 +204,10 @@ def test_a_bad_default_is_reported_once(tmp_path: Path) -> None:
     problems = refused(tmp_path, ACME, [("  word_order: little ", "  word_order: middle ")])
     [problem] = problems
     assert problem.path == "defaults.word_order" and "'big' or 'little'" in problem.message
+
+
+def test_a_word_step_written_with_a_colon_says_how_to_write_it(tmp_path: Path) -> None:
+    problems = refused(tmp_path, PLC, [("  - write_parameters\n", "  - write_parameters:\n")])
+    assert [p.message for p in problems] == [
+        "unknown step 'write_parameters' (write it as a word, without a colon: '- write_parameters')"
+    ]

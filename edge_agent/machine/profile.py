@@ -13,8 +13,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +23,7 @@ from ..yamlfile import Lines, add_suggestions, load_yaml, problems_from_validati
 from . import registry
 from .codec import INT_RANGES as INT_RANGES
 from .codec import PointType as PointType
-from .rules import check_safety, check_step_shapes, reporter
+from .rules import HandshakePoints, check_safety, check_step_shapes, reporter
 from .values import Accepted, Refused, check_value
 
 
@@ -206,46 +204,6 @@ class ProfileDoc(_Strict):
         if v not in registry.DRIVERS:
             raise ValueError(f"unknown driver '{v}' (known: {', '.join(sorted(registry.DRIVERS))})")
         return v
-
-
-@dataclass(frozen=True)
-class HandshakePoints:
-    """The points the handshake and ``on_abort`` touch, by what they do with them."""
-
-    set: frozenset[str]
-    reset: frozenset[str]
-    write: frozenset[str]  # `write:` steps: the program number or a constant
-    wait: frozenset[str]
-    read: frozenset[str]  # `read_error:` steps
-    program: str | None  # the point a `write:` without a value gives the program number
-
-    @classmethod
-    def of(cls, steps: Sequence[HandshakeStep]) -> HandshakePoints:
-        def named(kind: type[Any], attr: str) -> frozenset[str]:
-            return frozenset(getattr(s, attr) for s in steps if isinstance(s, kind))
-
-        program = next(
-            (s.write for s in steps if isinstance(s, WritePoint) and s.value is None), None
-        )
-        return cls(
-            set=named(SetPoint, "set"),
-            reset=named(ResetPoint, "reset"),
-            write=named(WritePoint, "write"),
-            wait=named(WaitFor, "wait"),
-            read=named(ReadError, "read_error"),
-            program=program,
-        )
-
-    @property
-    def all(self) -> frozenset[str]:
-        return self.set | self.reset | self.write | self.wait | self.read
-
-    def role(self, point: str) -> str:
-        """What the handshake does with ``point``, for messages: "set", "wait", ..."""
-        for role in ("set", "reset", "write", "wait", "read"):
-            if point in getattr(self, role):
-                return "read_error" if role == "read" else role
-        return ""
 
 
 class Profile:

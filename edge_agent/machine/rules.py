@@ -14,7 +14,8 @@ lists them under "Safety rules" and a test keeps the two equal.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -88,6 +89,48 @@ def reporter(file: str, lines: Lines, problems: list[ConfigProblem]) -> Add:
     return add
 
 
+@dataclass(frozen=True)
+class HandshakePoints:
+    """The points the handshake and ``on_abort`` touch, by what they do with them."""
+
+    set: frozenset[str]
+    reset: frozenset[str]
+    write: frozenset[str]  # `write:` steps: the program number or a constant
+    wait: frozenset[str]
+    read: frozenset[str]  # `read_error:` steps
+    program: str | None  # the point a `write:` without a value gives the program number
+
+    @classmethod
+    def of(cls, steps: Sequence[Any]) -> HandshakePoints:
+        from .profile import ReadError, ResetPoint, SetPoint, WaitFor, WritePoint
+
+        def named(kind: type[Any], attr: str) -> frozenset[str]:
+            return frozenset(getattr(s, attr) for s in steps if isinstance(s, kind))
+
+        program = next(
+            (s.write for s in steps if isinstance(s, WritePoint) and s.value is None), None
+        )
+        return cls(
+            set=named(SetPoint, "set"),
+            reset=named(ResetPoint, "reset"),
+            write=named(WritePoint, "write"),
+            wait=named(WaitFor, "wait"),
+            read=named(ReadError, "read_error"),
+            program=program,
+        )
+
+    @property
+    def all(self) -> frozenset[str]:
+        return self.set | self.reset | self.write | self.wait | self.read
+
+    def role(self, point: str) -> str:
+        """What the handshake does with ``point``, for messages: "set", "wait", ..."""
+        for role in ("set", "reset", "write", "wait", "read"):
+            if point in getattr(self, role):
+                return "read_error" if role == "read" else role
+        return ""
+
+
 # -- step shapes, before the schema: one message per wrong step, "did you mean" for its keys -----
 
 
@@ -157,6 +200,8 @@ def check_step_shapes(data: Any, file: str, lines: Lines) -> list[ConfigProblem]
 
 
 def _hint(key: str, known: Iterable[str]) -> str:
+    if key in ("write_parameters", "read_results"):  # `- read_results:` is a mapping, not a word
+        return f" (write it as a word, without a colon: '- {key}')"
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean '{close[0]}'?)" if close else f" (steps: {', '.join(known)})"
 
@@ -166,8 +211,6 @@ def _hint(key: str, known: Iterable[str]) -> str:
 
 def check_safety(doc: Any, points: dict[str, Any], add: Add) -> None:
     """Every safety rule below, each problem through ``add``."""
-    from .profile import HandshakePoints
-
     roles = HandshakePoints.of([*doc.handshake, *doc.on_abort])
     check_grid(doc, points, add)
     check_constants(doc, points, roles.program, add)
@@ -290,7 +333,7 @@ def check_handshake(doc: Any, add: Add) -> None:
             add(("handshake", j), rule("read_before_wait", step=label, point=steps[before[-1]].set))
 
 
-def check_memory(doc: Any, points: dict[str, Any], roles: Any, add: Add) -> None:
+def check_memory(doc: Any, points: dict[str, Any], roles: HandshakePoints, add: Add) -> None:
     """No two writable points share machine memory, and none shares it with a handshake point."""
     handshake = roles.all
     names = list(points)
@@ -318,7 +361,7 @@ def check_memory(doc: Any, points: dict[str, Any], roles: Any, add: Add) -> None
                 )
 
 
-def _alias(where: str, other: str, roles: Any) -> str:
+def _alias(where: str, other: str, roles: HandshakePoints) -> str:
     return rule("handshake_alias", cells=where, other=other, role=roles.role(other))
 
 
