@@ -211,3 +211,15 @@ def test_a_word_step_written_with_a_colon_says_how_to_write_it(tmp_path: Path) -
     assert [p.message for p in problems] == [
         "unknown step 'write_parameters' (write it as a word, without a colon: '- write_parameters')"
     ]
+
+
+def test_a_wrong_step_does_not_hide_a_wrong_point(tmp_path: Path) -> None:
+    problems = refused(
+        tmp_path,
+        PLC,
+        [
+            ("  - set: trigger\n", "  - sett: trigger\n"),
+            ("dwell: {table: holding, address: 8,", "dwell: {table: holdings, address: 8,"),
+        ],
+    )
+    assert [p.path for p in problems] == ["handshake[2]", "points.dwell.table"]

@@ -294,10 +294,8 @@ def load_profile(path: str | Path, text: str | None = None) -> Profile:
         doc = ProfileDoc.model_validate(data)
     except ValidationError as err:
         raise ConfigError(problems + problems_from_validation(err, file, lines)) from err
-    if problems:
-        raise ConfigError(problems)
 
-    points = _validate_points(doc, file, lines, problems)
+    points = _validate_points(doc, file, lines, problems)  # after a wrong step too: every problem
     if not problems:
         _check_references(doc, points, file, lines, problems)
     if not problems:  # the safety rules need every name to resolve

@@ -9,6 +9,7 @@ all ask ``check_value``; none of them compares a value with a limit itself.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from enum import StrEnum
@@ -144,7 +145,12 @@ def off_grid(point: BasePoint, limit: float) -> tuple[float | int, list[float | 
 
 def grid(point: BasePoint) -> codec.Format:
     """The point's value grid: type, scale and offset (the register layout does not matter)."""
-    return codec.Format(type=point.type, scale=point.scale, offset=point.offset)
+    return _grid(point.type, point.scale, point.offset)
+
+
+@functools.lru_cache(maxsize=1024)
+def _grid(type_: PointType, scale: float, offset: float) -> codec.Format:
+    return codec.Format(type=type_, scale=scale, offset=offset)
 
 
 def describe_grid(point: BasePoint) -> str:
