@@ -16,8 +16,10 @@ from edge_agent.machine.profile import Profile, ProfileDoc, load_profile
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
 from tests.fixtures_broker import MqttRecorder
+from tests.fixtures_opcua import OpcUaMachineProcess, machine_yaml, opcua_station
 from tests.station_harness import DRILL, PROFILE, Station, running_station
 from tests.test_commands import ALL, Line, error
+from tests.test_opcua_station import read_node, routing
 
 
 @pytest.fixture
@@ -133,3 +135,16 @@ def test_handshake_registers_are_known_by_address_not_name(tmp_path: Path) -> No
     assert built.handshake_owner("trigger") == "trigger"
     assert built.handshake_owner("dwell") is None
     assert built.handshake_points.set == {"trigger"} and built.handshake_points.wait == {"done"}
+
+
+async def test_over_opcua_the_server_receives_the_reported_value(
+    tmp_path: Path, opcua_machine: OpcUaMachineProcess, broker: EmbeddedBroker
+) -> None:
+    # count is an Int32 node: 4.4 is held as 4, the server gets 4 and the report says 4.
+    params = {"setpoint": 2.5, "count": 4.4}
+    async with opcua_station(tmp_path, broker.port, machine_yaml(opcua_machine.url)) as station:
+        report = await station.cycle(station.tag(routing(params), done=1))
+        assert await read_node(opcua_machine.url, "Int32") == 4
+    assert report.status == "ok", report.error
+    [count] = [p for p in report.parameters if p["name"] == "count"]
+    assert (count["value"], count["requested"], count["raw"]) == (4, 4.4, 4)

@@ -8,8 +8,9 @@ correlation data stands in for a missing ``correlation_id``, and a command carry
 topic is answered there too (with its correlation data), besides ``reply/<name>``.
 
 Writes go through the same checks as a cycle's parameters (the profile's type, scaling and safe
-limits) and are refused while a station cycle holds the machine; points the handshake drives
-(trigger, program) belong to the cycle and are never written from the line.
+limits, judged on the value the machine will hold) and are refused while a station cycle holds
+the machine; points the handshake drives (trigger, program), and any point sharing their
+registers under another name, belong to the cycle and are never written from the line.
 """
 
 from __future__ import annotations

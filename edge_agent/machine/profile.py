@@ -5,7 +5,9 @@ safe limits), the operations the machine supports (which recipe parameter goes t
 the handshake as declared steps. Validation runs in three stages and reports every problem:
   1. the generic schema (this module),
   2. each point against its driver's own point model (``registry.driver_module(...).POINT_MODEL``),
-  3. whole-profile rules: referenced points exist, limits fit the type, handshake is complete.
+  3. whole-profile rules: referenced points exist, limits fit the type, and the safety rules of
+     ``rules.py`` (the handshake's meaning, machine memory owned once, limits on the register grid).
+Whether a value may be written, and what the machine then holds, is ``Profile.check_value``.
 """
 
 from __future__ import annotations
