@@ -62,10 +62,6 @@ CASES: dict[str, tuple[str, list[tuple[str, str]], str]] = {
     "points_overlap": (PLC, [("depth: {table: holding, address: 2,", "depth: {table: holding, address: 1,")], "points.depth"),
     "handshake_alias": (PLC, [("  # Handshake.\n", "  start_alias: {table: coil, address: 0, type: bool}\n")], "points.start_alias"),
     "parameter_on_handshake": (PLC, [(DRILL_END, DRILL_END.replace("dwell: dwell", "dwell: program"))], "operations.drill.parameters.dwell"),
-    # step shapes
-    "unknown_step": (PLC, [("  - set: trigger\n", "  - sett: trigger\n")], "handshake[2]"),
-    "step_two_kinds": (PLC, [("  - set: trigger\n", "  - {set: trigger, wait: done}\n")], "handshake[2]"),
-    "step_shape": (PLC, [("  - set: trigger\n", "  - 5\n")], "handshake[2]"),
     # values the profile supplies, by the value rules
     "not_bool": (OPCUA, [("coolant: {point: coolant, default: false}\n      label: {point: label, default: \"\"}", "coolant: {point: coolant, default: yes please}\n      label: {point: label, default: \"\"}")], "operations.process.parameters.coolant.default"),
     "not_text": (OPCUA, [("label: {point: label, default: \"\"}", "label: {point: label, default: 5}")], "operations.process.parameters.label.default"),
@@ -181,45 +177,3 @@ def test_a_never_reset_trigger_is_refused(tmp_path: Path) -> None:
     assert [p.message for p in problems] == [
         "sets 'trigger' but no later step resets it: add 'reset: trigger' after the wait"
     ]
-
-
-def test_a_typo_in_a_step_is_one_line_with_a_suggestion(tmp_path: Path) -> None:
-    problems = refused(
-        tmp_path,
-        PLC,
-        [
-            ("  - set: trigger\n", "  - sett: trigger\n"),
-            ("{wait: done, equals: true, timeout: 5}", "{wait: done, equals: true, timout: 5}"),
-            ("  - write_parameters\n", "  - write_parameter\n"),
-        ],
-    )
-    assert [(p.path, p.message) for p in problems] == [
-        ("handshake[0]", "unknown step 'write_parameter' (did you mean 'write_parameters'?)"),
-        ("handshake[2]", "unknown step 'sett' (did you mean 'set'?)"),
-        ("handshake[3].timout", "unknown key (did you mean 'timeout'?)"),
-    ]
-
-
-def test_a_bad_default_is_reported_once(tmp_path: Path) -> None:
-    problems = refused(tmp_path, ACME, [("  word_order: little ", "  word_order: middle ")])
-    [problem] = problems
-    assert problem.path == "defaults.word_order" and "'big' or 'little'" in problem.message
-
-
-def test_a_word_step_written_with_a_colon_says_how_to_write_it(tmp_path: Path) -> None:
-    problems = refused(tmp_path, PLC, [("  - write_parameters\n", "  - write_parameters:\n")])
-    assert [p.message for p in problems] == [
-        "unknown step 'write_parameters' (write it as a word, without a colon: '- write_parameters')"
-    ]
-
-
-def test_a_wrong_step_does_not_hide_a_wrong_point(tmp_path: Path) -> None:
-    problems = refused(
-        tmp_path,
-        PLC,
-        [
-            ("  - set: trigger\n", "  - sett: trigger\n"),
-            ("dwell: {table: holding, address: 8,", "dwell: {table: holdings, address: 8,"),
-        ],
-    )
-    assert [p.path for p in problems] == ["handshake[2]", "points.dwell.table"]

@@ -25,7 +25,7 @@ from ..yamlfile import Lines, add_suggestions, load_yaml, problems_from_validati
 from . import registry
 from .codec import INT_RANGES as INT_RANGES
 from .codec import PointType as PointType
-from .rules import HandshakePoints, check_safety, check_step_shapes, reporter
+from .rules import HandshakePoints, check_safety, reporter
 from .values import Accepted, Refused, check_value
 
 
@@ -291,13 +291,13 @@ def load_profile(path: str | Path, text: str | None = None) -> Profile:
             [ConfigProblem(file, None, "", f"not UTF-8 text (byte {err.start})")]
         ) from err
     data, lines = load_yaml(path, source)
-    problems = check_step_shapes(data, file, lines)
     try:
         doc = ProfileDoc.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(problems + problems_from_validation(err, file, lines)) from err
+        raise ConfigError(problems_from_validation(err, file, lines)) from err
 
-    points = _validate_points(doc, file, lines, problems)  # after a wrong step too: every problem
+    problems: list[ConfigProblem] = []
+    points = _validate_points(doc, file, lines, problems)
     if not problems:
         _check_references(doc, points, file, lines, problems)
     if not problems:  # the safety rules need every name to resolve
@@ -322,23 +322,13 @@ def _validate_points(
             )
         )
     points: dict[str, BasePoint] = {}
-    from_defaults: set[ConfigProblem] = set()
     for name, spec in doc.points.items():
         try:
             points[name] = model.model_validate({**defaults, **spec})
         except ValidationError as err:
             found = problems_from_validation(err, file, lines, ("points", name))
             add_suggestions(found, model, skip=2)
-            for problem in found:
-                # A bad default is one mistake, reported once at `defaults`, not once per point.
-                key = problem.path.removeprefix(f"points.{name}.")
-                if key in defaults and key not in spec:
-                    line = lines.get(("defaults", key))
-                    problem = ConfigProblem(file, line, f"defaults.{key}", problem.message)
-                    if problem in from_defaults:
-                        continue
-                    from_defaults.add(problem)
-                problems.append(problem)
+            problems.extend(found)
     return points
 
 

@@ -13,15 +13,12 @@ lists them under "Safety rules" and a test keeps the two equal.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
 from ..errors import ConfigProblem
-from ..yamlfile import Lines, add_suggestions, problems_from_validation
+from ..yamlfile import Lines
 from .codec import INT_RANGES
 from .values import Refused, check_value, describe_grid, off_grid, show
 
@@ -61,9 +58,6 @@ PROFILE_RULES: dict[str, str] = {
     "parameter_on_handshake": (
         "point '{point}' is driven by the handshake ({role}): a recipe cannot write it"
     ),
-    "unknown_step": "unknown step '{key}'{hint}",
-    "step_two_kinds": "one step does one thing: '{first}' and '{second}' belong in two steps",
-    "step_shape": "a step is a word ({words}) or a mapping such as 'set: trigger'",
 }
 
 Path = tuple[str | int, ...]
@@ -129,81 +123,6 @@ class HandshakePoints:
             if point in getattr(self, role):
                 return "read_error" if role == "read" else role
         return ""
-
-
-# -- step shapes, before the schema: one message per wrong step, "did you mean" for its keys -----
-
-
-def check_step_shapes(data: Any, file: str, lines: Lines) -> list[ConfigProblem]:
-    """Problems with the shape of handshake/on_abort steps. Each wrong step is replaced in ``data``
-    by a harmless one, so that the schema does not report it again as a wall of union errors."""
-    from .profile import (
-        CallMethod,
-        ReadError,
-        ReadResults,
-        ResetPoint,
-        SetPoint,
-        WaitFor,
-        WriteParameters,
-        WritePoint,
-    )
-
-    kinds: dict[str, type[BaseModel]] = {
-        "write": WritePoint,
-        "set": SetPoint,
-        "reset": ResetPoint,
-        "wait": WaitFor,
-        "read_error": ReadError,
-        "call": CallMethod,
-    }
-    actions: dict[str, type[BaseModel]] = {
-        "write_parameters": WriteParameters,
-        "read_results": ReadResults,
-    }
-    problems: list[ConfigProblem] = []
-    add = reporter(file, lines, problems)
-    if not isinstance(data, dict):
-        return problems
-    for section in ("handshake", "on_abort"):
-        steps = data.get(section)
-        if not isinstance(steps, list):
-            continue
-        for i, step in enumerate(steps):
-            path: Path = (section, i)
-            found = len(problems)
-            if isinstance(step, str):
-                step = {"action": step}
-            if not isinstance(step, dict) or not step:
-                add(path, rule("step_shape", words=", ".join(actions)))
-            elif "action" in step and step["action"] not in actions:
-                name = str(step["action"])
-                add(path, rule("unknown_step", key=name, hint=_hint(name, [*actions, *kinds])))
-            else:
-                named = [k for k in step if k in kinds or k == "action"]
-                if not named:
-                    key = str(next(iter(step)))
-                    add(path, rule("unknown_step", key=key, hint=_hint(key, [*kinds, *actions])))
-                elif len(named) > 1:
-                    add(path, rule("step_two_kinds", first=named[0], second=named[1]))
-                else:
-                    kind = named[0]
-                    model = actions[step["action"]] if kind == "action" else kinds[kind]
-                    try:
-                        model.model_validate(step)
-                    except ValidationError as err:
-                        found_here = problems_from_validation(err, file, lines, path)
-                        add_suggestions(found_here, model, skip=2)
-                        problems.extend(found_here)
-            if len(problems) > found:
-                steps[i] = {"action": "read_results"}  # reported above; keeps the indexes
-    return problems
-
-
-def _hint(key: str, known: Iterable[str]) -> str:
-    if key in ("write_parameters", "read_results"):  # `- read_results:` is a mapping, not a word
-        return f" (write it as a word, without a colon: '- {key}')"
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f" (steps: {', '.join(known)})"
 
 
 # -- stage 3 rules on a schema-valid profile whose names all resolve -----------------------------

@@ -24,7 +24,7 @@ import structlog
 
 from ..errors import MachineError, MachineFault, PartRejected, TagIOError
 from ..instructions.format import TagContents, decode_tag, update_progress
-from ..instructions.model import Step, StepRecord, StepStatus
+from ..instructions.model import ParamValue, Step, StepRecord, StepStatus
 from ..instructions.signing import KeyRing
 from ..machine.driver import MachineDriver, RawValue
 from ..machine.profile import Operation, Profile
@@ -250,7 +250,7 @@ class StationCycle:
         encoded: dict[str, RawValue] = {}
         listed: list[dict[str, Any]] = []
         for name, spec in operation.parameters.items():
-            value = step.parameters.get(name, spec.default)
+            value: ParamValue | None = step.parameters.get(name, spec.default)
             if value is None:
                 problems.append(f"{name} is missing")
                 reasons.add(Refusal.INVALID)
