@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigProblem
 from ..yamlfile import Lines
 from .codec import INT_RANGES
 from .values import Refused, check_value, describe_grid, off_grid, show
+
+if TYPE_CHECKING:
+    from .profile import BasePoint, HandshakeStep, ProfileDoc
 
 #: code -> message template. The first group is checked in profile.py, the rest here.
 PROFILE_RULES: dict[str, str] = {
@@ -95,7 +98,7 @@ class HandshakePoints:
     program: str | None  # the point a `write:` without a value gives the program number
 
     @classmethod
-    def of(cls, steps: Sequence[Any]) -> HandshakePoints:
+    def of(cls, steps: Sequence[HandshakeStep]) -> HandshakePoints:
         from .profile import ReadError, ResetPoint, SetPoint, WaitFor, WritePoint
 
         def named(kind: type[Any], attr: str) -> frozenset[str]:
@@ -128,7 +131,7 @@ class HandshakePoints:
 # -- stage 3 rules on a schema-valid profile whose names all resolve -----------------------------
 
 
-def check_safety(doc: Any, points: dict[str, Any], add: Add) -> None:
+def check_safety(doc: ProfileDoc, points: dict[str, BasePoint], add: Add) -> None:
     """Every safety rule below, each problem through ``add``."""
     roles = HandshakePoints.of([*doc.handshake, *doc.on_abort])
     check_grid(doc, points, add)
@@ -137,7 +140,7 @@ def check_safety(doc: Any, points: dict[str, Any], add: Add) -> None:
     check_memory(doc, points, roles, add)
 
 
-def check_grid(doc: Any, points: dict[str, Any], add: Add) -> None:
+def check_grid(doc: ProfileDoc, points: dict[str, BasePoint], add: Add) -> None:
     """Limits are values the machine can hold: what is checked is what is written."""
 
     def one(path: Path, point: Any, which: str, limit: float | None) -> None:
@@ -177,7 +180,9 @@ def check_grid(doc: Any, points: dict[str, Any], add: Add) -> None:
                     one(path, points[spec.point], which, getattr(spec, which))
 
 
-def check_constants(doc: Any, points: dict[str, Any], program: str | None, add: Add) -> None:
+def check_constants(
+    doc: ProfileDoc, points: dict[str, BasePoint], program: str | None, add: Add
+) -> None:
     """Program numbers, parameter defaults and handshake constants pass the value rules now,
     not halfway through a cycle."""
     from .profile import WritePoint
@@ -212,47 +217,44 @@ def check_constants(doc: Any, points: dict[str, Any], program: str | None, add: 
                 add(("operations", op_name, "parameters", param, "default"), why)
 
 
-def check_handshake(doc: Any, add: Add) -> None:
+def check_handshake(doc: ProfileDoc, add: Add) -> None:
     """A trigger goes up, the machine is waited for, results are read, the trigger comes down;
     on_abort brings it down too."""
     from .profile import ReadError, ReadResults, ResetPoint, SetPoint, WaitFor
 
     steps = doc.handshake
     aborts = {s.reset for s in doc.on_abort if isinstance(s, ResetPoint)}
-    sets = [i for i, s in enumerate(steps) if isinstance(s, SetPoint)]
-    for i in sets:
-        point = steps[i].set
-        reset_at = next(
-            (
-                j
-                for j in range(i + 1, len(steps))
-                if isinstance(steps[j], ResetPoint) and steps[j].reset == point
-            ),
-            len(steps),
-        )
+    sets = {i: s.set for i, s in enumerate(steps) if isinstance(s, SetPoint)}
+    resets = {i: s.reset for i, s in enumerate(steps) if isinstance(s, ResetPoint)}
+    waits = [i for i, s in enumerate(steps) if isinstance(s, WaitFor)]
+    for i, point in sets.items():
+        reset_at = min((j for j, p in resets.items() if j > i and p == point), default=len(steps))
         if reset_at == len(steps):
             add(("handshake", i), rule("set_not_reset", point=point))
-        if not any(isinstance(s, WaitFor) for s in steps[i + 1 : reset_at]):
+        if not any(i < w < reset_at for w in waits):
             add(("handshake", i), rule("set_without_wait", point=point))
         if point not in aborts:
             add(("handshake", i), rule("set_not_reset_on_abort", point=point))
     if not sets:
         return
+    first = min(sets)
     for j, step in enumerate(steps):
         if isinstance(step, ReadResults):
             label = "read_results"
-        elif isinstance(step, ReadError) and j > sets[0]:
+        elif isinstance(step, ReadError) and j > first:
             label = f"read_error: {step.read_error}"
         else:
             continue
         before = [i for i in sets if i < j]
         if not before:
-            add(("handshake", j), rule("read_before_trigger", step=label, point=steps[sets[0]].set))
-        elif not any(isinstance(s, WaitFor) for s in steps[before[-1] + 1 : j]):
-            add(("handshake", j), rule("read_before_wait", step=label, point=steps[before[-1]].set))
+            add(("handshake", j), rule("read_before_trigger", step=label, point=sets[first]))
+        elif not any(max(before) < w < j for w in waits):
+            add(("handshake", j), rule("read_before_wait", step=label, point=sets[max(before)]))
 
 
-def check_memory(doc: Any, points: dict[str, Any], roles: HandshakePoints, add: Add) -> None:
+def check_memory(
+    doc: ProfileDoc, points: dict[str, BasePoint], roles: HandshakePoints, add: Add
+) -> None:
     """No two writable points share machine memory, and none shares it with a handshake point."""
     handshake = roles.all
     names = list(points)
