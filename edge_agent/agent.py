@@ -12,12 +12,11 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from . import __version__
+from . import __version__, messages
 from .config import NEEDS_RESTART, AgentConfig, load_config, profile_for, profile_keyring
 from .errors import ConfigError, ConfigProblem, MachineError, PartRejected, TagIOError
 from .instructions.signing import KeyRing
@@ -138,17 +137,9 @@ class Agent:
         if now - self._alarm_at < 60:
             return
         self._alarm_at, dropped, self._dropped = now, self._dropped, 0
+        fields = {"dropped": dropped, "class": keep.name.lower(), "backlog": self.uplink.backlog}
         self.uplink.publish(
-            "events",
-            {
-                "schema": "edge-agent/event/1",
-                "event": "outbox_dropped",
-                "gateway_id": self.config.gateway_id,
-                "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
-                "dropped": dropped,
-                "class": keep.name.lower(),
-                "backlog": self.uplink.backlog,
-            },
+            "events", messages.event(self.config.gateway_id, "outbox_dropped", at=now, **fields)
         )
 
     async def _wait_outbox_room(self, event: ScanEvent) -> None:
@@ -430,20 +421,15 @@ class Agent:
             signed_by=new.signature.key_id if new.signature else None,
             changes=len(changes),
         )
-        self._publish(
-            "events",
-            {
-                "schema": "edge-agent/event/1",
-                "event": "profile_changed",
-                "gateway_id": self.config.gateway_id,
-                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "how": how,
-                "profile": new.describe(),
-                "previous": old.describe(),
-                "changes": changes,
-            },
-            1,
+        event = messages.event(
+            self.config.gateway_id,
+            "profile_changed",
+            how=how,
+            profile=new.describe(),
+            previous=old.describe(),
+            changes=changes,
         )
+        self._publish("events", event, 1)
 
     async def _activate(
         self,

@@ -85,8 +85,11 @@ async def test_adjustments_are_applied_and_recorded(
             {"rule": 2, "program": 2, "was": 1},
         ],
     }
-    values = {p["name"]: p["value"] for p in report.parameters}
-    assert values["feed_rate"] == 288.45 and values["spindle_speed"] == DRILL["spindle_speed"]
+    # The report says what the machine holds: 288.45 is 2885 at 0.1 resolution, i.e. 288.5.
+    values = {p["name"]: p for p in report.parameters}
+    assert values["feed_rate"]["value"] == 288.5 and values["feed_rate"]["requested"] == 288.45
+    assert values["spindle_speed"]["value"] == DRILL["spindle_speed"]
+    assert "requested" not in values["spindle_speed"]
     [sent] = await recorder.wait_for("gw-test/cycles", 1)
     assert sent["adjustments"]["version"] == "lot-4711/1"
 
@@ -128,8 +131,8 @@ async def test_adjusted_values_meet_the_profiles_limits_before_anything_is_writt
             {"version": "v3", "rules": [{"operation": "press", "parameter": "depth", "add": 1}]},
             "press",
         ),
-        ({"version": "v3", "rules": [{"program": 7}]}, "outside the safe range 1.0..3.0"),
-        ({"version": "v3", "rules": [{"program": 70000}]}, "does not fit"),
+        ({"version": "v3", "rules": [{"program": 7}]}, "program=7 is outside the safe range"),
+        ({"version": "v3", "rules": [{"program": 70000}]}, "above maximum 3"),
         ({"version": "v3", "rules": [{"parameter": "depth", "scale": "fast"}]}, "scale"),
     ],
 )

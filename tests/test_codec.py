@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from edge_agent.machine.codec import Format, decode, encode, encode_bit
+from edge_agent.machine.codec import Format, decode, encode, encode_bit, hold
 from edge_agent.machine.profile import PointType as T
 
 # (type, value, registers with big byte order and big word order) - worked out by hand.
@@ -217,3 +217,33 @@ def test_string_encodings() -> None:
 def test_decode_wrong_register_count_names_point() -> None:
     with pytest.raises(ValueError, match=r"^force: expected 2 register\(s\), got 1"):
         decode(Format(T.U32), [1], "force")
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        Format(T.U16, scale=0.1),
+        Format(T.I16, scale=0.1, offset=-40),
+        Format(T.I32, scale=0.001),
+        Format(T.U32, scale=5),
+        Format(T.F32),
+        Format(T.F32, scale=0.1),
+        Format(T.F64, scale=0.01, offset=3),
+    ],
+    ids=lambda f: f"{f.type.value}x{f.scale}+{f.offset}",
+)
+def test_the_held_value_is_written_as_the_same_raw_number(fmt: Format) -> None:
+    # What the profile checks (the held value) must encode to exactly what the machine receives.
+    for i in range(2000):
+        value = (i * 7.919) % 1000 - 20 + i / 997
+        try:
+            raw, held = hold(fmt, value, "p")
+        except ValueError:
+            continue
+        assert hold(fmt, held, "p") == (raw, held), (value, raw, held)
+        assert encode(fmt, held, "p") == encode(fmt, value, "p")
+
+
+def test_scaled_floats_read_back_as_the_shortest_decimal() -> None:
+    assert hold(Format(T.F32, scale=0.1), 4999.95, "p") == (49999.5, 4999.95)
+    assert hold(Format(T.U16, scale=0.1), 4999.95, "p") == (50000, 5000.0)

@@ -61,8 +61,10 @@ def tiny_profile(tmp_path: Path, points: str) -> Profile:
         'profile: tiny\nversion: "1"\ndriver: modbus\npoints:\n'
         f"{points}"
         "  trigger: {table: coil, address: 0, type: bool}\n"
+        "  done: {table: coil, address: 1, type: bool, read_only: true}\n"
         "operations:\n  op: {}\n"
-        "handshake:\n  - set: trigger\non_abort:\n  - reset: trigger\n"
+        "handshake:\n  - set: trigger\n  - wait: done\n  - reset: trigger\n"
+        "on_abort:\n  - reset: trigger\n"
     )
     return load_profile(tmp_path / "tiny.yaml", text)
 
@@ -470,23 +472,38 @@ def test_settings_defaults_and_refusals() -> None:
             ModbusSettings(host="plc.local", **bad)
 
 
-def test_profile_constants_are_checked_when_the_driver_is_created(
-    tmp_path: Path, reference_plc_settings: ModbusSettings
-) -> None:
+def test_profile_constants_are_checked_when_the_profile_is_loaded(tmp_path: Path) -> None:
     text = PROFILE.read_text(encoding="utf-8")
     text = text.replace("  - write: program ", "  - {write: program, value: 70000}")
     text = text.replace(
         "      dwell: dwell\n    results",
         "      dwell: {point: dwell, default: 20000}\n    results",
     )
-    profile = load_profile(tmp_path / "p.yaml", text)  # the generic checks let both pass
     with pytest.raises(ConfigError) as err:
-        create(reference_plc_settings, profile)
+        load_profile(tmp_path / "p.yaml", text)
     assert [(p.path, p.message) for p in err.value.problems] == [
-        ("handshake[1]", "program: 70000 does not fit u16 (representable range 0..65535)"),
+        ("handshake[1].value", "program=70000 is outside the safe range: above maximum 3"),
         (
             "operations.drill.parameters.dwell.default",
-            "dwell: 20000 is outside the safe range 0.0..10000.0",
+            "dwell=20000 ms is outside the safe range: above maximum 10000 ms",
         ),
     ]
-    assert err.value.problems[0].file == str(tmp_path / "p.yaml")
+    assert all(p.file == str(tmp_path / "p.yaml") and p.line for p in err.value.problems)
+
+
+def test_what_only_the_driver_knows_is_checked_when_it_is_created(
+    tmp_path: Path, reference_plc_settings: ModbusSettings
+) -> None:
+    # Three characters fit a 4-character point, but in UTF-8 they are six bytes.
+    text = (
+        'profile: tiny\nversion: "1"\ndriver: modbus\npoints:\n'
+        "  label: {table: holding, address: 0, type: string, length: 4, encoding: utf-8}\n"
+        "operations:\n  op: {parameters: {label: {point: label, default: äöü}}}\n"
+        "handshake: [write_parameters]\n"
+    )
+    profile = load_profile(tmp_path / "p.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        create(reference_plc_settings, profile)
+    [problem] = err.value.problems
+    assert problem.path == "operations.op.parameters.label.default"
+    assert "6 bytes long" in problem.message

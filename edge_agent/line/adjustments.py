@@ -24,7 +24,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
@@ -34,8 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..instructions.model import ParamValue, Step
 from ..machine.driver import MachineDriver
-from ..machine.profile import INT_RANGES, Profile, WritePoint
-from .telemetry import iso
+from ..machine.profile import INT_RANGES, Profile
+from ..machine.values import Refused
+from ..messages import event
 
 log = structlog.get_logger("adjustments")
 
@@ -133,7 +133,7 @@ class Adjustments:
         """Every reason the set does not fit the active profile (empty: it fits)."""
         problems = []
         ops = self.profile.operations
-        program_point = _program_point(self.profile)
+        program_point = self.profile.handshake_points.program
         for i, rule in enumerate(candidate.rules):
             where = f"rules[{i}]"
             if rule.operation is not None and rule.operation not in ops:
@@ -144,19 +144,14 @@ class Adjustments:
                 if program_point is None:
                     problems.append(f"{where}: the profile's handshake writes no program number")
                     continue
-                assert rule.program is not None
-                point = self.profile.points[program_point]
+                checked = self.profile.check_value(rule.program, point=program_point)
+                if isinstance(checked, Refused):
+                    problems.append(f"{where}: {checked.message}")
+                    continue
                 try:
-                    self.driver.encode(program_point, rule.program)
+                    self.driver.encode(program_point, checked.value)
                 except ValueError as err:
                     problems.append(f"{where}: {err}")
-                    continue
-                lo, hi = point.min, point.max
-                if (lo is not None and rule.program < lo) or (hi is not None and rule.program > hi):
-                    problems.append(
-                        f"{where}: program {rule.program} is outside the safe range {lo}..{hi} "
-                        f"of point {program_point}"
-                    )
                 continue
             users = [o for o in scope if rule.parameter in ops[o].parameters]
             if not users:
@@ -164,6 +159,15 @@ class Adjustments:
                 verb = "has no" if rule.operation else "has a"
                 problems.append(f"{where}: {scope_name} {verb} parameter '{rule.parameter}'")
                 continue
+            for o in users:  # by address: an alias of a handshake register is refused too
+                point_name = ops[o].parameters[str(rule.parameter)].point
+                owner = self.profile.handshake_owner(point_name)
+                if owner is not None:
+                    problems.append(
+                        f"{where}: {rule.parameter} writes point '{point_name}', which shares "
+                        f"memory with handshake point '{owner}'"
+                    )
+                    break
             if rule.action in ("scale", "add"):
                 for o in users:
                     point = self.profile.points[ops[o].parameters[str(rule.parameter)].point]
@@ -234,15 +238,8 @@ class Adjustments:
         log.warning("adjustments refused", version=version, problems=problems, kept=keep)
         self._event("adjustments_refused", version=version, problems=problems, kept=keep)
 
-    def _event(self, event: str, **fields: Any) -> None:
-        payload = {
-            "schema": "edge-agent/event/1",
-            "event": event,
-            "gateway_id": self.gateway_id,
-            "time": iso(time.time()),
-            **fields,
-        }
-        self.publish("events", payload, 1)
+    def _event(self, name: str, **fields: Any) -> None:
+        self.publish("events", event(self.gateway_id, name, **fields), 1)
 
 
 def _act(rule: Rule, was: ParamValue, integral: bool) -> ParamValue | None:
@@ -255,13 +252,6 @@ def _act(rule: Rule, was: ParamValue, integral: bool) -> ParamValue | None:
     if integral and isinstance(was, int) and float(value).is_integer():
         return int(value)
     return value
-
-
-def _program_point(profile: Profile) -> str | None:
-    for step in profile.handshake:
-        if isinstance(step, WritePoint) and step.value is None:
-            return step.write
-    return None
 
 
 def _where(error: Any) -> str:

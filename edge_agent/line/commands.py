@@ -8,8 +8,9 @@ correlation data stands in for a missing ``correlation_id``, and a command carry
 topic is answered there too (with its correlation data), besides ``reply/<name>``.
 
 Writes go through the same checks as a cycle's parameters (the profile's type, scaling and safe
-limits) and are refused while a station cycle holds the machine; points the handshake drives
-(trigger, program) belong to the cycle and are never written from the line.
+limits, judged on the value the machine will hold) and are refused while a station cycle holds
+the machine; points the handshake drives (trigger, program), and any point sharing their
+registers under another name, belong to the cycle and are never written from the line.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from ..config import CommandName
 from ..errors import ConfigError, MachineError
 from ..machine.driver import MachineDriver
-from ..machine.profile import Profile, ResetPoint, SetPoint, WaitFor, WritePoint
+from ..machine.profile import Profile
 from ..machine.profile_signature import ProfileRefused
-from ..station.cycle import _check_value, _jsonable
-from .telemetry import iso
+from ..machine.values import Accepted, Refusal, Refused
+from ..messages import iso, jsonable
 
 log = structlog.get_logger("commands")
 
@@ -255,7 +256,7 @@ class Commands:
             raise CommandError("unknown_point", _unknown(unknown, profile))
         values = await self.station.driver.read(p.points)
         return {
-            "values": {n: _jsonable(v) for n, v in values.items()},
+            "values": {n: jsonable(v) for n, v in values.items()},
             "time": iso(time.time()),
         }
 
@@ -265,29 +266,35 @@ class Commands:
         unknown = [n for n in p.values if n not in profile.points]
         if unknown:
             raise CommandError("unknown_point", _unknown(unknown, profile))
-        cycle_points = handshake_points(profile)
         problems: list[str] = []
         codes: set[str] = set()
         encoded = {}
+        held: dict[str, Accepted] = {}
         for name, value in p.values.items():
             point = profile.points[name]
             if not point.writable:
                 codes.add("read_only")
                 problems.append(f"{name} is read-only")
                 continue
-            if name in cycle_points:
+            owner = profile.handshake_owner(name)  # by address: an alias is the same register
+            if owner is not None:
                 codes.add("cycle_point")
-                problems.append(f"{name} is driven by the station cycle's handshake")
+                alias = "" if owner == name else f" shares memory with '{owner}', which"
+                problems.append(f"{name}{alias} is driven by the station cycle's handshake")
                 continue
-            problem = _check_value(name, value, point.type, point.min, point.max, point.unit)
-            if problem is None:
-                try:
-                    encoded[name] = driver.encode(name, value)
-                except ValueError as err:
-                    problem = str(err)
-            if problem is not None:
-                codes.add("out_of_limits" if "outside" in problem else "invalid_value")
-                problems.append(problem)
+            checked = profile.check_value(value, point=name)
+            if isinstance(checked, Refused):
+                out = checked.reason is Refusal.OUT_OF_LIMITS
+                codes.add("out_of_limits" if out else "invalid_value")
+                problems.append(checked.message)
+                continue
+            try:  # the held value: the machine receives exactly what was checked
+                encoded[name] = driver.encode(name, checked.value)
+            except ValueError as err:
+                codes.add("invalid_value")
+                problems.append(str(err))
+                continue
+            held[name] = checked
         if problems:
             code = codes.pop() if len(codes) == 1 else "invalid_value"
             raise CommandError(code, "; ".join(problems) + " (nothing was written)")
@@ -298,25 +305,19 @@ class Commands:
             await driver.write(encoded)
         return {
             "written": {
-                n: {"value": v, "raw": driver.raw_for_report(encoded[n])}
-                for n, v in p.values.items()
+                n: {
+                    "value": c.value,
+                    **({"requested": c.requested} if c.rounded else {}),
+                    "raw": driver.raw_for_report(encoded[n]),
+                }
+                for n, c in held.items()
             }
         }
 
 
 def handshake_points(profile: Profile) -> frozenset[str]:
-    """Points the handshake writes or waits on: they belong to the station cycle."""
-    names: set[str] = set()
-    for step in (*profile.handshake, *profile.on_abort):
-        if isinstance(step, WritePoint):
-            names.add(step.write)
-        elif isinstance(step, SetPoint):
-            names.add(step.set)
-        elif isinstance(step, ResetPoint):
-            names.add(step.reset)
-        elif isinstance(step, WaitFor):
-            names.add(step.wait)
-    return frozenset(names)
+    """Points the handshake touches: they belong to the station cycle."""
+    return profile.handshake_points.all
 
 
 def _params(model: type[M], params: dict[str, Any]) -> M:

@@ -24,7 +24,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -32,17 +31,13 @@ import structlog
 from ..errors import MachineError
 from ..machine.driver import MachineDriver, PushingDriver
 from ..machine.profile import Profile, TelemetryGroup
-from ..station.cycle import _jsonable  # the same JSON rendering as cycle results
+from ..messages import event, iso, jsonable
 
 log = structlog.get_logger("telemetry")
 
 #: (topic suffix, payload, qos) -> queued
 Publish = Callable[[str, dict[str, Any], int], object]
 Read = Callable[[Sequence[str]], Awaitable[dict[str, Any]]]
-
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
 def moved(last: Any, value: Any, deadband: float) -> bool:
@@ -218,7 +213,7 @@ class Telemetry:
             "time": iso(ts),
             "full": full,
             "quality": quality,
-            "values": {n: _jsonable(v) for n, v in values.items()},
+            "values": {n: jsonable(v) for n, v in values.items()},
         }
         if quality != "good":
             message["points"] = list(g.spec.points)
@@ -235,17 +230,10 @@ class Telemetry:
         self._send(g, g.stale_since or time.time(), {}, full=False, quality="stale")
         self._event("telemetry_stale", g, names, error=error)
 
-    def _event(self, event: str, g: GroupState, names: list[str], **extra: Any) -> None:
-        payload = {
-            "schema": "edge-agent/event/1",
-            "event": event,
-            "gateway_id": self.gateway_id,
-            "time": iso(time.time()),
-            "group": g.name,
-            "device": self.driver.device,
-            "points": names,
-            **extra,
-        }
+    def _event(self, name: str, g: GroupState, names: list[str], **extra: Any) -> None:
+        payload = event(
+            self.gateway_id, name, group=g.name, device=self.driver.device, points=names, **extra
+        )
         self.publish("events", payload, 1)
 
 

@@ -1,4 +1,4 @@
-"""Engineering value <-> 16-bit register words. Pure: no I/O, no protocol, only ``struct``.
+"""Engineering value <-> the machine's own number <-> 16-bit register words. Pure: no I/O.
 
 A value is packed big-endian with ``struct``, cut into 16-bit words, then rearranged for the device:
 ``word_order`` little reverses the words of a multi-register value, ``byte_order`` little swaps the two
@@ -8,6 +8,10 @@ order (only ``byte_order`` applies): that is how every PLC we know lays out char
 Engineering value = raw * scale + offset. Integer types round to the nearest raw value (half away
 from zero) and refuse what the type cannot hold; floats refuse NaN and infinities. Every refusal is
 a ``ValueError`` whose message starts with the point's name.
+
+``hold()`` answers what the machine will hold for a value: the raw number after scale, offset and
+rounding (a float32 rounded to float32), and that number decoded back to engineering units. Decoding
+gives the shortest decimal that encodes to the same raw number, so encode(decode(raw)) == raw.
 """
 
 from __future__ import annotations
@@ -17,13 +21,32 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
+from enum import StrEnum
 from typing import Any, Literal
-
-from .profile import INT_RANGES, PointType
 
 Order = Literal["big", "little"]
 Encoding = Literal["ascii", "utf-8"]
 Value = int | float | bool | str
+
+
+class PointType(StrEnum):
+    U16 = "u16"
+    I16 = "i16"
+    U32 = "u32"
+    I32 = "i32"
+    F32 = "f32"
+    F64 = "f64"
+    BOOL = "bool"
+    STRING = "string"
+
+
+#: Raw range of each integer type; engineering limits must map inside it.
+INT_RANGES: dict[PointType, tuple[int, int]] = {
+    PointType.U16: (0, 0xFFFF),
+    PointType.I16: (-0x8000, 0x7FFF),
+    PointType.U32: (0, 0xFFFF_FFFF),
+    PointType.I32: (-0x8000_0000, 0x7FFF_FFFF),
+}
 
 
 @dataclass(frozen=True)
@@ -90,7 +113,7 @@ def encode(fmt: Format, value: Any, name: str) -> list[int]:
     if fmt.type is PointType.BOOL:
         raw: int | float = int(encode_bit(value, name))
     else:
-        raw = _to_raw(fmt, value, name)
+        raw = to_raw(fmt, value, name)
     data = struct.pack(">" + KINDS[fmt.type].code, raw)
     return _arrange(fmt, data)
 
@@ -112,7 +135,17 @@ def decode(fmt: Format, words: Sequence[int], name: str) -> Value:
         except UnicodeDecodeError as err:
             raise ValueError(f"{name}: bytes {text!r} are not valid {fmt.encoding}") from err
     (raw,) = struct.unpack(">" + KINDS[fmt.type].code, data)
-    return _to_engineering(fmt, raw)
+    return to_engineering(fmt, raw)
+
+
+def hold(fmt: Format, value: Any, name: str) -> tuple[int | float, int | float]:
+    """(raw, held) for a number: the raw number the machine stores after scale, offset and rounding
+    (float32 rounded as the machine stores it), and the engineering value it stands for. Raises
+    ValueError naming the point when the value is not a number or does not fit the type."""
+    raw = to_raw(fmt, value, name)
+    if fmt.type is PointType.F32:
+        (raw,) = struct.unpack(">f", struct.pack(">f", raw))
+    return raw, to_engineering(fmt, raw)
 
 
 def encode_bit(value: Any, name: str) -> bool:
@@ -133,7 +166,8 @@ def _number(value: Any, name: str, type_: PointType) -> float | int:
     return value
 
 
-def _to_raw(fmt: Format, value: Any, name: str) -> int | float:
+def to_raw(fmt: Format, value: Any, name: str) -> int | float:
+    """The raw number for an engineering value (integers rounded half away from zero)."""
     number = _number(value, name, fmt.type)
     if fmt.type in INT_RANGES:
         # Decimal arithmetic on the numbers as written: 12.35 / 0.1 is 123.5 (in binary floats
@@ -150,6 +184,9 @@ def _to_raw(fmt: Format, value: Any, name: str) -> int | float:
     if not math.isfinite(real) or abs(real) > _FLOAT_MAX[fmt.type]:
         raise ValueError(f"{name}: {value} does not fit {_describe(fmt)}")
     return real
+
+
+_to_raw = to_raw  # the name the OPC UA client was written against
 
 
 def _describe(fmt: Format) -> str:
@@ -175,7 +212,8 @@ def _decimals(x: float) -> int:
     return -exponent if isinstance(exponent, int) and exponent < 0 else 0
 
 
-def _to_engineering(fmt: Format, raw: int | float) -> int | float:
+def to_engineering(fmt: Format, raw: int | float) -> int | float:
+    """The engineering value a raw number stands for, as the shortest decimal that is that raw."""
     if fmt.type in INT_RANGES:
         if fmt.scale == 1.0 and fmt.offset == 0.0:
             return int(raw)
@@ -188,7 +226,41 @@ def _to_engineering(fmt: Format, raw: int | float) -> int | float:
         raw = _shortest_f32(float(raw))
     if fmt.scale == 1.0 and fmt.offset == 0.0:
         return float(raw)
-    return raw * fmt.scale + fmt.offset
+    return _shortest_scaled(fmt, float(raw))
+
+
+_to_engineering = to_engineering  # the name the OPC UA client was written against
+
+
+def _shortest_scaled(fmt: Format, raw: float) -> float:
+    """raw * scale + offset as the shortest decimal that encodes back to the same raw float:
+    4999.95 at scale 0.1 is 49999.5 raw, and reads back as 4999.95, not 4999.950000000001."""
+    value = raw * fmt.scale + fmt.offset
+    if not math.isfinite(value):
+        return value
+    same = _same_f32 if fmt.type is PointType.F32 else _same_f64
+    for digits in range(6, 18):
+        candidate = float(f"{value:.{digits}g}")
+        if same((candidate - fmt.offset) / fmt.scale, raw):
+            return candidate
+    up = down = value  # no decimal maps back: the nearest double that does
+    for _ in range(16):
+        up, down = math.nextafter(up, math.inf), math.nextafter(down, -math.inf)
+        for candidate in (up, down):
+            if same((candidate - fmt.offset) / fmt.scale, raw):
+                return candidate
+    return value
+
+
+def _same_f32(a: float, b: float) -> bool:
+    try:
+        return struct.pack(">f", a) == struct.pack(">f", b)
+    except OverflowError:
+        return False
+
+
+def _same_f64(a: float, b: float) -> bool:
+    return a == b
 
 
 def _shortest_f32(x: float) -> float:

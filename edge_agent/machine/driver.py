@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ..errors import ConfigError, ConfigProblem
 from .profile import BasePoint, Profile, WritePoint
+from .values import Accepted, Refused
 
 RawValue = Any  # driver-specific wire form: Modbus register words or bools, an OPC UA Variant, ...
 
@@ -101,37 +102,38 @@ def points_of(profile: Profile, kind: type[Point]) -> dict[str, Point]:
 def check_profile_constants(driver: MachineDriver, profile: Profile) -> None:
     """Encode every value the profile itself supplies (handshake values, program numbers,
     parameter defaults) now, so that a bad one stops the agent at start instead of failing a
-    handshake halfway, after the parameters went to the machine."""
+    handshake halfway, after the parameters went to the machine. Limits and the register grid
+    were checked when the profile was loaded; this adds what only the driver knows (a string's
+    bytes in its encoding, a server's data types)."""
     problems: list[ConfigProblem] = []
 
-    def check(path: str, point: str, value: Any, lo: float | None, hi: float | None) -> None:
+    def check(path: str, point: str, checked: Accepted | Refused) -> None:
+        if isinstance(checked, Refused):
+            problems.append(ConfigProblem(profile.source, None, path, checked.message))
+            return
         try:
-            driver.encode(point, value)
+            driver.encode(point, checked.value)
         except ValueError as err:
             problems.append(ConfigProblem(profile.source, None, path, str(err)))
-            return
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and ((lo is not None and value < lo) or (hi is not None and value > hi)):
-            message = f"{point}: {value} is outside the safe range {lo}..{hi}"
-            problems.append(ConfigProblem(profile.source, None, path, message))
 
     for section in ("handshake", "on_abort"):
         for i, step in enumerate(getattr(profile, section)):
             if not isinstance(step, WritePoint) or step.write not in profile.points:
                 continue
-            point = profile.points[step.write]
             if step.value is not None:
-                check(f"{section}[{i}]", step.write, step.value, point.min, point.max)
+                check(
+                    f"{section}[{i}]", step.write, profile.check_value(step.value, point=step.write)
+                )
                 continue
             for name, op in profile.operations.items():
                 if op.program is not None:
-                    path = f"operations.{name}.program"
-                    check(path, step.write, op.program, point.min, point.max)
+                    checked = profile.check_value(op.program, point=step.write)
+                    check(f"operations.{name}.program", step.write, checked)
     for name, op in profile.operations.items():
         for param, spec in op.parameters.items():
             if spec.default is not None:
-                path = f"operations.{name}.parameters.{param}.default"
-                check(path, spec.point, spec.default, *profile.parameter_limits(name, param))
+                checked = profile.check_value(spec.default, operation=name, parameter=param)
+                check(f"operations.{name}.parameters.{param}.default", spec.point, checked)
     if problems:
         raise ConfigError(problems)
 

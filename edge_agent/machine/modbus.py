@@ -115,6 +115,11 @@ class ModbusPoint(BasePoint):
         """Addresses the point occupies (bits: one)."""
         return 1 if self.table in BIT_TABLES else self.register_format().registers
 
+    def cells(self) -> frozenset[tuple[str, int | str]]:
+        return frozenset(
+            (self.table, a) for a in range(self.address, self.address + self.registers)
+        )
+
     def register_format(self) -> codec.Format:
         return codec.Format(
             type=self.type,

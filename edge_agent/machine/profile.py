@@ -5,7 +5,9 @@ safe limits), the operations the machine supports (which recipe parameter goes t
 the handshake as declared steps. Validation runs in three stages and reports every problem:
   1. the generic schema (this module),
   2. each point against its driver's own point model (``registry.driver_module(...).POINT_MODEL``),
-  3. whole-profile rules: referenced points exist, limits fit the type, handshake is complete.
+  3. whole-profile rules: referenced points exist, limits fit the type, and the safety rules of
+     ``rules.py`` (the handshake's meaning, machine memory owned once, limits on the register grid).
+Whether a value may be written, and what the machine then holds, is ``Profile.check_value``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -22,6 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ConfigError, ConfigProblem
 from ..yamlfile import Lines, add_suggestions, load_yaml, problems_from_validation
 from . import registry
+from .codec import INT_RANGES as INT_RANGES
+from .codec import PointType as PointType
+from .rules import HandshakePoints, check_safety, reporter
+from .values import Accepted, Refused, check_value
 
 if TYPE_CHECKING:
     from .profile_signature import ProfileSignature
@@ -29,26 +34,6 @@ if TYPE_CHECKING:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PointType(StrEnum):
-    U16 = "u16"
-    I16 = "i16"
-    U32 = "u32"
-    I32 = "i32"
-    F32 = "f32"
-    F64 = "f64"
-    BOOL = "bool"
-    STRING = "string"
-
-
-#: Raw range of each integer type; engineering limits must map inside it.
-INT_RANGES: dict[PointType, tuple[int, int]] = {
-    PointType.U16: (0, 0xFFFF),
-    PointType.I16: (-0x8000, 0x7FFF),
-    PointType.U32: (0, 0xFFFF_FFFF),
-    PointType.I32: (-0x8000_0000, 0x7FFF_FFFF),
-}
 
 
 class BasePoint(_Strict):
@@ -77,6 +62,11 @@ class BasePoint(_Strict):
     @property
     def writable(self) -> bool:
         return True
+
+    def cells(self) -> frozenset[tuple[str, int | str]]:
+        """The machine memory the point occupies, as (area, address) pairs: two points sharing a
+        pair are the same register. Drivers override it; the base point names none."""
+        return frozenset()
 
 
 class ParameterSpec(_Strict):
@@ -237,6 +227,8 @@ class Profile:
         self.source = source
         self.content_hash = digest  # "sha256:<hex>" of the file's bytes, reported with every cycle
         self.signature: ProfileSignature | None = None  # set once its signature was verified
+        #: What the handshake and on_abort touch; it belongs to the station cycle.
+        self.handshake_points = HandshakePoints.of([*doc.handshake, *doc.on_abort])
 
     def describe(self) -> dict[str, str]:
         """Which envelope judged a part: in every cycle report, the status and profile events."""
@@ -252,6 +244,38 @@ class Profile:
         lo = _tighter(point.min, spec.min, max)
         hi = _tighter(point.max, spec.max, min)
         return lo, hi
+
+    def check_value(
+        self,
+        value: Any,
+        *,
+        point: str | None = None,
+        operation: str | None = None,
+        parameter: str | None = None,
+    ) -> Accepted | Refused:
+        """May ``value`` be written, and what will the machine hold? For a recipe parameter give
+        ``operation`` and ``parameter`` (the operation's limits apply, within the point's); for
+        a point written directly give ``point``. Raises KeyError for names not in the profile."""
+        if operation is not None and parameter is not None:
+            name = self.operations[operation].parameters[parameter].point
+            lo, hi = self.parameter_limits(operation, parameter)
+            return check_value(self.points[name], value, label=parameter, lo=lo, hi=hi)
+        if point is None:
+            raise TypeError("give point, or operation and parameter")
+        p = self.points[point]
+        return check_value(p, value, label=point, lo=p.min, hi=p.max)
+
+    def handshake_owner(self, point: str) -> str | None:
+        """The handshake point ``point`` is, or shares machine memory with (by address, so an
+        alias under another name is caught too); None when the handshake does not touch it."""
+        touched = self.handshake_points.all
+        if point in touched:
+            return point
+        cells = self.points[point].cells()
+        for name in sorted(touched):
+            if name in self.points and cells & self.points[name].cells():
+                return name
+        return None
 
 
 def _tighter(a: float | None, b: float | None, pick: Any) -> float | None:
@@ -289,6 +313,8 @@ def load_profile(path: str | Path, text: str | None = None) -> Profile:
     points = _validate_points(doc, file, lines, problems)
     if not problems:
         _check_references(doc, points, file, lines, problems)
+    if not problems:  # the safety rules need every name to resolve
+        check_safety(doc, points, reporter(file, lines, problems))
     if problems:
         raise ConfigError(problems)
     return Profile(doc, points, file, "sha256:" + hashlib.sha256(raw).hexdigest())
@@ -399,11 +425,6 @@ def _check_references(
     for group_name, group in doc.telemetry.items():
         for point_name in group.points:
             known(point_name, ("telemetry", group_name, "points", point_name))
-
-    if doc.on_abort == [] and any(isinstance(s, SetPoint) for s in doc.handshake):
-        problem(
-            ("handshake",), "sets a trigger but has no 'on_abort' steps to reset it after a failure"
-        )
 
 
 def _value_kind_mismatch(type_: PointType, value: Any) -> str | None:

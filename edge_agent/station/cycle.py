@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import time
 import uuid
 from collections.abc import Callable
@@ -29,7 +28,9 @@ from ..instructions.codec import TagContents, decode_tag, update_progress
 from ..instructions.model import ParamValue, Step, StepRecord, StepStatus
 from ..instructions.signing import KeyRing
 from ..machine.driver import MachineDriver, RawValue
-from ..machine.profile import Operation, PointType, Profile
+from ..machine.profile import Operation, Profile
+from ..machine.values import Refusal, Refused
+from ..messages import jsonable as _jsonable
 from ..tag.reader import ScanEvent, TagReader
 from .handshake import run_abort, run_handshake
 
@@ -251,46 +252,43 @@ class StationCycle:
             problems.append(
                 f"unknown parameter(s) {', '.join(unknown)} for operation {step.operation}"
             )
+        reasons = {Refusal.INVALID} if unknown else set()
         encoded: dict[str, RawValue] = {}
         listed: list[dict[str, Any]] = []
         for name, spec in operation.parameters.items():
-            value = step.parameters.get(name, spec.default)
+            value: ParamValue | None = step.parameters.get(name, spec.default)
             if value is None:
                 problems.append(f"{name} is missing")
+                reasons.add(Refusal.INVALID)
                 continue
-            point = self.profile.points[spec.point]
-            problem = _check_value(
-                name,
-                value,
-                point.type,
-                *self.profile.parameter_limits(step.operation, name),
-                point.unit,
-            )
-            if problem is None:
-                try:
-                    encoded[spec.point] = self.driver.encode(spec.point, value)
-                except ValueError as err:
-                    problem = f"{name}: {err}"
-            if problem is not None:
-                problems.append(problem)
+            checked = self.profile.check_value(value, operation=step.operation, parameter=name)
+            if isinstance(checked, Refused):
+                problems.append(checked.message)
+                reasons.add(checked.reason)
+                continue
+            try:  # the held value, so the machine receives exactly what was checked
+                encoded[spec.point] = self.driver.encode(spec.point, checked.value)
+            except ValueError as err:
+                problems.append(f"{name}: {err}")
+                reasons.add(Refusal.INVALID)
                 continue
             listed.append(
                 {
                     "name": name,
-                    "value": value,
-                    "unit": point.unit,
+                    "value": checked.value,
+                    **({"requested": value} if checked.rounded else {}),
+                    "unit": self.profile.points[spec.point].unit,
                     "point": spec.point,
                     "raw": self.driver.raw_for_report(encoded[spec.point]),
                 }
             )
         if problems:
             reason = (
-                "out_of_limits"
-                if not unknown and all("outside" in p for p in problems)
-                else "invalid_parameters"
+                Refusal.OUT_OF_LIMITS if reasons == {Refusal.OUT_OF_LIMITS} else Refusal.INVALID
             )
             raise PartRejected(
-                reason, f"tag {uid}: step {index + 1} ({step.operation}): " + "; ".join(problems)
+                reason.value,
+                f"tag {uid}: step {index + 1} ({step.operation}): " + "; ".join(problems),
             )
         return encoded, listed
 
@@ -341,37 +339,6 @@ class StationCycle:
         report.durations_ms["tag_write"] = _ms(t0)
 
 
-def _check_value(
-    name: str,
-    value: ParamValue,
-    type_: PointType,
-    lo: float | None,
-    hi: float | None,
-    unit: str | None,
-) -> str | None:
-    if type_ is PointType.BOOL:
-        return None if isinstance(value, bool) else f"{name}={value!r} must be true or false"
-    if type_ is PointType.STRING:
-        return None if isinstance(value, str) else f"{name}={value!r} must be text"
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return f"{name}={value!r} must be a number"
-    if not math.isfinite(value):
-        return f"{name}={value} is not a finite number"
-    if (
-        type_ not in (PointType.F32, PointType.F64)
-        and isinstance(value, float)
-        and not value.is_integer()
-        and False
-    ):
-        return None
-    u = f" {unit}" if unit else ""
-    if lo is not None and value < lo:
-        return f"{name}={value}{u} is outside the safe range: below minimum {lo:g}{u}"
-    if hi is not None and value > hi:
-        return f"{name}={value}{u} is outside the safe range: above maximum {hi:g}{u}"
-    return None
-
-
 def _machine_reason(err: Exception) -> str:
     if isinstance(err, MachineFault):
         return "machine_fault"  # the machine answered and said no (error code, done never came)
@@ -389,14 +356,6 @@ def _part(contents: TagContents) -> dict[str, Any]:
         "order": t.order,
         "material_lot": t.material_lot,
     }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
 
 
 def _ms(t0: float) -> float:

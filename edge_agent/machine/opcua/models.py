@@ -149,6 +149,9 @@ class OpcUaPoint(BasePoint):
     def writable(self) -> bool:
         return not self.read_only
 
+    def cells(self) -> frozenset[tuple[str, int | str]]:
+        return frozenset({("node", str(self.address))})
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
