@@ -13,7 +13,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -33,6 +33,9 @@ from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
 from .uplink.mqtt import MqttUplink, dumps, response_properties
 from .uplink.outbox import Keep, MemoryOutbox, Outbox
+
+if TYPE_CHECKING:
+    from .line.sparkplug import SparkplugNode
 
 log = structlog.get_logger("agent")
 
@@ -102,6 +105,26 @@ class Agent:
             if tb.enabled
             else None
         )
+        self.sparkplug = self._sparkplug() if config.sparkplug.enabled else None
+
+    def _sparkplug(self) -> SparkplugNode:
+        from .line.sparkplug import SparkplugNode  # protobuf is loaded only when used
+
+        store: Outbox = MemoryOutbox()
+        if self.config.state_dir is not None:
+            from .uplink.outbox_sqlite import SqliteOutbox
+
+            store = SqliteOutbox(self.config.state_dir / "sparkplug.sqlite3")
+        return SparkplugNode(
+            self.config.sparkplug,
+            gateway_id=self.config.gateway_id,
+            station_id=self.config.station,
+            version=__version__,
+            link=self.uplink,
+            station=self,
+            commands=self.commands,
+            store=store,
+        )
 
     def _open_outbox(self) -> Outbox:
         if self.config.state_dir is None:
@@ -153,7 +176,15 @@ class Agent:
         self.uplink.refresh_status()
 
     def _publish(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
-        self.uplink.publish(suffix, payload, qos=qos)
+        if (
+            self.sparkplug is None
+            or self.config.sparkplug.json_topics
+            or suffix == "status"
+            or suffix.startswith("reply/")
+        ):
+            self.uplink.publish(suffix, payload, qos=qos)
+        if self.sparkplug is not None:
+            self.sparkplug.mirror(suffix, payload)
         if self.thingsboard is not None:
             self.thingsboard.mirror(suffix, payload)
 
@@ -197,6 +228,8 @@ class Agent:
         self.uplink.subscribe("cmd/+", self.commands.on_message)
         if self.thingsboard is not None:
             self.thingsboard.start()
+        if self.sparkplug is not None:
+            self.sparkplug.start()
         if self.config.commands.adjustments:
             self.uplink.subscribe("adjustments", self.adjustments.on_message)
         await self.uplink.start(self.status)
@@ -266,6 +299,9 @@ class Agent:
         if self.thingsboard is not None:
             await self.thingsboard.stop()
         await self.telemetry.stop()
+        if self.sparkplug is not None:
+            await self.sparkplug.stop()
+            self.sparkplug.store.close()
         await self.driver.close()
         await self.uplink.stop(self._offline("shutdown"), timeout=10)
         log.info("agent stopped", backlog=self.uplink.backlog, oldest_age_s=self.uplink.oldest_age)
@@ -307,7 +343,15 @@ class Agent:
         new = load_config(old.source)
         restart = [
             k
-            for k in ("gateway_id", "station", "reader", "broker", "log", "thingsboard")
+            for k in (
+                "gateway_id",
+                "station",
+                "reader",
+                "broker",
+                "log",
+                "thingsboard",
+                "sparkplug",
+            )
             if getattr(new, k) != getattr(old, k)
         ]
         machine_changed = (

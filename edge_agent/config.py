@@ -212,6 +212,24 @@ class ThingsBoardConfig(_Strict):
     adjustments_attribute: str | None = "adjustments"  # shared attribute holding an adjustment set
 
 
+#: Sparkplug B identifiers: any UTF-8 text without the topic separators and wildcards.
+_SPB_ID = r"^[^/+#]+$"
+
+
+class SparkplugConfig(_Strict):
+    """Be a Sparkplug B 3.0 edge node as well, or instead of the JSON topics (docs/sparkplug.md)."""
+
+    enabled: bool = False
+    group_id: str = Field("edge-agent", min_length=1, max_length=255, pattern=_SPB_ID)
+    edge_node_id: str | None = Field(None, min_length=1, max_length=255, pattern=_SPB_ID)
+    device_id: str | None = Field(None, min_length=1, max_length=255, pattern=_SPB_ID)
+    # Births wait for spBv1.0/STATE/<primary_host_id> online; data is held while it is offline.
+    primary_host_id: str | None = Field(None, min_length=1, max_length=255, pattern=_SPB_ID)
+    # false: cycle reports, telemetry and events go out as Sparkplug only (status and command
+    # replies stay on the JSON topics).
+    json_topics: bool = True
+
+
 class LogConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -228,6 +246,7 @@ class AgentConfigDoc(_Strict):
     commands: CommandsConfig = CommandsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     thingsboard: ThingsBoardConfig = ThingsBoardConfig()
+    sparkplug: SparkplugConfig = SparkplugConfig()
     state_dir: Path | None = None  # the disk outbox lives here; without it, in memory only
     outbox: OutboxConfig = OutboxConfig()
     log: LogConfig = LogConfig()
@@ -260,6 +279,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     thingsboard: ThingsBoardConfig = field(default_factory=ThingsBoardConfig)
+    sparkplug: SparkplugConfig = field(default_factory=SparkplugConfig)
 
     @property
     def client_id(self) -> str:
@@ -354,6 +374,7 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         state_dir=_resolve(base, doc.state_dir) if doc.state_dir is not None else None,
         outbox=doc.outbox,
         thingsboard=doc.thingsboard,
+        sparkplug=doc.sparkplug,
     )
 
 
