@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
@@ -164,7 +164,7 @@ class SparkplugNode:
         """NBIRTH (``seq`` 0) and DBIRTH: after each connect, on Rebirth, when the host returns."""
         if not self.link.connected or not self.host_online:
             return
-        self._check_profile()
+        self._profile_changed()
         payload = self._payload(seq=False)
         self.seq = payload.seq = 0
         node = {
@@ -213,8 +213,16 @@ class SparkplugNode:
         self.born = self.device_born = False
 
     def _check_profile(self) -> None:
-        if self.station.profile.content_hash != self._profile_hash:
-            self.device = self._catalogue()
+        """A reload or pushed profile: new metrics, new aliases, announced by a rebirth."""
+        if self._profile_changed():
+            self.rebirth()
+
+    def _profile_changed(self) -> bool:
+        if self.station.profile.content_hash == self._profile_hash:
+            return False
+        self.device = self._catalogue()
+        self.stale.clear()  # the telemetry groups start afresh
+        return True
 
     def _catalogue(self) -> Catalogue:
         profile = self.station.profile
@@ -231,8 +239,7 @@ class SparkplugNode:
 
     def mirror(self, suffix: str, payload: dict[str, Any]) -> None:
         """An agent message (topic suffix, payload) as Sparkplug, when it maps."""
-        if self.station.profile.content_hash != self._profile_hash:
-            self.rebirth()  # a reload or pushed profile: new metrics, new aliases
+        self._check_profile()
         if suffix.startswith("telemetry/"):
             self._telemetry(payload)
         elif suffix == "cycles":
@@ -247,6 +254,12 @@ class SparkplugNode:
 
     def _telemetry(self, message: dict[str, Any]) -> None:
         ts = _ms(message.get("time"))
+        group = str(message.get("group"))
+        if message.get("quality") == "good" and group in self.stale:
+            # Also after telemetry restarted (reload), which reports no recovery event.
+            self.stale.discard(group)
+            if not self.stale and self.born and not self.device_born:
+                self._device_birth()
         values = {f"Machine/{k}": v for k, v in (message.get("values") or {}).items()}
         values[f"Telemetry/{message.get('group')}/Stale"] = message.get("quality") != "good"
         changed = {}
@@ -309,8 +322,7 @@ class SparkplugNode:
         while True:
             await asyncio.sleep(1.0)
             try:
-                if self.station.profile.content_hash != self._profile_hash:
-                    self.rebirth()
+                self._check_profile()
                 self._data(self._station_values(), now_ms())
                 self.flush()
             except Exception:  # a bug here must not end the watch for good
@@ -390,6 +402,7 @@ class SparkplugNode:
         if reply.get("ok"):
             done = ", ".join(f"{k}={v}" for k, v in params.get("values", {}).items())
             result = f"{name} done" + (f": {done}" if done else "")
+            self.values["Command/Last Result"] = result
             values = {f"Machine/{k}": v for k, v in params.get("values", {}).items()}
             self._data(
                 {**values, **self._station_values(), "Command/Last Result": result}, now_ms()
@@ -411,12 +424,7 @@ class SparkplugNode:
 
 
 def _ms(iso_time: Any) -> int:
-    from datetime import datetime
-
     try:
         return int(datetime.fromisoformat(str(iso_time)).timestamp() * 1000)
     except ValueError:
         return now_ms()
-
-
-ValueFn = Callable[[], dict[str, Any]]
