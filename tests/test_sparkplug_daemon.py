@@ -22,6 +22,7 @@ from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
 from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import write_config
+from tests.test_cli import edge_agent
 from tests.test_daemon_kill import events, start_daemon, tag_message, until
 
 SP = "sparkplug: {enabled: true, group_id: plant}\n"
@@ -114,3 +115,14 @@ async def test_cycles_while_the_broker_is_away_survive_a_sigkill(
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
         await asyncio.to_thread(daemon.wait)
+
+
+def test_demo_shows_what_a_sparkplug_host_receives() -> None:
+    out = edge_agent("demo", "--parts", "3", "--sparkplug")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "3 cycles ok, 0 rejected, 0 failed"
+    kinds = [line.split()[1] for line in lines if line.startswith("  spB ")]
+    assert kinds[:2] == ["NBIRTH", "DBIRTH"] and kinds[-1] == "NDEATH"
+    cycles = [line for line in lines if "Cycle/Status=ok" in line]
+    assert len(cycles) == 3 and "Cycle/Part ID=P-00003" in cycles[-1]
