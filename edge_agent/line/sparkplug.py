@@ -261,7 +261,9 @@ class SparkplugNode:
             if not self.stale and self.born and not self.device_born:
                 self._device_birth()
         values = {f"Machine/{k}": v for k, v in (message.get("values") or {}).items()}
-        values[f"Telemetry/{message.get('group')}/Stale"] = message.get("quality") != "good"
+        stale, is_stale = f"Telemetry/{group}/Stale", message.get("quality") != "good"
+        if self.values.get(stale) != is_stale:  # sent when it changes
+            values[stale] = is_stale
         changed = {}
         for name, value in values.items():
             if name in self.device.by_name:
