@@ -329,3 +329,45 @@ async def test_primary_host_offline_holds_cycles_and_replays_them_historical(
             await asyncio.sleep(0.02)
         assert [d["value"] for d in ids] == [report.id, second.id]
         assert ids[1]["historical"]
+
+
+async def test_dcmd_is_refused_while_a_cycle_holds_the_machine(
+    station: Station, spb: Host, broker: EmbeddedBroker, reference_plc: ReferencePlc
+) -> None:
+    await spb.wait("DBIRTH")
+    dcmd = NODE.format("DCMD") + "/st-20"
+    async with station.agent.machine_lock:  # what a station cycle holds for its whole run
+        await command(broker, dcmd, [("Machine/tool", DataType.UInt16, 5)])
+        refused = await spb.wait_metric("Command/Last Result")
+    assert "refused" in refused[-1]["value"] and "cycle" in refused[-1]["value"]
+    assert reference_plc.snapshot()["holding"][7] != 5
+    # Unknown metrics write nothing and are answered too.
+    await command(broker, dcmd, [("Machine/no_such_point", DataType.UInt16, 5)])
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not any("no_such_point" in str(d["value"]) for d in spb.data()):
+        assert loop.time() < deadline
+        await asyncio.sleep(0.02)
+
+
+async def test_reload_on_ncmd_rebirths_and_json_topics_off_keeps_only_status_and_replies(
+    tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker, spb: Host
+) -> None:
+    extra = "sparkplug: {enabled: true, group_id: plant, json_topics: false}\n" + ALLOW
+    json_view = MqttRecorder(broker.host, broker.port, "edge/#")
+    await json_view.ready()
+    try:
+        async with running_station(tmp_path, reference_plc.port, broker.port, extra=extra) as s:
+            (nbirth,) = await spb.wait("NBIRTH")
+            report = await s.cycle(s.tag([Step("drill", DRILL)]))
+            status = await spb.wait_metric("Cycle/Status")
+            assert status[-1]["value"] == report.status == "ok"
+            reload = by_name(nbirth)["Node Control/Reload"].alias
+            await command(broker, NODE.format("NCMD"), [(reload, DataType.Boolean, True)])
+            await spb.wait("NBIRTH", 2)
+            await spb.wait("DBIRTH", 2)
+            assert json_view.json("/status")  # the retained status stays on the JSON topics
+        topics = {t for t, _, _ in json_view.messages}
+        assert not any(t.endswith(("/cycles", "/events")) or "/telemetry/" in t for t in topics)
+    finally:
+        json_view.close()

@@ -112,7 +112,8 @@ class SparkplugNode:
         self.values: dict[str, Any] = {}  # device metric -> latest value, for births
         self.times: dict[str, int] = {}  # device metric -> its timestamp (ms)
         self.device = self._catalogue()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()  # commands in flight
+        self._watch: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ topics and messages
 
@@ -145,7 +146,7 @@ class SparkplugNode:
             state = f"{NAMESPACE}/STATE/{self.config.primary_host_id}"
             self.link.subscribe_absolute(state, self.on_state)
         self.link.on_connect(self.birth)
-        self._spawn(self._watch_station(), "sparkplug-station-state")
+        self._watch = asyncio.create_task(self._watch_station(), name="sparkplug-station-state")
 
     def _will(self) -> tuple[str, bytes, int, bool]:
         """Before each connect: a new session, a new bdSeq; nothing is born on it yet."""
@@ -203,11 +204,15 @@ class SparkplugNode:
         self.born = self.device_born = False
         self.birth()
 
-    async def stop(self) -> None:
-        """A clean disconnect sends no will: the NDEATH goes out here."""
-        for task in list(self._tasks):
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Let the commands in flight finish (bounded), then the NDEATH: a clean disconnect
+        sends no will."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+        tasks = [*self._tasks, *([self._watch] if self._watch is not None else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.born and self.link.connected:
             self._send("NDEATH", self._death(), device=False, qos=1)
         self.born = self.device_born = False
