@@ -201,17 +201,6 @@ class TelemetryConfig(_Strict):
     enabled: bool = True  # watch the profile's telemetry groups (docs/line-integration.md)
 
 
-class ThingsBoardConfig(_Strict):
-    """Speak the ThingsBoard IoT Gateway MQTT API as well (docs/line-integration.md)."""
-
-    enabled: bool = False
-    # The device name ThingsBoard shows; default: <gateway_id>-<station>.
-    device: str | None = Field(None, min_length=1, max_length=255)
-    device_type: str = Field("edge-agent station", min_length=1, max_length=255)
-    cycles: bool = True  # cycle reports as device telemetry too
-    adjustments_attribute: str | None = "adjustments"  # shared attribute holding an adjustment set
-
-
 #: Sparkplug B identifiers: any UTF-8 text without the topic separators and wildcards.
 _SPB_ID = r"^[^/+#]+$"
 
@@ -228,6 +217,17 @@ class SparkplugConfig(_Strict):
     # false: cycle reports, telemetry and events go out as Sparkplug only (status and command
     # replies stay on the JSON topics).
     json_topics: bool = True
+
+
+class ThingsBoardConfig(_Strict):
+    """Speak the ThingsBoard IoT Gateway MQTT API as well (docs/line-integration.md)."""
+
+    enabled: bool = False
+    # The device name ThingsBoard shows; default: <gateway_id>-<station>.
+    device: str | None = Field(None, min_length=1, max_length=255)
+    device_type: str = Field("edge-agent station", min_length=1, max_length=255)
+    cycles: bool = True  # cycle reports as device telemetry too
+    adjustments_attribute: str | None = "adjustments"  # shared attribute holding an adjustment set
 
 
 class LogConfig(_Strict):
@@ -278,8 +278,8 @@ class AgentConfig:
     state_dir: Path | None = None
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
-    thingsboard: ThingsBoardConfig = field(default_factory=ThingsBoardConfig)
     sparkplug: SparkplugConfig = field(default_factory=SparkplugConfig)
+    thingsboard: ThingsBoardConfig = field(default_factory=ThingsBoardConfig)
 
     @property
     def client_id(self) -> str:
@@ -368,13 +368,13 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         broker=broker,
         trusted_keys=keys,
         cycle=doc.cycle,
+        sparkplug=doc.sparkplug,
         log=doc.log,
         commands=doc.commands,
         telemetry=doc.telemetry,
         state_dir=_resolve(base, doc.state_dir) if doc.state_dir is not None else None,
         outbox=doc.outbox,
         thingsboard=doc.thingsboard,
-        sparkplug=doc.sparkplug,
     )
 
 
