@@ -371,3 +371,23 @@ async def test_reload_on_ncmd_rebirths_and_json_topics_off_keeps_only_status_and
         assert not any(t.endswith(("/cycles", "/events")) or "/telemetry/" in t for t in topics)
     finally:
         json_view.close()
+
+
+async def test_garbage_commands_are_ignored_and_the_node_answers_on(
+    station: Station, spb: Host, broker: EmbeddedBroker
+) -> None:
+    (nbirth,) = await spb.wait("NBIRTH")
+    await spb.wait("DBIRTH")
+    for topic in (NODE.format("NCMD"), NODE.format("DCMD") + "/st-20"):
+        await asyncio.to_thread(
+            paho.mqtt.publish.single,
+            topic,
+            b"\xff\xff\xff not protobuf",
+            qos=1,
+            hostname=broker.host,
+            port=broker.port,
+        )
+    rebirth = by_name(nbirth)["Node Control/Rebirth"].alias
+    await command(broker, NODE.format("NCMD"), [(rebirth, DataType.Boolean, True)])
+    await spb.wait("NBIRTH", 2)
+    assert station.agent.sparkplug is not None and station.agent.sparkplug.born

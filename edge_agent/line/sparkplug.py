@@ -292,7 +292,13 @@ class SparkplugNode:
         record = {n: None for n in self.device.by_name if n.startswith("Cycle/")} | values
         held = not self.publishable or len(self.store) > 0
         body = {"time": _ms(report.get("time")), "values": record, "held": held}
-        self.store.put(STORE_TOPIC, json.dumps(body).encode(), 0, False, Keep.RECORD)
+        if self.store.put(STORE_TOPIC, json.dumps(body).encode(), 0, False, Keep.RECORD) is None:
+            # Full of cycles the broker has not taken: the JSON report is the record of this one.
+            log.error(
+                "Sparkplug store full: this cycle is not sent as Sparkplug",
+                cycle=report.get("id"),
+                held=len(self.store),
+            )
         self.flush()
 
     def flush(self) -> None:
