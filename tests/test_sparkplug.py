@@ -391,3 +391,16 @@ async def test_garbage_commands_are_ignored_and_the_node_answers_on(
     await command(broker, NODE.format("NCMD"), [(rebirth, DataType.Boolean, True)])
     await spb.wait("NBIRTH", 2)
     assert station.agent.sparkplug is not None and station.agent.sparkplug.born
+
+
+def test_a_value_not_of_its_declared_type_is_sent_null_and_signed_values_round_trip() -> None:
+    from edge_agent.line.sparkplug_metrics import get_value, set_value
+
+    payload = Payload()
+    wrong = payload.metrics.add()
+    set_value(wrong, DataType.UInt16, "not a number")  # must not hold a stored cycle back
+    assert wrong.is_null and wrong.WhichOneof("value") is None
+    for datatype, value in ((DataType.Int16, -5), (DataType.Int32, -70000), (DataType.Int64, -1)):
+        m = Payload().metrics.add()
+        set_value(m, datatype, value)
+        assert get_value(Payload.Metric.FromString(m.SerializeToString()), datatype) == value

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
@@ -43,7 +41,9 @@ from .sparkplug_metrics import (
     cycle_values,
     device_catalogue,
     get_value,
+    iso_ms,
     node_catalogue,
+    now_ms,
 )
 
 log = structlog.get_logger("sparkplug")
@@ -74,10 +74,6 @@ class Station(Protocol):
     def profile(self) -> Profile: ...
 
     def line_status(self) -> dict[str, Any]: ...
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class SparkplugNode:
@@ -243,7 +239,14 @@ class SparkplugNode:
     # ------------------------------------------------------------------ from the agent
 
     def mirror(self, suffix: str, payload: dict[str, Any]) -> None:
-        """An agent message (topic suffix, payload) as Sparkplug, when it maps."""
+        """An agent message (topic suffix, payload) as Sparkplug, when it maps. Never raises:
+        the JSON report and the cycle that published it go on whatever happens here."""
+        try:
+            self._mirror(suffix, payload)
+        except Exception:
+            log.exception("Sparkplug message not sent", suffix=suffix)
+
+    def _mirror(self, suffix: str, payload: dict[str, Any]) -> None:
         self._check_profile()
         if suffix.startswith("telemetry/"):
             self._telemetry(payload)
@@ -258,7 +261,7 @@ class SparkplugNode:
                 self._device_birth()
 
     def _telemetry(self, message: dict[str, Any]) -> None:
-        ts = _ms(message.get("time"))
+        ts = iso_ms(message.get("time"))
         group = str(message.get("group"))
         if message.get("quality") == "good" and group in self.stale:
             # Also after telemetry restarted (reload), which reports no recovery event.
@@ -291,7 +294,7 @@ class SparkplugNode:
         # Every Cycle/ metric, null when this cycle has none: no value of an earlier cycle remains.
         record = {n: None for n in self.device.by_name if n.startswith("Cycle/")} | values
         held = not self.publishable or len(self.store) > 0
-        body = {"time": _ms(report.get("time")), "values": record, "held": held}
+        body = {"time": iso_ms(report.get("time")), "values": record, "held": held}
         if self.store.put(STORE_TOPIC, json.dumps(body).encode(), 0, False, Keep.RECORD) is None:
             # Full of cycles the broker has not taken: the JSON report is the record of this one.
             log.error(
@@ -431,13 +434,13 @@ class SparkplugNode:
         self._data({"Command/Last Result": text}, now_ms())
 
     def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
+        task = asyncio.create_task(_logged(coro, name), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
 
-def _ms(iso_time: Any) -> int:
+async def _logged(coro: Any, name: str) -> None:
     try:
-        return int(datetime.fromisoformat(str(iso_time)).timestamp() * 1000)
-    except ValueError:
-        return now_ms()
+        await coro
+    except Exception:  # a bug in one command must not go unseen nor take the node down
+        log.exception("Sparkplug command failed", task=name)

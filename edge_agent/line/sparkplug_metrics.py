@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from esio_spb_builder.core import sparkplug_b_pb2 as pb
@@ -51,8 +53,8 @@ CYCLE_TEXT: dict[str, tuple[str, ...]] = {
 }
 CYCLE_INT = {"Cycle/Step/Index": ("step", "index"), "Cycle/Step/Count": ("step", "count")}
 
-_INT32 = {DataType.Int8, DataType.Int16, DataType.Int32, DataType.UInt8, DataType.UInt16}
-_INT32 |= {DataType.UInt32}
+_INT32 = {DataType.Int8, DataType.Int16, DataType.Int32}
+_INT32 |= {DataType.UInt8, DataType.UInt16, DataType.UInt32}
 _INT64 = {DataType.Int64, DataType.UInt64, DataType.DateTime}
 _SIGNED = {DataType.Int8: 8, DataType.Int16: 16, DataType.Int32: 32, DataType.Int64: 64}
 
@@ -223,8 +225,30 @@ def cycle_values(report: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- payload encoding
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def iso_ms(iso_time: Any) -> int:
+    """An ISO 8601 time of the agent's messages as Sparkplug's milliseconds (now if unreadable)."""
+    try:
+        return int(datetime.fromisoformat(str(iso_time)).timestamp() * 1000)
+    except ValueError:
+        return now_ms()
+
+
 def set_value(metric: Any, datatype: int, value: Any) -> None:
-    """Fill a protobuf metric (or property value) with ``value`` as ``datatype``."""
+    """Fill a protobuf metric (or property value) with ``value`` as ``datatype``; a value that
+    is not of its declared type is sent null, never held back (a stored cycle would block all
+    later ones)."""
+    try:
+        _set_value(metric, datatype, value)
+    except (TypeError, ValueError, OverflowError):
+        metric.ClearField("value")
+        metric.is_null = True
+
+
+def _set_value(metric: Any, datatype: int, value: Any) -> None:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         metric.is_null = True
         return
