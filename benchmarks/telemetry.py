@@ -2,6 +2,7 @@
 
     python benchmarks/telemetry.py [--seconds 20] [--commands 500] [--disk-outbox] [--broker-nagle]
     python benchmarks/telemetry.py --opcua [--seconds 20]
+    python benchmarks/telemetry.py --sparkplug [--seconds 20] [--commands 500]
 
 The agent runs as its own process (``python -m edge_agent run``) watching 15 points at 100 ms (one
 group: holding 0..8 and input 0..10 of the reference PLC), while this process serves the PLC, moves
@@ -16,6 +17,9 @@ arrives on the broker. Printed:
 ``--opcua``: the same watch on the reference OPC UA machine (its own process), where the group is a
 subscription: 9 points sampled every 100 ms, this process writing two of them every 100 ms through
 its own session. Printed: the agent's CPU and RSS, telemetry messages and values per second.
+
+``--sparkplug``: the same Modbus watch with the agent as a Sparkplug B edge node and the JSON
+topics off (``json_topics: false``): telemetry arrives as DDATA, counted and sized the same way.
 """
 
 from __future__ import annotations
@@ -88,7 +92,9 @@ def memory_mib(pid: int) -> dict[str, float]:
     return out
 
 
-def write_files(tmp: Path, plc_port: int, broker_port: int, disk: bool) -> Path:
+def write_files(
+    tmp: Path, plc_port: int, broker_port: int, disk: bool, sparkplug: bool = False
+) -> Path:
     from edge_agent.instructions.signing import generate_keypair
 
     profile = (REPO / "firmware_profiles" / "reference-plc.yaml").read_text()
@@ -106,6 +112,7 @@ def write_files(tmp: Path, plc_port: int, broker_port: int, disk: bool) -> Path:
         "commands: {allowed: [status, read, write]}\n"
         "log: {level: warning, format: json}\n"
         + (f"state_dir: {json.dumps(str(tmp / 'state'))}\n" if disk else "")
+        + ("sparkplug: {enabled: true, group_id: bench, json_topics: false}\n" if sparkplug else "")
     )
     return config
 
@@ -119,11 +126,14 @@ class Line:
 
         self.telemetry = 0
         self.values = 0
+        self.bytes = 0  # telemetry payload bytes
         self.first = threading.Event()  # the first telemetry message arrived
         self.handling: list[float] = []  # the agent's own time per command, from the replies
         self._replies: dict[str, threading.Event] = {}
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"edge/{GW}/#", qos=1)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(
+            [(f"edge/{GW}/#", 1), (f"spBv1.0/{GW}/DDATA/#", 1)]
+        )
         self.client.on_message = self._on_message
         # paho leaves Nagle on: a command sent right after our PUBACK would wait for its ACK.
         self.client.on_socket_open = lambda c, u, sock: sock.setsockopt(
@@ -136,8 +146,17 @@ class Line:
         topic: str = msg.topic
         if "/telemetry/" in topic:
             self.telemetry += 1
+            self.bytes += len(msg.payload)
             self.first.set()
             self.values += len(json.loads(msg.payload)["values"])
+        elif topic.startswith("spBv1.0/"):  # DDATA: Tahu's schema, decoded as a host does
+            from esio_spb_builder.core.sparkplug_b_pb2 import Payload
+
+            machine = [m for m in Payload.FromString(msg.payload).metrics if m.HasField("alias")]
+            self.telemetry += 1
+            self.bytes += len(msg.payload)
+            self.first.set()
+            self.values += len(machine)
         elif topic.endswith("/reply/write"):
             reply = json.loads(msg.payload)
             event = self._replies.get(reply["correlation_id"])
@@ -159,7 +178,9 @@ class Line:
         self.client.disconnect()
 
 
-async def main(seconds: float, commands: int, nodelay: bool, disk: bool) -> None:
+async def main(
+    seconds: float, commands: int, nodelay: bool, disk: bool, sparkplug: bool = False
+) -> None:
     from edge_agent.sim.broker import EmbeddedBroker
     from edge_agent.sim.reference_plc import ReferencePlc
 
@@ -182,7 +203,7 @@ async def main(seconds: float, commands: int, nodelay: bool, disk: bool) -> None
 
     mover = asyncio.create_task(process())
     with tempfile.TemporaryDirectory() as tmp:
-        config = write_files(Path(tmp), plc.port, broker.port, disk)
+        config = write_files(Path(tmp), plc.port, broker.port, disk, sparkplug)
         started = time.perf_counter()
         agent = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -200,11 +221,12 @@ async def main(seconds: float, commands: int, nodelay: bool, disk: bool) -> None
             first = time.perf_counter() - started
             await asyncio.sleep(2)  # warm-up
 
-            cpu0, req0, msg0, val0 = (
+            cpu0, req0, msg0, val0, bytes0 = (
                 cpu_seconds(agent.pid),
                 sum(plc.requests.values()),
                 line.telemetry,
                 line.values,
+                line.bytes,
             )
             t0 = time.perf_counter()
             await asyncio.sleep(seconds)
@@ -212,6 +234,7 @@ async def main(seconds: float, commands: int, nodelay: bool, disk: bool) -> None
             cpu = cpu_seconds(agent.pid) - cpu0
             requests = sum(plc.requests.values()) - req0
             msgs, values = line.telemetry - msg0, line.values - val0
+            size = (line.bytes - bytes0) / max(1, msgs)
             mem = memory_mib(agent.pid)
 
             trips = []
@@ -235,13 +258,14 @@ async def main(seconds: float, commands: int, nodelay: bool, disk: bool) -> None
     print(
         f"outbox                  {outbox}; broker set_tcp_nodelay {'true' if nodelay else 'false'}"
     )
+    print(f"telemetry as            {'Sparkplug B DDATA' if sparkplug else 'JSON'}")
     print(f"first telemetry         {first:.2f} s after the agent process started")
     print(f"agent CPU               {100 * cpu / elapsed:.2f} % of one core")
     print(f"agent RSS               {mem['VmRSS']:.1f} MiB (peak {mem['VmHWM']:.1f} MiB)")
     print(f"Modbus requests         {requests / elapsed:.1f} /s, {requests / polls:.2f} per poll")
     print(
         f"telemetry messages      {msgs / elapsed:.1f} /s carrying {values / elapsed:.1f} values/s "
-        f"(of {15 / 0.1:.0f} values/s read)"
+        f"(of {15 / 0.1:.0f} values/s read), {size:.0f} payload bytes per message"
     )
     print(
         f"command round trip      median {statistics.median(trips):.3f} ms   "
@@ -362,8 +386,15 @@ if __name__ == "__main__":
     parser.add_argument(
         "--opcua", action="store_true", help="watch the reference OPC UA machine by subscription"
     )
+    parser.add_argument(
+        "--sparkplug",
+        action="store_true",
+        help="the agent as a Sparkplug B edge node, JSON topics off: telemetry as DDATA",
+    )
     args = parser.parse_args()
     if args.opcua:
         asyncio.run(main_opcua(args.seconds))
         sys.exit()
-    asyncio.run(main(args.seconds, args.commands, not args.broker_nagle, args.disk_outbox))
+    asyncio.run(
+        main(args.seconds, args.commands, not args.broker_nagle, args.disk_outbox, args.sparkplug)
+    )

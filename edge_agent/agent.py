@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -36,6 +36,9 @@ from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
 from .uplink.mqtt import MqttUplink, dumps, response_properties
 from .uplink.outbox import Keep, MemoryOutbox, Outbox
+
+if TYPE_CHECKING:
+    from .line.sparkplug import SparkplugNode
 
 log = structlog.get_logger("agent")
 
@@ -115,6 +118,26 @@ class Agent:
             if tb.enabled
             else None
         )
+        self.sparkplug = self._sparkplug() if config.sparkplug.enabled else None
+
+    def _sparkplug(self) -> SparkplugNode:
+        from .line.sparkplug import SparkplugNode  # protobuf is loaded only when used
+
+        store: Outbox = MemoryOutbox()
+        if self.config.state_dir is not None:
+            from .uplink.outbox_sqlite import SqliteOutbox
+
+            store = SqliteOutbox(self.config.state_dir / "sparkplug.sqlite3")
+        return SparkplugNode(
+            self.config.sparkplug,
+            gateway_id=self.config.gateway_id,
+            station_id=self.config.station,
+            version=__version__,
+            link=self.uplink,
+            station=self,
+            commands=self.commands,
+            store=store,
+        )
 
     def _open_outbox(self) -> Outbox:
         if self.config.state_dir is None:
@@ -158,9 +181,17 @@ class Agent:
         self.uplink.refresh_status()
 
     def _publish(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
-        self.uplink.publish(suffix, payload, qos=qos)
+        if (
+            self.sparkplug is None
+            or self.config.sparkplug.json_topics
+            or suffix == "status"
+            or suffix.startswith("reply/")
+        ):
+            self.uplink.publish(suffix, payload, qos=qos)
         if suffix == "cycles":
             self.metrics.observe(payload)
+        if self.sparkplug is not None:
+            self.sparkplug.mirror(suffix, payload)
         if self.thingsboard is not None:
             self.thingsboard.mirror(suffix, payload)
 
@@ -204,6 +235,8 @@ class Agent:
         self.uplink.subscribe("cmd/+", self.commands.on_message)
         if self.thingsboard is not None:
             self.thingsboard.start()
+        if self.sparkplug is not None:
+            self.sparkplug.start()
         if self.config.commands.adjustments:
             self.uplink.subscribe("adjustments", self.adjustments.on_message)
         await self.uplink.start(self.status)
@@ -278,6 +311,9 @@ class Agent:
         if self.thingsboard is not None:
             await self.thingsboard.stop()
         await self.telemetry.stop()
+        if self.sparkplug is not None:
+            await self.sparkplug.stop()
+            self.sparkplug.store.close()
         await self.driver.close()
         await self.uplink.stop(self._offline("shutdown"), timeout=10)
         log.info("agent stopped", backlog=self.uplink.backlog, oldest_age_s=self.uplink.oldest_age)

@@ -116,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run against the reference OPC UA machine (embedded, or --machine opc.tcp://...) "
         "with profile firmware_profiles/reference-opcua.yaml",
     )
+    demo.add_argument(
+        "--sparkplug",
+        action="store_true",
+        help="also run the agent as a Sparkplug B edge node and print, one line per message, "
+        "what a Sparkplug host receives (needs the sparkplug extra)",
+    )
     _log_options(demo, default_level="warning")
     demo.set_defaults(func=cmd_demo)
 
@@ -288,6 +294,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rate=args.rate,
         state_dir=args.state_dir,
         nfc=args.nfc,
+        sparkplug=args.sparkplug,
         opcua=args.opcua or (args.machine or "").startswith("opc.tcp://"),
     )
     try:

@@ -221,6 +221,24 @@ class TelemetryConfig(_Strict):
     enabled: bool = True  # watch the profile's telemetry groups (docs/line-integration.md)
 
 
+#: Sparkplug B identifiers: any UTF-8 text without the topic separators and wildcards.
+_SPB_ID = r"^[^/+#]+$"
+
+
+class SparkplugConfig(_Strict):
+    """Be a Sparkplug B 3.0 edge node as well, or instead of the JSON topics (docs/sparkplug.md)."""
+
+    enabled: bool = False
+    group_id: str = Field("edge-agent", min_length=1, max_length=255, pattern=_SPB_ID)
+    edge_node_id: str | None = Field(None, min_length=1, max_length=255, pattern=_SPB_ID)
+    device_id: str | None = Field(None, min_length=1, max_length=255, pattern=_SPB_ID)
+    # Births wait for spBv1.0/STATE/<primary_host_id> online; data is held while it is offline.
+    primary_host_id: str | None = Field(None, min_length=1, max_length=255, pattern=_SPB_ID)
+    # false: cycle reports, telemetry and events go out as Sparkplug only (status and command
+    # replies stay on the JSON topics).
+    json_topics: bool = True
+
+
 class ThingsBoardConfig(_Strict):
     """Speak the ThingsBoard IoT Gateway MQTT API as well (docs/line-integration.md)."""
 
@@ -268,6 +286,7 @@ class AgentConfigDoc(_Strict):
     commands: CommandsConfig = CommandsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     thingsboard: ThingsBoardConfig = ThingsBoardConfig()
+    sparkplug: SparkplugConfig = SparkplugConfig()
     state_dir: Path | None = None  # the disk outbox lives here; without it, in memory only
     outbox: OutboxConfig = OutboxConfig()
     log: LogConfig = LogConfig()
@@ -291,6 +310,7 @@ NEEDS_RESTART = (
     "broker",
     "log",
     "thingsboard",
+    "sparkplug",
     "health",
     "state_dir",
     "outbox",
@@ -315,6 +335,7 @@ class AgentConfig:
     state_dir: Path | None = None
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    sparkplug: SparkplugConfig = field(default_factory=SparkplugConfig)
     thingsboard: ThingsBoardConfig = field(default_factory=ThingsBoardConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     profile_keys: dict[str, Path] = field(default_factory=dict)
@@ -420,6 +441,7 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         broker=broker,
         trusted_keys=keys,
         cycle=doc.cycle,
+        sparkplug=doc.sparkplug,
         log=doc.log,
         commands=doc.commands,
         telemetry=doc.telemetry,

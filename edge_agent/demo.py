@@ -48,6 +48,7 @@ class DemoOptions:
     nfc: bool = False  # present every part as an NTAG215 through nfcpy's udp driver
     opcua: bool = False  # the reference OPC UA machine instead of the reference PLC
     state_dir: Path | None = None  # the disk outbox; default: a temporary directory
+    sparkplug: bool = False  # also a Sparkplug B edge node; print what a host receives
 
 
 def find_profile(name: str = "reference-plc.yaml") -> Path:
@@ -241,6 +242,14 @@ def format_report(n: int, report: dict[str, Any]) -> str:
     return f"{head} {where} {params} -> ok, cycle #{cycles}  [{ms:.1f} ms]"
 
 
+def _sparkplug_view(host: str, port: int) -> Any:
+    from .line.sparkplug_view import SparkplugView  # protobuf is loaded only when used
+
+    view = SparkplugView(host, port)
+    view.wait_ready()
+    return view
+
+
 async def _drain(agent: Agent, out: Any) -> bool:
     """Wait until the broker has acknowledged every report, however long it is away."""
     while not await agent.uplink.flush(timeout=5):
@@ -299,6 +308,7 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
             f"broker: {{host: {broker_host}, port: {broker_port}, reconnect_min: 0.2, reconnect_max: 5}}\n"
             f"trusted_keys: {{demo: {json.dumps(str(public_path))}}}\n"
             f"state_dir: {json.dumps(str((options.state_dir or workdir / 'state').resolve()))}\n"
+            + ("sparkplug: {enabled: true, group_id: demo}\n" if options.sparkplug else "")
         )
         config = load_config(config_path)
         print(
@@ -310,6 +320,7 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
         reader = None if options.nfc else SimulatedReader()
         agent = Agent(config, reader=reader)  # --nfc: the config's nfc reader, from the registry
         listener = _Subscriber(broker_host, broker_port, agent.uplink.topic("cycles"))
+        view = _sparkplug_view(broker_host, broker_port) if options.sparkplug else None
         stop = asyncio.Event()
         runner = asyncio.create_task(agent.run(stop))
         await agent.uplink.wait_connected(5)
@@ -353,6 +364,10 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
                 ntag.remove()
                 line += f"  tag {report.tag_write}, {_read_back(tag, uid, keyring)}"
             print(line, file=out)
+            if view is not None:
+                await asyncio.sleep(0.05)  # the host's copies trail the cycle slightly
+                for seen in view.take():
+                    print(seen, file=out)
 
         delivered = await _drain(agent, out)
         for _ in range(200):  # the listener's copies trail the broker's PUBACKs slightly
@@ -362,6 +377,11 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
         stop.set()
         await runner
         listener.close()
+        if view is not None:
+            await asyncio.sleep(0.2)
+            for seen in view.take():  # down to the NDEATH of the clean stop
+                print(seen, file=out)
+            view.close()
         received = list(listener.reports.values())
         counts = {
             s: sum(1 for r in received if r["status"] == s) for s in ("ok", "rejected", "failed")

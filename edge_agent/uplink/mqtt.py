@@ -43,6 +43,8 @@ log = structlog.get_logger("uplink")
 StatusFn = Callable[[], dict[str, Any]]
 #: Called on the event loop after each CONNACK (e.g. to announce devices again).
 ConnectHook = Callable[[], None]
+#: The last will for the next connection: (topic, payload, qos, retain).
+WillFn = Callable[[], tuple[str, bytes, int, bool]]
 #: Called on the event loop with (topic, payload, MQTT 5 properties or None) for each message.
 MessageHandler = Callable[[str, bytes, Any], None]
 
@@ -157,6 +159,7 @@ class MqttUplink:
         ] = {}  # full topic filter -> handler
         self._properties: dict[int, Properties] = {}  # outbox id -> MQTT 5 properties (memory)
         self._connect_hooks: list[ConnectHook] = []
+        self._will: WillFn | None = None  # replaces the status will (Sparkplug's NDEATH)
         self._stopping = False
         self._replay: tuple[int, float] | None = None  # (backlog at connect, since) until drained
         self._status_at = 0.0  # monotonic time the retained status was last published
@@ -263,6 +266,22 @@ class MqttUplink:
             self._client.subscribe(topic, qos=qos)
         return topic
 
+    def set_will(self, will: WillFn) -> None:
+        """Use ``will()`` as the last will instead of the offline status, asked before every
+        connect (Sparkplug: the NDEATH, with a new bdSeq for each session)."""
+        self._will = will
+
+    def publish_now(
+        self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
+    ) -> bool:
+        """Hand ``payload`` to the current connection at once, outside the outbox; False when not
+        connected. For messages valid only on the session they were made for (Sparkplug ``seq``):
+        their sender keeps what must not be lost until this returns True."""
+        if not self.connected:
+            return False
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
     def on_connect(self, hook: ConnectHook) -> None:
         """Call ``hook`` on the loop after every CONNACK, once subscriptions are renewed."""
         self._connect_hooks.append(hook)
@@ -353,6 +372,8 @@ class MqttUplink:
                 0 if self._broker.clean_session else self._broker.session_expiry
             )
             kwargs = {"clean_start": self._broker.clean_session, "properties": props}
+        if self._will is not None:
+            self._client.will_set(*self._will())
         self._connecting = True  # keeps loop_misc() off the client while the thread connects
         try:
             await asyncio.to_thread(
