@@ -99,8 +99,8 @@ def write_config(
         f"gateway_id: gw-test\nstation: {station}\nreader: {reader}\n"
         f"machine: {{profile: {json.dumps(str(PROFILE))}, host: 127.0.0.1, port: {plc_port}, timeout: 0.5, reconnect_max: 0.5}}\n"
         f"broker: {{host: 127.0.0.1, port: {broker_port}, reconnect_min: 0.05, reconnect_max: 0.3}}\n"
-        f"trusted_keys: {{mes: {json.dumps(str(public))}}}\n"
-        f"profile_keys: {{cert: {json.dumps(str(certifier))}}}\n{extra}"
+        f"trusted_keys: {{mes: {json.dumps(str(public))}}}\n{extra}"
+        f"profile_keys: {{cert: {json.dumps(str(certifier))}}}\n"  # last: `extra` keeps its lines
     )
     return path
 
