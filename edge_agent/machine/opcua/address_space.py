@@ -18,7 +18,7 @@ from asyncua import Client, ua
 
 from ...errors import ConfigProblem
 from ...yamlfile import load_yaml
-from ..profile import CallMethod, PointType, Profile, ResetPoint, SetPoint, WritePoint
+from ..profile import CallMethod, PointType, Profile
 from .models import DATA_TYPES, STANDARD_NAMESPACE, Address, MachineMismatch, OpcUaPoint
 
 VARIANT: dict[PointType, ua.VariantType] = {
@@ -342,15 +342,11 @@ def _split_call(call: str) -> tuple[str | None, str | None, str | None]:
 
 
 def _written_points(profile: Profile) -> set[str]:
-    out = {spec.point for op in profile.operations.values() for spec in op.parameters.values()}
-    for step in (*profile.handshake, *profile.on_abort):
-        if isinstance(step, WritePoint):
-            out.add(step.write)
-        elif isinstance(step, SetPoint):
-            out.add(step.set)
-        elif isinstance(step, ResetPoint):
-            out.add(step.reset)
-    return out
+    hs = profile.handshake_points
+    parameters = {
+        spec.point for op in profile.operations.values() for spec in op.parameters.values()
+    }
+    return parameters | hs.write | hs.set | hs.reset
 
 
 def _usage(profile: Profile) -> dict[str, str]:
