@@ -23,11 +23,12 @@ from .errors import ConfigError, ConfigProblem, MachineError
 from .instructions.signing import KeyRing
 from .line.adjustments import Adjustments
 from .line.commands import Commands
+from .line.intake import load_pushed_profile
 from .line.telemetry import Telemetry
 from .line.thingsboard import ThingsBoard
 from .machine import registry
 from .machine.driver import MachineDriver
-from .machine.profile import Profile, load_profile
+from .machine.profile import Profile
 from .station.cycle import CycleReport, StationCycle
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
@@ -84,6 +85,8 @@ class Agent:
             allowed=frozenset(config.commands.allowed),
             publish=self._publish,
             respond=self._respond,
+            config=config.commands,
+            own_replies=self.uplink.topic("reply/#"),
         )
         self.adjustments = Adjustments(
             config.gateway_id, config.profile, self.driver, publish=self._publish
@@ -194,7 +197,9 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in order."""
-        self.uplink.subscribe("cmd/+", self.commands.on_message)
+        self.uplink.subscribe_absolute(
+            self.uplink.topic("cmd/+"), self.commands.on_message, retained=False
+        )
         if self.thingsboard is not None:
             self.thingsboard.start()
         if self.config.commands.adjustments:
@@ -323,7 +328,7 @@ class Agent:
         def rest() -> None:
             self.cycle.keyring = self.keyring = keyring
             self.cycle.write_back = new.cycle.write_back
-            self.commands.allowed = frozenset(new.commands.allowed)
+            self.commands.configure(new.commands)
             self.cycle.adjust = self.adjustments.apply if new.commands.adjustments else None
             if new.commands.adjustments:
                 self.uplink.subscribe("adjustments", self.adjustments.on_message)
@@ -351,7 +356,9 @@ class Agent:
         problem (``origin:line: key: message``); then nothing changed.
         """
         current = self.config.profile
-        profile = load_profile(origin, text=text)
+        profile = await load_pushed_profile(
+            origin, text, max_bytes=self.config.commands.max_payload
+        )
         if profile.driver != current.driver:
             raise ConfigError(
                 [

@@ -24,7 +24,7 @@ from edge_agent.uplink.mqtt import MqttUplink, response_properties
 from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import write_config
 
-ALL = "commands: {allowed: [status, read, write]}\n"
+ALL = "commands: {allowed: [status, read, write], response_topics: ['mes/replies/#']}\n"
 
 
 class Mes:

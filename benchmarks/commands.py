@@ -1,0 +1,222 @@
+"""Station cycles under a flood of commands: cycle latency unloaded and under 1 000 commands/s.
+
+    python benchmarks/commands.py [--cycles 1000] [--rate 1000] [--broker-nagle] [--flood-nice 0]
+
+One run starts mosquitto on a free loopback port (``set_tcp_nodelay true`` unless
+``--broker-nagle``), the reference PLC in its own process, and the agent in this process (config
+as a station would have it: all commands allowed, logging at INFO as JSON into a temporary file,
+telemetry off so the PLC sees only the cycle's and the commands' requests). It measures N station
+cycles (tag event -> cycle report) with no commands, then N more while a separate MQTT client
+process (``--flood-nice``: on a plant it is another machine) publishes commands at ``--rate`` per
+second (QoS 1; read 50 %, status 40 %, write 10 %) and counts the replies by error code. Printed: cycle p50/p99 both ways, their ratio, and what
+the flood got (sent, answered, ok, refused busy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+COMMANDS = (
+    "commands: {allowed: [status, read, write, pause, resume, reload, push_profile, "
+    "rollback_profile]}\ntelemetry: {enabled: false}\n"
+)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# ----------------------------------------------------------------------------- the flood
+
+
+def flood(port: int, rate: int) -> None:
+    """Publish commands at ``rate`` per second until SIGTERM; print what came back (JSON)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    codes: Counter[str] = Counter()
+    stop = False
+
+    def on_message(client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        reply = json.loads(msg.payload)
+        codes["ok" if reply.get("ok") else reply.get("error", {}).get("code", "?")] += 1
+
+    def terminate(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, terminate)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flood", protocol=mqtt.MQTTv311)
+    client.max_queued_messages_set(0)
+    client.max_inflight_messages_set(1000)
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.subscribe("edge/gw-test/reply/#", qos=0)
+    client.loop_start()
+    bodies = [
+        ("read", {"points": ["spindle_speed", "feed_rate", "tool"]}),
+        ("status", {}),
+        ("read", {"points": ["actual_tool"]}),
+        ("status", {}),
+        ("read", {"points": ["depth"]}),
+        ("status", {}),
+        ("read", {"points": ["dwell", "trigger"]}),
+        ("status", {}),
+        ("read", {"points": ["coolant_temp"]}),
+        ("write", {"values": {"tool": 5}}),
+    ]
+    print("flooding", flush=True)
+    sent, t0 = 0, time.monotonic()
+    while not stop:
+        due = int((time.monotonic() - t0) * rate)
+        while sent < due:
+            name, params = bodies[sent % len(bodies)]
+            payload = json.dumps({"correlation_id": f"f-{sent}", "params": params})
+            client.publish(f"edge/gw-test/cmd/{name}", payload, qos=1)
+            sent += 1
+        time.sleep(0.002)
+    seconds = time.monotonic() - t0
+    time.sleep(1.0)  # the last replies
+    client.loop_stop()
+    client.disconnect()
+    print(json.dumps({"sent": sent, "seconds": seconds, "codes": dict(codes)}), flush=True)
+
+
+# ----------------------------------------------------------------------------- the station
+
+
+async def cycles(station: Any, tags: list[Any]) -> list[float]:
+    times = []
+    for tag in tags:
+        t0 = time.perf_counter()
+        station.reader.present(tag)
+        report = await station.agent.reports.get()
+        times.append((time.perf_counter() - t0) * 1000)
+        station.reader.remove(tag.uid)
+        if report.status != "ok":
+            raise SystemExit(f"cycle not ok: {report.reason}: {report.error}")
+    return times
+
+
+async def main(n: int, rate: int, nagle: bool, nice: int) -> None:
+    from edge_agent.instructions.model import Step
+    from edge_agent.log import setup_logging
+    from edge_agent.sim.broker import EmbeddedBroker, free_port, wait_listening
+    from tests.station_harness import DRILL, PRESS, running_station
+
+    broker = EmbeddedBroker()
+    broker.extra_config = "" if nagle else "set_tcp_nodelay true\n"
+    await broker.start()
+    plc_port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    plc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "edge_agent.sim.reference_plc", "--port", str(plc_port)),
+        stdout=asyncio.subprocess.DEVNULL,
+        env=env,
+    )
+    flooder: asyncio.subprocess.Process | None = None
+    logdir = tempfile.mkdtemp(prefix="edge-agent-bench-")
+    try:
+        await wait_listening("127.0.0.1", plc_port)
+        log_file = Path(logdir) / "agent.log"
+        with log_file.open("w") as logs, tempfile.TemporaryDirectory() as tmp:
+            sys.stderr = logs  # the agent logs every command at INFO, as a station would
+            setup_logging("info", "json")
+            async with running_station(Path(tmp), plc_port, broker.port, extra=COMMANDS) as st:
+                steps = [
+                    Step("drill", DRILL, "st-10"),
+                    Step("drill", DRILL, "st-20"),
+                    Step("press", PRESS, "st-30"),
+                ]
+                tags = [
+                    st.tag(steps, uid=b"\x04" + i.to_bytes(6, "big"), done=1)
+                    for i in range(2 * n + 20)
+                ]
+                await cycles(st, tags[:20])  # warm-up: connections, caches
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                unloaded = await cycles(st, tags[20 : 20 + n])
+                cpu_unloaded = (time.process_time() - cpu0) / (time.perf_counter() - t0)
+                flooder = await asyncio.create_subprocess_exec(
+                    *("nice", "-n", str(nice), sys.executable, __file__),
+                    *("--flood", str(broker.port), str(rate)),
+                    stdout=asyncio.subprocess.PIPE,
+                    env=env,
+                )
+                assert flooder.stdout is not None
+                await flooder.stdout.readline()  # "flooding"
+                await asyncio.sleep(1.0)  # let the flood reach its rate
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                loaded = await cycles(st, tags[20 + n :])
+                window = time.perf_counter() - t0
+                cpu_loaded = (time.process_time() - cpu0) / window
+                flooder.send_signal(signal.SIGTERM)
+                out, _ = await asyncio.wait_for(flooder.communicate(), 30)
+                got = json.loads(out.decode().strip().splitlines()[-1])
+                flooder = None
+    finally:
+        sys.stderr = sys.__stderr__
+        if flooder is not None:
+            flooder.kill()
+            await flooder.wait()
+        plc.terminate()
+        await plc.wait()
+        await broker.stop()
+        broker.close()
+        if os.environ.get("KEEP_LOG"):
+            print(f"agent log               {logdir}/agent.log")
+        else:
+            shutil.rmtree(logdir, ignore_errors=True)
+
+    print(f"broker                  mosquitto, set_tcp_nodelay {'false' if nagle else 'true'}")
+    print(f"cycles                  {n} unloaded, {n} under the flood (after 20 warm-up)")
+    u50, u99 = statistics.median(unloaded), pct(unloaded, 0.99)
+    l50, l99 = statistics.median(loaded), pct(loaded, 0.99)
+    print(
+        f"unloaded cycle          p50 {u50:.2f} ms   p99 {u99:.2f} ms   max {max(unloaded):.2f} ms"
+    )
+    print(
+        f"under {rate} commands/s   p50 {l50:.2f} ms   p99 {l99:.2f} ms   max {max(loaded):.2f} ms"
+    )
+    print(f"ratio p50 / p99         {l50 / u50:.2f} / {l99 / u99:.2f}")
+    print(f"parts/s under the flood {n / window:.1f} (unloaded {1000 * n / sum(unloaded):.1f})")
+    print(
+        f"agent CPU, % of a core  {100 * cpu_unloaded:.0f} % unloaded, {100 * cpu_loaded:.0f} % under the flood"
+    )
+    codes = got["codes"]
+    print(
+        f"commands                {got['sent']} sent in {got['seconds']:.1f} s "
+        f"({got['sent'] / got['seconds']:.0f}/s), {sum(codes.values())} answered: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(codes.items(), key=lambda kv: -kv[1]))
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cycles", type=int, default=1000)
+    parser.add_argument("--rate", type=int, default=1000, help="commands per second")
+    parser.add_argument("--broker-nagle", action="store_true", help="mosquitto's default")
+    parser.add_argument(
+        "--flood-nice", type=int, default=0, help="niceness of the flooding client (0..19)"
+    )
+    parser.add_argument("--flood", nargs=2, type=int, help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.flood:
+        flood(*ns.flood)
+    else:
+        asyncio.run(main(ns.cycles, ns.rate, ns.broker_nagle, ns.flood_nice))
