@@ -51,11 +51,17 @@ def flood(port: int, rate: int) -> None:
     from paho.mqtt.enums import CallbackAPIVersion
 
     codes: Counter[str] = Counter()
+    answered: set[str] = set()
+    repeated = 0
     stop = False
 
     def on_message(client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        nonlocal repeated
         reply = json.loads(msg.payload)
         codes["ok" if reply.get("ok") else reply.get("error", {}).get("code", "?")] += 1
+        if reply["correlation_id"] in answered:
+            repeated += 1
+        answered.add(reply["correlation_id"])
 
     def terminate(*_: Any) -> None:
         nonlocal stop
@@ -67,7 +73,7 @@ def flood(port: int, rate: int) -> None:
     client.max_inflight_messages_set(1000)
     client.on_message = on_message
     client.connect("127.0.0.1", port)
-    client.subscribe("edge/gw-test/reply/#", qos=0)
+    client.subscribe("edge/gw-test/reply/#", qos=1)
     client.loop_start()
     bodies = [
         ("read", {"points": ["spindle_speed", "feed_rate", "tool"]}),
@@ -92,10 +98,14 @@ def flood(port: int, rate: int) -> None:
             sent += 1
         time.sleep(0.002)
     seconds = time.monotonic() - t0
-    time.sleep(1.0)  # the last replies
+    deadline = time.monotonic() + 30
+    while len(answered) < sent and time.monotonic() < deadline:
+        time.sleep(0.05)  # the last replies
     client.loop_stop()
     client.disconnect()
-    print(json.dumps({"sent": sent, "seconds": seconds, "codes": dict(codes)}), flush=True)
+    result = {"sent": sent, "seconds": seconds, "codes": dict(codes)}
+    result |= {"answered": len(answered), "repeated": repeated}
+    print(json.dumps(result), flush=True)
 
 
 # ----------------------------------------------------------------------------- the station
@@ -201,7 +211,8 @@ async def main(n: int, rate: int, nagle: bool, nice: int) -> None:
     codes = got["codes"]
     print(
         f"commands                {got['sent']} sent in {got['seconds']:.1f} s "
-        f"({got['sent'] / got['seconds']:.0f}/s), {sum(codes.values())} answered: "
+        f"({got['sent'] / got['seconds']:.0f}/s), {got['answered']} answered "
+        f"({got['repeated']} twice): "
         + ", ".join(f"{k} {v}" for k, v in sorted(codes.items(), key=lambda kv: -kv[1]))
     )
 

@@ -2,10 +2,13 @@
 
 A command is a JSON object ``{"correlation_id": <string or integer>, "params": {...}}``. Every
 command gets exactly one reply carrying the same ``correlation_id``: ``ok: true`` with a ``result``, or ``ok: false`` with an ``error``
-whose ``code`` is stable. Nothing a sender can put in a message crashes the agent: malformed JSON,
-an unknown or disallowed command and invalid parameters are error replies. With MQTT 5 the
+whose ``code`` is stable. Nothing a sender can put in a message crashes the agent or holds up a
+cycle: oversized, deeply nested or malformed payloads, unknown or disallowed commands and invalid
+parameters are error replies (intake.py screens them), a repeated ``correlation_id`` is answered
+from memory, and what passes waits in a bounded queue for one worker. With MQTT 5 the
 correlation data stands in for a missing ``correlation_id``, and a command carrying a response
-topic is answered there too (with its correlation data), besides ``reply/<name>``.
+topic within ``commands.response_topics`` is answered there too (with its correlation data),
+besides ``reply/<name>``.
 
 Writes go through the same checks as a cycle's parameters (the profile's type, scaling and safe
 limits) and are refused while a station cycle holds the machine; points the handshake drives
@@ -288,15 +291,14 @@ class Commands:
                 )
             self._worker = asyncio.create_task(self._work(), name="commands")
         if self._queue.qsize() >= self.config.queue:
-            # A flood: each refusal must cost as little as possible. One log line per burst,
-            # and the reply at QoS 0 (nothing was done, so there is nothing to keep).
+            # A flood: each refusal must cost little; one log line per burst, not one each.
             if not self._refused_busy:
                 log.warning("command queue full: refusing commands", queue=self.config.queue)
             self._refused_busy += 1
             error = CommandError(
                 "busy", f"{self.config.queue} commands are waiting (commands.queue); not queued"
             )
-            self._send(request, self._reply(request, error=error, quiet=True), qos=0)
+            self._send(request, self._reply(request, error=error, quiet=True))
             return
         if self._refused_busy:
             log.info("command queue has room again", refused=self._refused_busy)
@@ -390,7 +392,7 @@ class Commands:
         )
         return reply
 
-    def _send(self, request: _Request, reply: dict[str, Any], qos: int = 1) -> None:
+    def _send(self, request: _Request, reply: dict[str, Any]) -> None:
         """Publish ``reply`` on reply/<name> (and the MQTT 5 response topic), or hand it to
         execute()'s caller. Nothing here may raise into the worker or paho's callback."""
         if request.answer is not None:
@@ -398,7 +400,7 @@ class Commands:
                 request.answer.set_result(reply)
             return
         try:
-            self.publish(f"reply/{request.name}", reply, qos)
+            self.publish(f"reply/{request.name}", reply, 1)
             # MQTT 5 request/response: reply/<name> stays the record every consumer sees; the
             # response topic is for the one who asked.
             if request.response_topic and self.respond is not None:
