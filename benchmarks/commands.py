@@ -1,14 +1,17 @@
 """Station cycles under a flood of commands: cycle latency unloaded and under 1 000 commands/s.
 
-    python benchmarks/commands.py [--cycles 1000] [--rate 1000] [--broker-nagle] [--flood-nice 0]
+    python benchmarks/commands.py [--cycles 1000] [--rounds 5] [--rate 1000] [--broker-nagle]
 
 One run starts mosquitto on a free loopback port (``set_tcp_nodelay true`` unless
 ``--broker-nagle``), the reference PLC in its own process, and the agent in this process (config
 as a station would have it: all commands allowed, logging at INFO as JSON into a temporary file,
 telemetry off so the PLC sees only the cycle's and the commands' requests). It measures N station
-cycles (tag event -> cycle report) with no commands, then N more while a separate MQTT client
+cycles (tag event -> cycle report) with no commands and N more while a separate MQTT client
 process (``--flood-nice``: on a plant it is another machine) publishes commands at ``--rate`` per
-second (QoS 1; read 50 %, status 40 %, write 10 %) and counts the replies by error code. Printed: cycle p50/p99 both ways, their ratio, and what
+second (QoS 1; read 50 %, status 40 %, write 10 %) and counts the replies by error code. The two
+kinds of cycles alternate in ``--rounds`` (the flood paused by SIGUSR1 in between), so other
+load on the machine weighs on both alike. Printed: cycle p50/p99 both ways, their ratio, the part
+of a cycle spent outside Modbus round trips (the agent's own share), the agent's CPU, and what
 the flood got (sent, answered, ok, refused busy).
 """
 
@@ -63,11 +66,19 @@ def flood(port: int, rate: int) -> None:
             repeated += 1
         answered.add(reply["correlation_id"])
 
+    paused = False
+
     def terminate(*_: Any) -> None:
         nonlocal stop
         stop = True
 
+    def pause(signum: int, frame: Any) -> None:
+        nonlocal paused
+        paused = signum == signal.SIGUSR1
+
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGUSR1, pause)  # pause publishing (replies are still read)
+    signal.signal(signal.SIGUSR2, pause)  # go on
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="flood", protocol=mqtt.MQTTv311)
     client.max_queued_messages_set(0)
     client.max_inflight_messages_set(1000)
@@ -91,6 +102,9 @@ def flood(port: int, rate: int) -> None:
     sent, t0 = 0, time.monotonic()
     while not stop:
         due = int((time.monotonic() - t0) * rate)
+        if paused or due - sent > rate // 10:  # paused, or behind: on at the rate, no burst
+            t0 += (due - sent) / rate
+            due = sent
         while sent < due:
             name, params = bodies[sent % len(bodies)]
             payload = json.dumps({"correlation_id": f"f-{sent}", "params": params})
@@ -98,7 +112,7 @@ def flood(port: int, rate: int) -> None:
             sent += 1
         time.sleep(0.002)
     seconds = time.monotonic() - t0
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 20
     while len(answered) < sent and time.monotonic() < deadline:
         time.sleep(0.05)  # the last replies
     client.loop_stop()
@@ -111,20 +125,26 @@ def flood(port: int, rate: int) -> None:
 # ----------------------------------------------------------------------------- the station
 
 
-async def cycles(station: Any, tags: list[Any]) -> list[float]:
+MACHINE = ("machine_write", "machine_cycle", "machine_read")
+
+
+async def cycles(station: Any, tags: list[Any], own: list[float]) -> list[float]:
+    """Run a cycle per tag; return their times (ms); add to ``own`` the part of each spent
+    outside the Modbus round trips (the agent's own work and its waits for the event loop)."""
     times = []
     for tag in tags:
         t0 = time.perf_counter()
         station.reader.present(tag)
         report = await station.agent.reports.get()
         times.append((time.perf_counter() - t0) * 1000)
+        own.append(times[-1] - sum(report.durations_ms.get(k, 0.0) for k in MACHINE))
         station.reader.remove(tag.uid)
         if report.status != "ok":
             raise SystemExit(f"cycle not ok: {report.reason}: {report.error}")
     return times
 
 
-async def main(n: int, rate: int, nagle: bool, nice: int) -> None:
+async def main(n: int, rate: int, nagle: bool, nice: int, rounds: int) -> None:
     from edge_agent.instructions.model import Step
     from edge_agent.log import setup_logging
     from edge_agent.sim.broker import EmbeddedBroker, free_port, wait_listening
@@ -158,10 +178,7 @@ async def main(n: int, rate: int, nagle: bool, nice: int) -> None:
                     st.tag(steps, uid=b"\x04" + i.to_bytes(6, "big"), done=1)
                     for i in range(2 * n + 20)
                 ]
-                await cycles(st, tags[:20])  # warm-up: connections, caches
-                cpu0, t0 = time.process_time(), time.perf_counter()
-                unloaded = await cycles(st, tags[20 : 20 + n])
-                cpu_unloaded = (time.process_time() - cpu0) / (time.perf_counter() - t0)
+                await cycles(st, tags[:20], [])  # warm-up: connections, caches
                 flooder = await asyncio.create_subprocess_exec(
                     *("nice", "-n", str(nice), sys.executable, __file__),
                     *("--flood", str(broker.port), str(rate)),
@@ -170,13 +187,25 @@ async def main(n: int, rate: int, nagle: bool, nice: int) -> None:
                 )
                 assert flooder.stdout is not None
                 await flooder.stdout.readline()  # "flooding"
-                await asyncio.sleep(1.0)  # let the flood reach its rate
-                cpu0, t0 = time.process_time(), time.perf_counter()
-                loaded = await cycles(st, tags[20 + n :])
-                window = time.perf_counter() - t0
-                cpu_loaded = (time.process_time() - cpu0) / window
+                # Rounds of unloaded and flooded cycles, alternated (the flood paused by
+                # SIGUSR1), so a change in the machine's other load hits both alike.
+                unloaded, loaded, cpu, wall = [], [], [0.0, 0.0], [0.0, 0.0]
+                own: tuple[list[float], list[float]] = ([], [])
+                per = n // rounds
+                for r in range(rounds):
+                    for flooded in (False, True):
+                        flooder.send_signal(signal.SIGUSR2 if flooded else signal.SIGUSR1)
+                        await asyncio.sleep(0.5)  # the flood at its rate / drained
+                        cpu0, t0 = time.process_time(), time.perf_counter()
+                        first = 20 + (2 * r + flooded) * per
+                        times = await cycles(st, tags[first : first + per], own[flooded])
+                        cpu[flooded] += time.process_time() - cpu0
+                        wall[flooded] += time.perf_counter() - t0
+                        (loaded if flooded else unloaded).extend(times)
+                window = wall[1]
+                cpu_unloaded, cpu_loaded = cpu[0] / wall[0], cpu[1] / wall[1]
                 flooder.send_signal(signal.SIGTERM)
-                out, _ = await asyncio.wait_for(flooder.communicate(), 30)
+                out, _ = await asyncio.wait_for(flooder.communicate(), 60)
                 got = json.loads(out.decode().strip().splitlines()[-1])
                 flooder = None
     finally:
@@ -204,14 +233,21 @@ async def main(n: int, rate: int, nagle: bool, nice: int) -> None:
         f"under {rate} commands/s   p50 {l50:.2f} ms   p99 {l99:.2f} ms   max {max(loaded):.2f} ms"
     )
     print(f"ratio p50 / p99         {l50 / u50:.2f} / {l99 / u99:.2f}")
-    print(f"parts/s under the flood {n / window:.1f} (unloaded {1000 * n / sum(unloaded):.1f})")
+    for label, values in (("unloaded", own[0]), ("flooded ", own[1])):
+        print(
+            f"  outside Modbus, {label} p50 {statistics.median(values):.2f} ms   "
+            f"p99 {pct(values, 0.99):.2f} ms"
+        )
+    print(
+        f"parts/s under the flood {len(loaded) / window:.1f} (unloaded {len(unloaded) / wall[0]:.1f})"
+    )
     print(
         f"agent CPU, % of a core  {100 * cpu_unloaded:.0f} % unloaded, {100 * cpu_loaded:.0f} % under the flood"
     )
     codes = got["codes"]
     print(
-        f"commands                {got['sent']} sent in {got['seconds']:.1f} s "
-        f"({got['sent'] / got['seconds']:.0f}/s), {got['answered']} answered "
+        f"commands                {got['sent']} sent while flooding "
+        f"({got['sent'] / (window + 0.5 * rounds):.0f}/s), {got['answered']} answered "
         f"({got['repeated']} twice): "
         + ", ".join(f"{k} {v}" for k, v in sorted(codes.items(), key=lambda kv: -kv[1]))
     )
@@ -221,6 +257,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=1000)
     parser.add_argument("--rate", type=int, default=1000, help="commands per second")
+    parser.add_argument("--rounds", type=int, default=5, help="alternations unloaded/flooded")
     parser.add_argument("--broker-nagle", action="store_true", help="mosquitto's default")
     parser.add_argument(
         "--flood-nice", type=int, default=0, help="niceness of the flooding client (0..19)"
@@ -230,4 +267,4 @@ if __name__ == "__main__":
     if ns.flood:
         flood(*ns.flood)
     else:
-        asyncio.run(main(ns.cycles, ns.rate, ns.broker_nagle, ns.flood_nice))
+        asyncio.run(main(ns.cycles, ns.rate, ns.broker_nagle, ns.flood_nice, ns.rounds))

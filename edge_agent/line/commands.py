@@ -160,7 +160,8 @@ class Commands:
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._slow: asyncio.Task[None] | None = None  # reload / push / rollback in progress
-        self._refused_busy = 0  # refused while the queue was full, since it last had room
+        self._refused_busy = 0  # refused because the queue was full, since the last log line
+        self._busy_logged_at = -60.0
         self.configure(config or CommandsConfig())
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "status": self._status,
@@ -291,18 +292,21 @@ class Commands:
                 )
             self._worker = asyncio.create_task(self._work(), name="commands")
         if self._queue.qsize() >= self.config.queue:
-            # A flood: each refusal must cost little; one log line per burst, not one each.
-            if not self._refused_busy:
-                log.warning("command queue full: refusing commands", queue=self.config.queue)
+            # A flood: each refusal must cost little; one log line a minute, not one each.
             self._refused_busy += 1
+            now = time.monotonic()
+            if now - self._busy_logged_at >= 60:
+                log.warning(
+                    "command queue full: refusing commands",
+                    queue=self.config.queue,
+                    refused=self._refused_busy,
+                )
+                self._busy_logged_at, self._refused_busy = now, 0
             error = CommandError(
                 "busy", f"{self.config.queue} commands are waiting (commands.queue); not queued"
             )
             self._send(request, self._reply(request, error=error, quiet=True))
             return
-        if self._refused_busy:
-            log.info("command queue has room again", refused=self._refused_busy)
-            self._refused_busy = 0
         self._replies.start(request.key)
         self._queue.put_nowait(request)
 
