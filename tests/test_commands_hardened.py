@@ -242,6 +242,23 @@ async def test_a_response_topic_outside_the_configured_ones_is_refused(
 
 
 async def test_a_flood_of_commands_neither_starves_cycles_nor_goes_unanswered(
+    tmp_path: Path, reference_plc: ReferencePlc
+) -> None:
+    # mosquitto drops what it queues beyond 1 000 for a slow subscriber; the flooding client
+    # counts every reply on a loaded machine, so no cap here.
+    broker = EmbeddedBroker()
+    broker.extra_config = "max_queued_messages 0\n"
+    await broker.start()
+    extra = ALL.replace("commands: {", "commands: {queue: 20, ")
+    try:
+        async with running_station(tmp_path, reference_plc.port, broker.port, extra=extra) as st:
+            await flooded_cycles(st, broker, reference_plc)
+    finally:
+        await broker.stop()
+        broker.close()
+
+
+async def flooded_cycles(
     station: Station, broker: EmbeddedBroker, reference_plc: ReferencePlc
 ) -> None:
     # The line's client in its own process, as on a plant: ~1 000 commands/s until SIGTERM.
