@@ -22,11 +22,12 @@ from .errors import ConfigError, ConfigProblem, MachineError, PartRejected, TagI
 from .instructions.signing import KeyRing
 from .line.adjustments import Adjustments
 from .line.commands import Commands
+from .line.intake import load_pushed_profile
 from .line.telemetry import Telemetry
 from .line.thingsboard import ThingsBoard
 from .machine import registry
 from .machine.driver import MachineDriver
-from .machine.profile import Profile, load_profile
+from .machine.profile import Profile
 from .machine.profile_diff import envelope_changes
 from .machine.profile_signature import ProfileRefused, is_newer, verify_profile
 from .service.heartbeat import Heartbeat
@@ -100,6 +101,8 @@ class Agent:
             allowed=frozenset(config.commands.allowed),
             publish=self._publish,
             respond=self._respond,
+            config=config.commands,
+            own_replies=self.uplink.topic("reply/#"),
         )
         self.adjustments = Adjustments(
             config.gateway_id, config.profile, self.driver, publish=self._publish
@@ -232,7 +235,9 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in order."""
-        self.uplink.subscribe("cmd/+", self.commands.on_message)
+        self.uplink.subscribe_absolute(
+            self.uplink.topic("cmd/+"), self.commands.on_message, retained=False
+        )
         if self.thingsboard is not None:
             self.thingsboard.start()
         if self.sparkplug is not None:
@@ -367,7 +372,7 @@ class Agent:
         def rest() -> None:
             self.cycle.keyring = self.keyring = keyring
             self.cycle.write_back = new.cycle.write_back
-            self.commands.allowed = frozenset(new.commands.allowed)
+            self.commands.configure(new.commands)
             self.cycle.adjust = self.adjustments.apply if new.commands.adjustments else None
             if new.commands.adjustments:
                 self.uplink.subscribe("adjustments", self.adjustments.on_message)
@@ -400,7 +405,9 @@ class Agent:
         any refusal nothing changed. The profile in use is kept for ``rollback_profile``.
         """
         current = self.config.profile
-        profile = load_profile(origin, text=text)
+        profile = await load_pushed_profile(
+            origin, text, max_bytes=self.config.commands.max_payload
+        )
         driver = profile_for(profile, self.config, text=text)  # check-config's checks
         profile.signature = verify_profile(
             text.encode(),

@@ -207,6 +207,14 @@ class CommandsConfig(_Strict):
         "read",
     ]
     adjustments: bool = False  # apply the line's retained parameter adjustment set
+    # Hardening (docs/line-integration.md, "Limits"): what one message may cost the station.
+    max_payload: int = Field(262_144, ge=1024)  # bytes; a larger command is refused too_large
+    max_depth: int = Field(32, ge=2, le=1000)  # JSON nesting; deeper is refused malformed
+    queue: int = Field(100, ge=1, le=100_000)  # commands waiting their turn; more: busy
+    dedup_window: float = Field(600.0, ge=0)  # seconds a correlation_id's reply is remembered
+    dedup_size: int = Field(1000, ge=0, le=1_000_000)  # replies remembered at most
+    # MQTT 5 response topics answered (topic filters); None: <topic_prefix>/<gateway_id>/reply/#
+    response_topics: list[str] | None = None
 
 
 class OutboxConfig(_Strict):

@@ -78,6 +78,41 @@ def load_yaml(path: str | Path, text: str | None = None) -> tuple[Any, Lines]:
     return _construct(node, (), lines, file), lines
 
 
+def check_untrusted(text: str, file: str, *, max_bytes: int, max_depth: int) -> None:
+    """Refuse YAML that could exhaust the process before it is composed (pushed profiles).
+
+    libyaml's composer recurses in C (it segfaults at ~30 000 levels of ``[``) and aliases
+    expand without bound (a few hundred bytes take minutes). Its event parser keeps its stack on
+    the heap: scanning events, stopping at the first alias, anchor or level too deep, costs time
+    in proportion to the text alone. Raises ConfigError naming the line.
+    """
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise ConfigError([ConfigProblem(file, None, "", f"{size} bytes, more than {max_bytes}")])
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=_Loader):
+            problem = None
+            if isinstance(event, yaml.AliasEvent):
+                problem = f"alias *{event.anchor}: aliases are not accepted here"
+            elif isinstance(event, yaml.NodeEvent) and event.anchor is not None:
+                problem = f"anchor &{event.anchor}: anchors are not accepted here"
+            elif isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > max_depth:
+                    problem = f"nested more than {max_depth} levels deep"
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            if problem is not None:
+                line = event.start_mark.line + 1 if event.start_mark else None
+                raise ConfigError([ConfigProblem(file, line, "", problem)])
+    except yaml.MarkedYAMLError as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else None
+        raise ConfigError(
+            [ConfigProblem(file, line, "", f"not valid YAML: {err.problem}")]
+        ) from err
+
+
 def _dotted(path: tuple[str | int, ...]) -> str:
     out = ""
     for part in path:

@@ -336,6 +336,7 @@ async def test_mqtt5_correlation_data_stands_in_for_a_missing_correlation_id(
 
     path = write_config(tmp_path, reference_plc.port, broker.port, extra=ALL)
     edit(path, "broker: {", "broker: {protocol: 5, ")
+    edit(path, "commands: {", "commands: {response_topics: ['mes/#'], ")
     agent = Agent(load_config(path), reader=SimulatedReader())
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))

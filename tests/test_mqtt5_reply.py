@@ -24,7 +24,7 @@ from edge_agent.uplink.mqtt import MqttUplink, response_properties
 from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import write_config
 
-ALL = "commands: {allowed: [status, read, write]}\n"
+ALL = "commands: {allowed: [status, read, write], response_topics: ['mes/replies/#']}\n"
 
 
 class Mes:
@@ -145,8 +145,9 @@ async def test_a_wildcard_response_topic_is_refused_and_the_agent_answers_on(
     await mes.command("status", {"correlation_id": "ok"}, "mes/replies/fine", b"ok")
     [(topic, _, props)] = await mes.wait(1)
     assert topic == "mes/replies/fine" and props.CorrelationData == b"ok"
-    replies = await recorder.wait_for("gw-test/reply/status", 1)
-    assert replies[-1]["correlation_id"] == "ok"
+    replies = {r["correlation_id"]: r for r in await recorder.wait_for("gw-test/reply/status", 2)}
+    assert replies["ok"]["ok"] is True
+    assert replies["w"]["error"]["code"] == "not_allowed"  # refused, and nothing was done
     assert agent.uplink.connected
 
 

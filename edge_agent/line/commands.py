@@ -2,10 +2,13 @@
 
 A command is a JSON object ``{"correlation_id": <string or integer>, "params": {...}}``. Every
 command gets exactly one reply carrying the same ``correlation_id``: ``ok: true`` with a ``result``, or ``ok: false`` with an ``error``
-whose ``code`` is stable. Nothing a sender can put in a message crashes the agent: malformed JSON,
-an unknown or disallowed command and invalid parameters are error replies. With MQTT 5 the
+whose ``code`` is stable. Nothing a sender can put in a message crashes the agent or holds up a
+cycle: oversized, deeply nested or malformed payloads, unknown or disallowed commands and invalid
+parameters are error replies (intake.py screens them), a repeated ``correlation_id`` is answered
+from memory, and what passes waits in a bounded queue for one worker. With MQTT 5 the
 correlation data stands in for a missing ``correlation_id``, and a command carrying a response
-topic is answered there too (with its correlation data), besides ``reply/<name>``.
+topic within ``commands.response_topics`` is answered there too (with its correlation data),
+besides ``reply/<name>``.
 
 Writes go through the same checks as a cycle's parameters (the profile's type, scaling and safe
 limits, judged on the value the machine will hold) and are refused while a station cycle holds
@@ -16,21 +19,24 @@ registers under another name, belong to the cycle and are never written from the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol, TypeVar, get_args
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from ..config import CommandName
+from ..config import CommandName, CommandsConfig
 from ..errors import ConfigError, MachineError
 from ..machine.driver import MachineDriver
 from ..machine.profile import Profile
 from ..machine.profile_signature import ProfileRefused
 from ..machine.values import Accepted, Refusal, Refused
 from ..messages import iso, jsonable
+from .intake import ReplyCache, nesting_exceeds, response_topic_allowed
 
 log = structlog.get_logger("commands")
 
@@ -40,6 +46,12 @@ COMMANDS: tuple[str, ...] = get_args(CommandName)
 Publish = Callable[[str, dict[str, Any], int], object]
 #: (MQTT 5 response topic, reply, correlation data or None) -> queued
 Respond = Callable[[str, dict[str, Any], bytes | None], object]
+
+#: Commands that wait for the cycle in the machine (they swap the profile between cycles).
+_WAIT_FOR_CYCLE = frozenset({"reload", "push_profile", "rollback_profile"})
+#: While a cycle runs, commands are taken at most one per this many seconds: each costs the
+#: event loop ~0.3 ms (receive, run, reply), and the cycle's own awaits must not queue behind them.
+_PACE = 0.005
 
 
 class StationControl(Protocol):
@@ -107,8 +119,34 @@ class Envelope(BaseModel):
     params: dict[str, Any] = {}
 
 
+@dataclass
+class _Request:
+    """One command on its way: what is known of it so far."""
+
+    name: str
+    t0: float
+    correlation: str | int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    response_topic: str | None = None  # MQTT 5: answered there too (within response_topics)
+    correlation_data: bytes | None = None
+    #: execute(): the reply goes to this future instead of reply/<name>
+    answer: asyncio.Future[dict[str, Any]] | None = None
+
+    @property
+    def key(self) -> tuple[str, str | int]:
+        assert self.correlation is not None
+        return (self.name, self.correlation)
+
+
 class Commands:
-    """Subscribes to ``cmd/+`` and answers every message on ``reply/<name>``."""
+    """Subscribes to ``cmd/+`` and answers every message on ``reply/<name>``.
+
+    Messages are screened as they arrive (size, nesting, JSON, response topic, command known and
+    allowed, duplicate id) and refusals answered at once. What passes waits in a bounded queue
+    for one worker, so commands never pile up in front of a station cycle: the worker runs them
+    one at a time (a write takes the machine only between cycles), and reload and profile
+    changes, which wait for the cycle in the machine, run beside it one at a time.
+    """
 
     def __init__(
         self,
@@ -117,12 +155,20 @@ class Commands:
         allowed: frozenset[str],
         publish: Publish,
         respond: Respond | None = None,
+        config: CommandsConfig | None = None,
+        own_replies: str = "edge/+/reply/#",
     ) -> None:
         self.station = station
         self.allowed = allowed
         self.publish = publish
         self.respond = respond
-        self._tasks: set[asyncio.Task[dict[str, Any]]] = set()
+        self._own_replies = own_replies  # the default response topic filter
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self._slow: asyncio.Task[None] | None = None  # reload / push / rollback in progress
+        self._refused_busy = 0  # refused because the queue was full, since the last log line
+        self._busy_logged_at = -60.0
+        self.configure(config or CommandsConfig())
         self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
             "status": self._status,
             "read": self._read,
@@ -134,55 +180,61 @@ class Commands:
             "rollback_profile": self._rollback_profile,
         }
 
+    def configure(self, config: CommandsConfig) -> None:
+        """Take the ``commands:`` section (at start and on reload)."""
+        self.config = config
+        self.allowed = frozenset(config.allowed)
+        self._response_topics = (
+            config.response_topics if config.response_topics is not None else [self._own_replies]
+        )
+        old = getattr(self, "_replies", None)
+        if old is None or (old.window, old.size) != (config.dedup_window, config.dedup_size):
+            self._replies = ReplyCache(config.dedup_window, config.dedup_size)
+
+    # ------------------------------------------------------------------ intake
+
     def on_message(self, topic: str, payload: bytes, properties: Any) -> None:
-        """The uplink's handler (runs on the event loop): answer in a task of its own."""
-        name = topic.rsplit("/", 1)[-1]
-        task = asyncio.create_task(self.handle(name, payload, properties), name=f"cmd-{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """The uplink's handler (runs on the event loop): screen, then queue or answer at once.
 
-    async def drain(self, timeout: float = 5.0) -> None:
-        """Wait for the commands in flight (bounded), at shutdown."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
-
-    async def handle(self, name: str, payload: bytes, properties: Any = None) -> dict[str, Any]:
-        """Run command ``name`` and publish its reply. Never raises (except CancelledError)."""
-        reply = await self.execute(name, payload, properties)
-        self.publish(f"reply/{name}", reply, 1)
-        # MQTT 5 request/response: the requester named where it listens. reply/<name> stays the
-        # record every consumer sees; the response topic is for the one who asked.
-        response_topic = getattr(properties, "ResponseTopic", None)
-        if response_topic and self.respond is not None:
-            data = getattr(properties, "CorrelationData", None)
-            try:
-                self.respond(response_topic, reply, bytes(data) if data is not None else None)
-            except ValueError as err:  # a response topic with wildcards: nowhere to send it
-                log.warning("command response topic refused", topic=response_topic, error=str(err))
-        return reply
+        Retained messages never reach here: the uplink drops them on ``cmd/+`` (a retained
+        command would run again at every reconnect).
+        """
+        request = self._screen(topic.rsplit("/", 1)[-1], payload, properties)
+        if request is not None:
+            self._enqueue(request)
 
     async def execute(self, name: str, payload: bytes, properties: Any = None) -> dict[str, Any]:
-        """Run command ``name`` and return its reply (for another API's transport, e.g.
-        ThingsBoard RPC). Never raises (except CancelledError)."""
-        t0 = time.perf_counter()
-        correlation: str | int | None = _correlation_data(properties)
-        reply: dict[str, Any] = {"schema": "edge-agent/reply/1", "command": name}
+        """Run command ``name`` through the same screen and queue and return its reply (for
+        another API's transport, e.g. ThingsBoard RPC). Never raises (except CancelledError)."""
+        answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        request = self._screen(name, payload, properties, answer)
+        if request is not None:
+            self._enqueue(request)
+        return await answer
+
+    def _screen(
+        self,
+        name: str,
+        payload: bytes,
+        properties: Any,
+        answer: asyncio.Future[dict[str, Any]] | None = None,
+    ) -> _Request | None:
+        """The checks that cost nothing to the machine. None when already answered."""
+        request = _Request(name, time.perf_counter(), _correlation_data(properties), answer=answer)
         try:
-            try:
-                data = json.loads(payload)
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise CommandError("malformed", f"not JSON: {err}") from None
-            if isinstance(data, dict):
-                if "correlation_id" not in data and correlation is not None:
-                    data = {**data, "correlation_id": correlation}
-                if isinstance(data.get("correlation_id"), str | int):
-                    correlation = data["correlation_id"]
-            try:
-                envelope = Envelope.model_validate(data)
-            except ValidationError as err:
-                raise CommandError("malformed", _first_error(err)) from None
-            handler = self._handlers.get(name)
-            if handler is None:
+            self._parse(request, payload)
+            topic = getattr(properties, "ResponseTopic", None)
+            if topic:
+                if not response_topic_allowed(topic, self._response_topics):
+                    raise CommandError(
+                        "not_allowed",
+                        f"response topic '{topic}' is outside commands.response_topics "
+                        f"({', '.join(self._response_topics)}); nothing was done",
+                    )
+                request.response_topic = topic
+                data = getattr(properties, "CorrelationData", None)
+                request.correlation_data = bytes(data) if data is not None else None
+            if name not in self._handlers:
                 raise CommandError(
                     "unknown_command", f"unknown command '{name}' (known: {', '.join(COMMANDS)})"
                 )
@@ -192,29 +244,179 @@ class Commands:
                     "not_allowed",
                     f"command '{name}' is not allowed on this gateway (commands.allowed: {allowed})",
                 )
-            result = await handler(envelope.params)
-            reply.update(ok=True, result=result)
         except CommandError as err:
-            reply.update(ok=False, error={"code": err.code, "message": str(err)})
+            self._send(request, self._reply(request, error=err))
+            return None
+        seen = self._replies.lookup(request.key)
+        if seen is not None:
+            # The same command again (a retry, a redelivery): it ran or runs once; same answer.
+            log.info(
+                "command repeated: answered from memory",
+                command=name,
+                correlation_id=request.correlation,
+            )
+            if seen.reply is not None:
+                self._send(request, {**seen.reply, "repeated": True})
+            else:
+                seen.again = True
+            return None
+        return request
+
+    def _parse(self, request: _Request, payload: bytes) -> None:
+        limit = self.config.max_payload
+        if len(payload) > limit:
+            raise CommandError(
+                "too_large", f"{len(payload)} bytes, more than commands.max_payload ({limit})"
+            )
+        if nesting_exceeds(payload, self.config.max_depth):
+            raise CommandError(
+                "malformed",
+                f"nested more than commands.max_depth ({self.config.max_depth}) levels deep",
+            )
+        try:
+            data = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CommandError("malformed", f"not JSON: {err}") from None
+        except RecursionError:  # unbalanced brackets deep enough to get past the scan
+            raise CommandError("malformed", "not JSON: nested too deep") from None
+        if isinstance(data, dict):
+            if "correlation_id" not in data and request.correlation is not None:
+                data = {**data, "correlation_id": request.correlation}
+            if isinstance(data.get("correlation_id"), str | int):
+                request.correlation = data["correlation_id"]
+        try:
+            envelope = Envelope.model_validate(data)
+        except ValidationError as err:
+            raise CommandError("malformed", _first_error(err)) from None
+        request.correlation, request.params = envelope.correlation_id, envelope.params
+
+    def _enqueue(self, request: _Request) -> None:
+        if self._worker is None or self._worker.done():
+            if self._worker is not None and not self._worker.cancelled():
+                log.error(
+                    "command worker ended; restarting it", error=str(self._worker.exception())
+                )
+            self._worker = asyncio.create_task(self._work(), name="commands")
+        if self._queue.qsize() >= self.config.queue:
+            # A flood: each refusal must cost little; one log line a minute, not one each.
+            self._refused_busy += 1
+            now = time.monotonic()
+            if now - self._busy_logged_at >= 60:
+                log.warning(
+                    "command queue full: refusing commands",
+                    queue=self.config.queue,
+                    refused=self._refused_busy,
+                )
+                self._busy_logged_at, self._refused_busy = now, 0
+            error = CommandError(
+                "busy", f"{self.config.queue} commands are waiting (commands.queue); not queued"
+            )
+            self._send(request, self._reply(request, error=error, quiet=True))
+            return
+        self._replies.start(request.key)
+        self._queue.put_nowait(request)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Answer the commands queued or running (bounded), at shutdown."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
+        for task in (self._worker, self._slow):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # ------------------------------------------------------------------ running
+
+    async def _work(self) -> None:
+        while True:
+            request = await self._queue.get()
+            if request.name not in _WAIT_FOR_CYCLE:
+                try:
+                    await self._run(request)
+                finally:
+                    self._queue.task_done()
+            elif self._slow is not None and not self._slow.done():
+                busy = CommandError(
+                    "busy", "a reload or profile change is still in progress; nothing was done"
+                )
+                self._finish(request, self._reply(request, error=busy))
+                self._queue.task_done()
+            else:
+                # These wait for the cycle in the machine: beside the queue, one at a time.
+                self._slow = asyncio.create_task(self._run(request), name=f"cmd-{request.name}")
+                self._slow.add_done_callback(lambda _: self._queue.task_done())
+            if self.station.machine_lock.locked():
+                # A cycle holds the machine: leave the event loop to it, one command per pace.
+                await asyncio.sleep(_PACE)
+
+    async def _run(self, request: _Request) -> None:
+        try:
+            result = await self._handlers[request.name](request.params)
+            reply = self._reply(request, result=result)
+        except CommandError as err:
+            reply = self._reply(request, error=err)
         except MachineError as err:
-            reply.update(ok=False, error={"code": "machine_error", "message": str(err)})
+            reply = self._reply(request, error=CommandError("machine_error", str(err)))
         except ConfigError as err:  # reload: the files on disk are invalid; nothing changed
-            reply.update(ok=False, error={"code": "invalid_config", "message": str(err)})
-        except Exception as err:  # a bug in one command must not take the agent down
-            log.exception("command failed", command=name)
-            reply.update(ok=False, error={"code": "internal", "message": repr(err)})
-        reply["correlation_id"] = correlation
+            reply = self._reply(request, error=CommandError("invalid_config", str(err)))
+        except Exception:  # a bug in one command must not take the agent down
+            log.exception("command failed", command=request.name)
+            message = "the command failed unexpectedly; the gateway's log has the details"
+            reply = self._reply(request, error=CommandError("internal", message))
+        self._finish(request, reply)
+
+    def _finish(self, request: _Request, reply: dict[str, Any]) -> None:
+        # Remembered unless nothing was done (busy): a retry with the same id must then run.
+        nothing_done = not reply["ok"] and reply["error"]["code"] == "busy"
+        again = self._replies.finish(request.key, None if nothing_done else reply)
+        self._send(request, reply)
+        if again and not nothing_done:
+            self._send(request, {**reply, "repeated": True})
+
+    def _reply(
+        self,
+        request: _Request,
+        *,
+        result: Any = None,
+        error: CommandError | None = None,
+        quiet: bool = False,
+    ) -> dict[str, Any]:
+        reply: dict[str, Any] = {"schema": "edge-agent/reply/1", "command": request.name}
+        if error is None:
+            reply.update(ok=True, result=result)
+        else:
+            reply.update(ok=False, error={"code": error.code, "message": str(error)})
+        reply["correlation_id"] = request.correlation
         reply["time"] = iso(time.time())
-        reply["duration_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        reply["duration_ms"] = round((time.perf_counter() - request.t0) * 1000, 3)
+        if quiet:
+            return reply
         level = log.info if reply["ok"] else log.warning
         level(
             "command",
-            command=name,
-            correlation_id=correlation,
+            command=request.name,
+            correlation_id=request.correlation,
             ok=reply["ok"],
             error=reply.get("error"),
         )
         return reply
+
+    def _send(self, request: _Request, reply: dict[str, Any]) -> None:
+        """Publish ``reply`` on reply/<name> (and the MQTT 5 response topic), or hand it to
+        execute()'s caller. Nothing here may raise into the worker or paho's callback."""
+        if request.answer is not None:
+            if not request.answer.done():
+                request.answer.set_result(reply)
+            return
+        try:
+            self.publish(f"reply/{request.name}", reply, 1)
+            # MQTT 5 request/response: reply/<name> stays the record every consumer sees; the
+            # response topic is for the one who asked.
+            if request.response_topic and self.respond is not None:
+                self.respond(request.response_topic, reply, request.correlation_data)
+        except Exception:
+            log.exception("command reply not queued", command=request.name)
 
     # ------------------------------------------------------------------ the commands
 

@@ -24,6 +24,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..config import BrokerConfig
 from ..link import Link, LinkDown
@@ -160,6 +162,8 @@ class MqttUplink:
         self._properties: dict[int, Properties] = {}  # outbox id -> MQTT 5 properties (memory)
         self._connect_hooks: list[ConnectHook] = []
         self._will: WillFn | None = None  # replaces the status will (Sparkplug's NDEATH)
+        self._no_retained: set[str] = set()  # filters whose retained messages are dropped
+        self._retained_seen: OrderedDict[str, None] = OrderedDict()  # topics already logged
         self._stopping = False
         self._replay: tuple[int, float] | None = None  # (backlog at connect, since) until drained
         self._status_at = 0.0  # monotonic time the retained status was last published
@@ -259,11 +263,18 @@ class MqttUplink:
         self._wake.set()
         return message
 
-    def subscribe_absolute(self, topic: str, handler: MessageHandler, *, qos: int = 1) -> str:
-        """Deliver messages on ``topic`` (a full filter, wildcards allowed) to ``handler``."""
+    def subscribe_absolute(
+        self, topic: str, handler: MessageHandler, *, qos: int = 1, retained: bool = True
+    ) -> str:
+        """Deliver messages on ``topic`` (a full filter, wildcards allowed) to ``handler``.
+
+        ``retained=False``: retained messages are dropped, with one WARNING per topic.
+        """
         self._subscriptions[topic] = (qos, handler)
+        if not retained:
+            self._no_retained.add(topic)
         if self.connected:
-            self._client.subscribe(topic, qos=qos)
+            self._subscribe(topic, qos)
         return topic
 
     def set_will(self, will: WillFn) -> None:
@@ -281,6 +292,14 @@ class MqttUplink:
             return False
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def _subscribe(self, topic: str, qos: int) -> None:
+        # MQTT 5: keep the retain flag as published, so a retained message published while we
+        # are connected is recognised too (3.1.1 clears it on live delivery).
+        if self._v5:
+            self._client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+        else:
+            self._client.subscribe(topic, qos=qos)
 
     def on_connect(self, hook: ConnectHook) -> None:
         """Call ``hook`` on the loop after every CONNACK, once subscriptions are renewed."""
@@ -537,7 +556,7 @@ class MqttUplink:
         self._backlog_end = max(self._backlog_topics.values(), default=0)
         self._connected.set()
         for topic, (qos, _) in self._subscriptions.items():
-            client.subscribe(topic, qos=qos)
+            self._subscribe(topic, qos)
         self._publish_status()
         for hook in self._connect_hooks:
             try:
@@ -603,10 +622,27 @@ class MqttUplink:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         for topic, (_, handler) in self._subscriptions.items():
             if mqtt.topic_matches_sub(topic, msg.topic):
+                if msg.retain and topic in self._no_retained:
+                    self._drop_retained(msg.topic)
+                    continue
                 try:
                     handler(msg.topic, bytes(msg.payload), getattr(msg, "properties", None))
                 except Exception:  # a handler bug must not take the link down
                     log.exception("message handler failed", topic=msg.topic)
+
+    def _drop_retained(self, topic: str) -> None:
+        # Once per topic (a bounded memory of topics): the broker sends it again at each connect.
+        if topic in self._retained_seen:
+            self._retained_seen.move_to_end(topic)
+            return
+        self._retained_seen[topic] = None
+        if len(self._retained_seen) > 1000:
+            self._retained_seen.popitem(last=False)
+        log.warning(
+            "retained message ignored: this topic takes live messages only (a retained one "
+            "would act again at every reconnect); clear it with an empty retained publish",
+            topic=topic,
+        )
 
     # Socket plumbing: paho tells us which socket to watch. connect() runs in a worker thread, so
     # registration is handed to the loop; a socket closed before that runs is skipped.
