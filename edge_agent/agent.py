@@ -70,6 +70,7 @@ class Agent:
             reader=self.reader,
             publish=lambda report: self._publish("cycles", report, 1),
             write_back=config.cycle.write_back,
+            state_dir=config.state_dir,
         )
         self.reports: asyncio.Queue[CycleReport] = asyncio.Queue()  # for the demo and tests
         self._started = time.time()

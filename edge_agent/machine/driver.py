@@ -23,6 +23,9 @@ class MachineDriver(ABC):
 
     #: A short human name for logs and errors, e.g. "modbus 10.0.0.5:502 unit 1".
     device: str
+    #: Successful connections so far: a new value means a new session, whose machine state the
+    #: station cycle has not seen yet (it runs the abort steps and checks idle before a part).
+    sessions: int = 0
 
     @abstractmethod
     async def connect(self) -> None:

@@ -209,6 +209,7 @@ class ModbusDriver(MachineDriver):
             except MachineError as err:
                 self._backoff.failed(str(err).removeprefix(f"{self.device}: "))
                 raise
+            self.sessions += 1
             self._backoff.succeeded()
 
     async def _open(self) -> None:

@@ -192,6 +192,7 @@ class OpcUaDriver(MachineDriver):
                 error = str(err).removeprefix(f"{self.device}: ")
                 self._backoff.failed(error, longest=self._refusal)
                 raise
+            self.sessions += 1
             failures = self._backoff.succeeded()
             if failures:
                 log.warning("machine reachable again", device=self.device, attempts=failures)
