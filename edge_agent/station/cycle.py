@@ -333,6 +333,8 @@ class StationCycle:
         PartRejected(machine_not_idle) when it stays busy; MachineError when it cannot be read.
         """
         driver = self.driver
+        if not driver.connected:
+            await driver.connect()  # first, so that a new session is seen as one
         points = [*rule.points, counter] if counter else rule.points
         aborted: str | None = None
         if self._journal.pending is not None or self._verified != (driver, driver.sessions):
