@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asyncua import Client, ua
 
 from edge_agent.errors import ConfigError
 from edge_agent.instructions.format import TAG_CAPACITY, decode_tag, encode_tag, update_progress
@@ -22,9 +23,11 @@ from edge_agent.instructions.recipe import Recipe
 from edge_agent.instructions.signing import KeyRing, load_private_key
 from edge_agent.machine.profile import ResetPoint, WaitFor, load_profile
 from edge_agent.sim.broker import EmbeddedBroker
+from edge_agent.sim.opcua_machine import NAMESPACE
 from edge_agent.sim.reference_plc import ReferencePlc
 from edge_agent.station.journal import FILE_NAME, AbortJournal, PendingAbort
 from tests.fixtures_broker import MqttRecorder
+from tests.fixtures_opcua import OpcUaMachineProcess, machine_yaml, opcua_station
 from tests.station_harness import DRILL, PRESS, PROFILE, Station, running_station, write_config
 from tests.test_daemon_kill import start_daemon, until
 
@@ -316,3 +319,41 @@ async def test_an_unreadable_journal_is_completed_before_the_first_part(
     assert report.status == "ok", report.error
     assert_own_results(report, OTHER, cycles + 1)
     assert json.loads((state / FILE_NAME).read_text())["pending"] is False
+
+
+# ----------------------------------------------------------------------------- over OPC UA
+
+
+async def test_opcua_machine_left_with_trigger_and_done_high_runs_this_parts_cycle(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    machine = OpcUaMachineProcess(tmp_path / "pki", done_delay=1.0)
+    machine.start()
+    try:
+        # What a daemon killed mid-cycle leaves: the previous part's setpoint, trigger high, then
+        # the machine's done.
+        async with Client(machine.url) as client:
+            idx = await client.get_namespace_index(NAMESPACE)
+            node = lambda name: client.get_node(ua.NodeId(name, idx))  # noqa: E731
+            await node("Double").write_value(ua.Variant(7.0, ua.VariantType.Double))
+            await node("Trigger").write_value(ua.Variant(True, ua.VariantType.Boolean))
+            await until_async(lambda: node("Done").read_value(), 5, "the machine's done")
+            cycles = await node("Cycles").read_value()
+        steps = [Step("process", {"setpoint": 1.0, "count": 1}, "st-10")]
+        steps.append(Step("process", {"setpoint": 21.5, "count": 4}, "st-20"))
+        async with opcua_station(tmp_path, broker.port, machine_yaml(machine.url)) as station:
+            report = await station.cycle(station.tag(steps, done=1), timeout=20)
+    finally:
+        machine.stop()
+    assert report.status == "ok", report.error
+    # 2 x this part's setpoint, not the 14.0 of the cycle the machine had finished before.
+    assert report.results == {"expected_result": 43.0, "result": 43.0, "cycles": cycles + 1}
+    assert report.machine_state == "cycle complete"
+
+
+async def until_async(condition: Any, timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
