@@ -173,6 +173,12 @@ class StationCycle:
             report.status, report.reason = "failed", _machine_reason(err)
             report.error = f"could not check that the machine is idle before starting: {err}"
             return
+        except asyncio.CancelledError:
+            report.status, report.reason = "failed", "shutdown"
+            report.error = (
+                "agent stopped before the cycle started; the part's values were not written"
+            )
+            raise
         try:
             self._journal.mark(step.operation, operation.program)  # durable before the trigger
             outcome = await run_handshake(
