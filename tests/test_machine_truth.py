@@ -201,7 +201,7 @@ async def test_a_handshake_that_never_resets_its_trigger_gives_no_stale_ok(
     writes = reference_plc.requests[FC_WRITE_REGISTERS]
     report = await station.cycle(station.tag(routing(OTHER), uid=b"\x04\x41\0\0\0\0\0", done=1))
     assert report.status == "rejected" and report.reason == "machine_not_idle"
-    assert "trigger trigger is true, not false" in (report.error or "")
+    assert "trigger is already true: the cycle starts by setting it" in (report.error or "")
     assert reference_plc.requests[FC_WRITE_REGISTERS] == writes
     assert reference_plc.snapshot()["input"][CYCLES] == cycles + len(parts)
 
@@ -226,6 +226,33 @@ async def test_abort_steps_run_after_a_reconnect_before_the_first_part(
     assert requests[0] == (5, TRIGGER, [False])
     first_parameters = next(i for i, r in enumerate(requests) if r[0] == FC_WRITE_REGISTERS)
     assert any(r[0] == 1 for r in requests[1:first_parameters])  # the idle read of the coils
+
+
+async def test_an_abort_owed_after_an_outage_is_said_in_words_and_completed_first(
+    station: Station, reference_plc: ReferencePlc
+) -> None:
+    reference_plc.done_delay = 5.0  # the machine is working when it goes away
+    station.reader.present(station.tag(routing(DRILL), done=1))
+    await until(lambda: reference_plc.snapshot()["coil"][TRIGGER], 10, "the trigger")
+    await reference_plc.stop()
+    report = await asyncio.wait_for(station.agent.reports.get(), 20)
+    assert report.status == "failed"
+    assert report.machine_state.startswith(
+        "abort failed: could not reset trigger: modbus 127.0.0.1"
+    )
+    assert "ResetPoint" not in report.machine_state  # words, not class names
+
+    # Back on (its memory kept: the trigger is still high): the owed abort runs first, and the
+    # next part's own cycle runs.
+    reference_plc.done_delay = 0.0
+    await reference_plc.start("127.0.0.1", reference_plc.port)
+    assert reference_plc.snapshot()["coil"][TRIGGER] is True
+    cycles = reference_plc.snapshot()["input"][CYCLES]
+    await asyncio.sleep(0.6)  # the driver's reconnect backoff (reconnect_max 0.5 s)
+    tag = station.tag(routing(OTHER), uid=b"\x04\x55\0\0\0\0\0", done=1)
+    retry = await station.cycle(tag)
+    assert retry.status == "ok", retry.error
+    assert_own_results(retry, OTHER, cycles + 1)
 
 
 # ----------------------------------------------------------------------------- cycle counter

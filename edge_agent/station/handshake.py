@@ -63,7 +63,7 @@ class IdleRule:
     def problems(self, values: Mapping[str, Any]) -> list[str]:
         """Why ``values`` (read from the machine) are not idle, in words; empty when idle."""
         found = [
-            f"trigger {t} is {show_value(values[t])}, not false"
+            f"{t} is already {show_value(values[t])}: the cycle starts by setting it"
             for t in self.triggers
             if not values_equal(values[t], False)
         ]
