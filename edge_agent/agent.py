@@ -77,6 +77,7 @@ class Agent:
             reader=self.reader,
             publish=lambda report: self._publish("cycles", report, 1),
             write_back=config.cycle.write_back,
+            state_dir=config.state_dir,
         )
         self.reports: asyncio.Queue[CycleReport] = asyncio.Queue()  # for the demo and tests
         self.heartbeat = Heartbeat()  # the part-taking loop's sign of life, for the watchdog

@@ -196,6 +196,8 @@ class ProfileDoc(_Strict):
         min_length=1
     )
     on_abort: list[Annotated[HandshakeStep, Field(union_mode="left_to_right")]] = []
+    #: An integer point the machine adds one to per cycle: `ok` then also needs it to advance by one.
+    cycle_counter: str | None = None
     telemetry: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+$")], TelemetryGroup] = {}
 
     @field_validator("handshake", "on_abort", mode="before")
@@ -223,6 +225,7 @@ class Profile:
         self.operations = doc.operations
         self.handshake = doc.handshake
         self.on_abort = doc.on_abort
+        self.cycle_counter = doc.cycle_counter
         self.telemetry = doc.telemetry
         self.source = source
         self.content_hash = digest  # "sha256:<hex>" of the file's bytes, reported with every cycle
@@ -313,6 +316,7 @@ def load_profile(path: str | Path, text: str | None = None) -> Profile:
     points = _validate_points(doc, file, lines, problems)
     if not problems:
         _check_references(doc, points, file, lines, problems)
+        _check_cycle_counter(doc, points, file, lines, problems)
     if not problems:  # the safety rules need every name to resolve
         check_safety(doc, points, reporter(file, lines, problems))
     if problems:
@@ -425,6 +429,30 @@ def _check_references(
     for group_name, group in doc.telemetry.items():
         for point_name in group.points:
             known(point_name, ("telemetry", group_name, "points", point_name))
+
+
+def _check_cycle_counter(
+    doc: ProfileDoc,
+    points: dict[str, BasePoint],
+    file: str,
+    lines: Lines,
+    problems: list[ConfigProblem],
+) -> None:
+    name = doc.cycle_counter
+    if name is None:
+        return
+    message = None
+    if name not in points:
+        close = difflib.get_close_matches(name, list(points), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        message = f"no point named '{name}' in points{hint}"
+    elif points[name].type not in INT_RANGES:
+        message = f"point '{name}' is {points[name].type.value}: a cycle counter is an integer"
+    elif points[name].scale != 1 or points[name].offset != 0:
+        message = f"point '{name}' has a scale or offset: a cycle counter counts whole cycles"
+    if message is not None:
+        line = lines.get(("cycle_counter",))
+        problems.append(ConfigProblem(file, line, "cycle_counter", message))
 
 
 def _value_kind_mismatch(type_: PointType, value: Any) -> str | None:

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -28,11 +29,12 @@ from ..instructions.codec import TagContents, decode_tag, update_progress
 from ..instructions.model import ParamValue, Step, StepRecord, StepStatus
 from ..instructions.signing import KeyRing
 from ..machine.driver import MachineDriver, RawValue
-from ..machine.profile import Operation, Profile
+from ..machine.profile import INT_RANGES, Operation, Profile
 from ..machine.values import Refusal, Refused
 from ..messages import jsonable as _jsonable
 from ..tag.reader import ScanEvent, TagReader
-from .handshake import run_abort, run_handshake
+from .handshake import IdleRule, idle_rule, run_abort, run_handshake
+from .journal import AbortJournal
 
 log = structlog.get_logger("cycle")
 
@@ -86,6 +88,7 @@ class StationCycle:
         publish: Publish,
         write_back: bool = True,
         adjust: Adjust | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         self.station = station
@@ -97,8 +100,12 @@ class StationCycle:
         self.write_back = write_back
         self.adjust = adjust
         self.busy = False
-        # Set when the abort steps could not run (machine unreachable): retried before the next cycle.
-        self._abort_pending: Operation | None = None
+        # Marked before a trigger is set, cleared when the machine is idle again; survives a crash.
+        self._journal = AbortJournal(state_dir)
+        # The driver and session in which the machine was last shown idle: a new session (start,
+        # reconnect, a reloaded driver) runs the abort steps before its first part.
+        self._verified: tuple[MachineDriver, int] | None = None
+        self._rule: tuple[Profile, IdleRule] | None = None
 
     async def run(self, event: ScanEvent) -> CycleReport:
         """One full cycle for the tag of ``event``. Never raises, except CancelledError."""
@@ -154,19 +161,36 @@ class StationCycle:
             operation = operation.model_copy(update={"program": program})
         if not await self._machine_reachable(report):
             return
-        if self._abort_pending is not None:
-            # The last failure could not reset the machine (it was unreachable). Do that first:
-            # a trigger left high would swallow this cycle's rising edge.
-            state = await self._abort(self._abort_pending)
-            if state.startswith("abort failed"):
-                report.status, report.reason = "failed", "machine_error"
-                report.error = f"machine not brought back to idle after the last failure: {state}"
-                report.machine_state = state
-                return
+        rule, counter = self._idle_rule(), self.profile.cycle_counter
         try:
-            outcome = await run_handshake(
-                self.driver, self.profile.handshake, operation, encoded, dict(step.parameters)
+            # A trigger left high, or a done already true, would let the handshake report a cycle
+            # the machine never ran for this part: the machine is shown idle first.
+            counted = await self._make_idle(operation, rule, counter, report)
+        except PartRejected as err:
+            report.status, report.reason, report.error = "rejected", err.reason, str(err)
+            return
+        except MachineError as err:
+            report.status, report.reason = "failed", _machine_reason(err)
+            report.error = f"could not check that the machine is idle before starting: {err}"
+            return
+        except asyncio.CancelledError:
+            report.status, report.reason = "failed", "shutdown"
+            report.error = (
+                "agent stopped before the cycle started; the part's values were not written"
             )
+            raise
+        try:
+            self._journal.mark(step.operation, operation.program)  # durable before the trigger
+            outcome = await run_handshake(
+                self.driver,
+                self.profile.handshake,
+                operation,
+                encoded,
+                dict(step.parameters),
+                counter=counter,
+            )
+            if counter is not None:
+                self._check_counter(counter, counted, outcome.counter)
         except (MachineError, ValueError) as err:
             report.status, report.reason, report.error = "failed", _machine_reason(err), str(err)
             report.machine_state = await self._abort(operation)
@@ -191,6 +215,8 @@ class StationCycle:
             machine_cycle=round(outcome.machine_ms, 3),
             machine_read=round(outcome.read_ms, 3),
         )
+        if rule.resets_all:
+            self._journal.clear()
         report.results = {k: _jsonable(v) for k, v in outcome.results.items()}
         report.status, report.machine_state = "ok", "cycle complete"
         await self._write_progress(contents, index, StepStatus.OK, report)
@@ -316,8 +342,72 @@ class StationCycle:
 
     async def _abort(self, operation: Operation) -> str:
         problems = await run_abort(self.driver, self.profile.on_abort, operation)
-        self._abort_pending = operation if problems else None
-        return "aborted (trigger reset)" if not problems else "abort failed: " + "; ".join(problems)
+        if problems:
+            return "abort failed: " + "; ".join(problems)
+        self._journal.clear()
+        return "aborted (trigger reset)"
+
+    # ------------------------------------------------------------------ idle before the trigger
+
+    def _idle_rule(self) -> IdleRule:
+        if self._rule is None or self._rule[0] is not self.profile:
+            self._rule = (self.profile, idle_rule(self.profile.handshake))
+        return self._rule[1]
+
+    async def _make_idle(
+        self, operation: Operation, rule: IdleRule, counter: str | None, report: CycleReport
+    ) -> Any:
+        """Show the machine idle (trigger false, nothing the handshake waits for already true),
+        running the abort steps first when a new session or a journalled abort asks for it, or
+        when it is not idle. Returns the cycle counter, read in the same request where possible.
+        PartRejected(machine_not_idle) when it stays busy; MachineError when it cannot be read.
+        """
+        driver = self.driver
+        if not driver.connected:
+            await driver.connect()  # first, so that a new session is seen as one
+        points = [*rule.points, counter] if counter else rule.points
+        aborted: str | None = None
+        if self._journal.pending is not None or self._verified != (driver, driver.sessions):
+            aborted = report.machine_state = await self._abort(self._owed(operation))
+        values = await driver.read(points) if points else {}
+        problems = rule.problems(values)
+        if problems and aborted is None:
+            aborted = report.machine_state = await self._abort(operation)
+            values = await driver.read(points)
+            problems = rule.problems(values)
+        if problems:
+            self._verified = None
+            report.machine_state = "not idle"
+            done = "its abort steps ran" if aborted == "aborted (trigger reset)" else aborted
+            raise PartRejected(
+                "machine_not_idle",
+                f"machine {driver.device} is not idle, so the part was not started ({done}): "
+                + "; ".join(problems),
+            )
+        self._verified = (driver, driver.sessions)
+        self._journal.clear()
+        report.machine_state = "untouched"  # by this part, so far
+        return values.get(counter) if counter else None
+
+    def _owed(self, current: Operation) -> Operation:
+        """The operation whose abort is owed: the journal's, when the profile still has it."""
+        pending = self._journal.pending
+        if pending is None or pending.operation not in self.profile.operations:
+            return current
+        owed = self.profile.operations[pending.operation]
+        return owed.model_copy(update={"program": pending.program})
+
+    def _check_counter(self, name: str, before: Any, after: Any) -> None:
+        lo, hi = INT_RANGES[self.profile.points[name].type]
+        span = hi - lo + 1
+        if (after - before) % span == 1:
+            return
+        expected = lo + (before + 1 - lo) % span
+        raise MachineFault(
+            f"cycle counter {name} went from {before} to {after} (expected {expected}): the "
+            "machine did not count exactly one cycle for this part",
+            device=self.driver.device,
+        )
 
     async def _write_progress(
         self, contents: TagContents, index: int, status: StepStatus, report: CycleReport

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from ..errors import MachineError, MachineFault
-from ..machine.driver import MachineDriver, RawValue
+from ..machine.driver import MachineDriver, RawValue, show_value, values_equal
 from ..machine.profile import (
     CallMethod,
     HandshakeStep,
@@ -40,6 +40,55 @@ class HandshakeOutcome:
     machine_ms: float = 0.0  # from trigger to done
     read_ms: float = 0.0
     triggered: bool = False
+    counter: Any = None  # the cycle counter after the cycle, when one was asked for
+
+
+@dataclass(frozen=True)
+class IdleRule:
+    """What a machine ready for a new cycle looks like, derived from the handshake.
+
+    Every trigger the handshake sets reads false, and no condition it then waits for (before it
+    resets that trigger) already holds: were one true, the wait would end at once and report a
+    cycle the machine never ran for this part.
+    """
+
+    triggers: tuple[str, ...]
+    waits: tuple[tuple[str, Any, str], ...]  # (point, value the handshake waits for, its trigger)
+    resets_all: bool  # the normal path resets every trigger it sets: idle again afterwards
+
+    @property
+    def points(self) -> list[str]:
+        return list(dict.fromkeys([*self.triggers, *(w[0] for w in self.waits)]))
+
+    def problems(self, values: Mapping[str, Any]) -> list[str]:
+        """Why ``values`` (read from the machine) are not idle, in words; empty when idle."""
+        found = [
+            f"{t} is already {show_value(values[t])}: the cycle starts by setting it"
+            for t in self.triggers
+            if not values_equal(values[t], False)
+        ]
+        for point, expected, trigger in self.waits:
+            if values_equal(values[point], expected):
+                found.append(
+                    f"{point} is already {show_value(expected)}, the value the cycle waits for "
+                    f"after setting {trigger}"
+                )
+        return found
+
+
+def idle_rule(steps: list[HandshakeStep]) -> IdleRule:
+    armed: list[str] = []  # triggers set and not yet reset at this point of the handshake
+    triggers: list[str] = []
+    waits: list[tuple[str, Any, str]] = []
+    for step in steps:
+        if isinstance(step, SetPoint):
+            armed.append(step.set)
+            triggers.append(step.set)
+        elif isinstance(step, ResetPoint) and step.reset in armed:
+            armed.remove(step.reset)
+        elif isinstance(step, WaitFor) and armed:
+            waits.append((step.wait, step.equals, armed[-1]))
+    return IdleRule(tuple(dict.fromkeys(triggers)), tuple(waits), resets_all=not armed)
 
 
 async def run_handshake(
@@ -48,11 +97,15 @@ async def run_handshake(
     operation: Operation,
     encoded: Mapping[str, RawValue],
     parameters: Mapping[str, Any],
+    *,
+    counter: str | None = None,
 ) -> HandshakeOutcome:
     """Run ``steps``.
 
     ``encoded`` maps point name -> wire value of every parameter, already checked against the
     profile; ``parameters`` maps recipe parameter name -> engineering value (for method calls).
+    ``counter``: a cycle counter point, read with the results (in the same request where the
+    protocol allows) or, without a ``read_results`` step, at the end.
     """
     out = HandshakeOutcome()
     triggered_at: float | None = None
@@ -77,8 +130,12 @@ async def run_handshake(
                 out.machine_ms = _ms(triggered_at)
                 triggered_at = None
         elif isinstance(step, ReadResults):
-            if operation.results:
-                out.results.update(await driver.read(operation.results))
+            wanted = [*operation.results, counter] if counter else operation.results
+            if wanted:
+                values = await driver.read(wanted)
+                out.results.update((name, values[name]) for name in operation.results)
+                if counter:
+                    out.counter = values[counter]
             out.read_ms += _ms(t0)
         elif isinstance(step, ReadError):
             code = (await driver.read([step.read_error]))[step.read_error]
@@ -98,6 +155,8 @@ async def run_handshake(
                 )
             outputs = await call(step.call, _args(step, operation, encoded))
             out.results.update(zip(step.results, outputs, strict=False))
+    if counter and out.counter is None:
+        out.counter = (await driver.read([counter]))[counter]
     if out.machine_ms < 0:
         out.machine_ms = 0.0
     return out
@@ -124,7 +183,7 @@ async def run_abort(
         try:
             await asyncio.wait_for(run_handshake(driver, [step], operation, {}, {}), timeout=5)
         except (MachineError, TimeoutError, ValueError) as err:
-            problems.append(f"{type(step).__name__}: {err or 'timed out'}")
+            problems.append(f"could not {describe(step)}: {err or 'no answer within 5 s'}")
             log.error(
                 "abort step failed; check the machine",
                 device=driver.device,
@@ -132,6 +191,26 @@ async def run_abort(
                 error=str(err),
             )
     return problems
+
+
+def describe(step: HandshakeStep) -> str:
+    """A handshake step in words, for messages: 'reset trigger', 'wait for done to be false'."""
+    if isinstance(step, SetPoint):
+        return f"set {step.set}"
+    if isinstance(step, ResetPoint):
+        return f"reset {step.reset}"
+    if isinstance(step, WritePoint):
+        value = "the program number" if step.value is None else show_value(step.value)
+        return f"write {value} to {step.write}"
+    if isinstance(step, WaitFor):
+        return f"wait for {step.wait} to be {show_value(step.equals)}"
+    if isinstance(step, ReadError):
+        return f"read the error code {step.read_error}"
+    if isinstance(step, CallMethod):
+        return f"call {step.call}"
+    if isinstance(step, WriteParameters):
+        return "write the parameters"
+    return "read the results"
 
 
 def _ms(t0: float) -> float:
