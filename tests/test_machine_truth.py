@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 from asyncua import Client, ua
-from edge_agent.instructions.codec import TAG_CAPACITY, decode_tag, encode_tag, update_progress
 
 from edge_agent.errors import ConfigError
+from edge_agent.instructions.codec import TAG_CAPACITY, decode_tag, encode_tag, update_progress
 from edge_agent.instructions.model import Step, StepRecord, StepStatus
 from edge_agent.instructions.recipe import Recipe
 from edge_agent.instructions.signing import KeyRing, load_private_key
