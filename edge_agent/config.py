@@ -4,7 +4,8 @@ One validator: ``check-config``, ``run``, ``reload`` (MQTT and SIGHUP) and ``pus
 the functions of this module, so whatever one of them refuses, ``check-config`` refuses first.
 Validation runs in stages (every problem in a stage is reported together, each as
 ``file:line: key.path: message``):
-  1. the schema of this module (unknown keys, wrong types, missing keys),
+  1. the schema of this module (unknown keys, wrong types, missing keys), with the ``reader:``
+     section against the settings model of the reader its ``type`` names (``tag/registry.py``),
   2. the firmware profile the machine section names (``machine/profile.py``), and the ``machine:``
      section against the settings model of that profile's driver,
   3. the driver's own rules: it encodes every constant the profile supplies (program numbers,
@@ -25,7 +26,7 @@ import ssl
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -42,6 +43,8 @@ from .machine import registry
 from .machine.driver import MachineDriver
 from .machine.profile import Profile, load_profile
 from .machine.profile_signature import ProfileRefused, signature_path, verify_profile
+from .tag.reader import ReaderSettings
+from .tag.registry import reader_settings
 from .yamlfile import Lines, load_yaml, problems_from_validation, validate
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
@@ -49,53 +52,6 @@ _ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _ReaderConfig(_Strict):
-    # A tag taken away and presented again: next_step (the cycle decides) or ignore it within
-    # return_window seconds of leaving (0: until another tag came); docs/readers.md.
-    on_return: Literal["next_step", "ignore"] = "next_step"
-    return_window: float = Field(0.0, ge=0, le=86400)
-
-
-class SimulatedReaderConfig(_ReaderConfig):
-    """Tags are files ``<UID-hex>.ndef`` in a directory: a file appearing is a tag arriving."""
-
-    type: Literal["simulated"]
-    name: str = "sim"
-    directory: Path | None = None
-    poll_interval: float = Field(0.2, gt=0, le=10)
-
-
-class NfcReaderConfig(_ReaderConfig):
-    """An NFC reader through nfcpy; ``device`` as nfcpy takes it (docs/readers.md)."""
-
-    type: Literal["nfc"]
-    name: str = "nfc"
-    device: str = Field("usb", pattern=r"^(usb|tty|com|udp)(:.*)?$")  # usb:VID:PID, tty:USB0:pn532
-    targets: list[Literal["106A", "106B", "212F", "424F"]] = Field(
-        default=["106A", "106B", "212F"], min_length=1
-    )
-    poll_interval: float = Field(0.1, gt=0, le=5)  # between senses, and presence checks
-    backoff_max: float = Field(30.0, gt=0, le=600)  # longest wait between attempts to open it
-    # NTAG21x password of protected tags: PWD (4 bytes) + PACK (2 bytes) in hex; use ${ENV}.
-    password: str | None = Field(None, pattern=r"^[0-9A-Fa-f]{12}$")
-
-
-class AutoIdReaderConfig(_ReaderConfig):
-    """An RFID reader behind OPC UA (OPC 30010 AutoID); docs/readers.md."""
-
-    type: Literal["autoid"]
-    name: str = "autoid"
-    url: str = Field(pattern=r"^opc\.tcp://")
-    region: int = Field(3, ge=0, le=65535)  # memory region holding the NDEF message (3: USER)
-    timeout: float = Field(4.0, gt=0, le=60)
-    backoff_max: float = Field(30.0, gt=0, le=600)
-
-
-ReaderConfig = Annotated[
-    SimulatedReaderConfig | NfcReaderConfig | AutoIdReaderConfig, Field(discriminator="type")
-]
 
 
 class TlsConfig(_Strict):
@@ -284,7 +240,7 @@ class LogConfig(_Strict):
 class AgentConfigDoc(_Strict):
     gateway_id: str = Field(min_length=1, max_length=64, pattern=_ID)
     station: str = Field(min_length=1, max_length=8, pattern=_ID)
-    reader: ReaderConfig
+    reader: dict[str, Any]  # the reader's own SETTINGS_MODEL (tag/registry.py), see _schema
     machine: dict[str, Any]
     broker: BrokerConfig = BrokerConfig()
     trusted_keys: dict[str, Path] = Field(min_length=1)
@@ -332,7 +288,7 @@ class AgentConfig:
     source: str
     gateway_id: str
     station: str
-    reader: SimulatedReaderConfig | NfcReaderConfig | AutoIdReaderConfig
+    reader: ReaderSettings  # the reader's SETTINGS_MODEL instance
     machine: Any  # the driver's SETTINGS_MODEL instance
     profile: Profile
     broker: BrokerConfig
@@ -365,7 +321,7 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
     data, lines = load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError([ConfigProblem(file, 1, "", "a config file is a mapping of keys")])
-    doc = validate(AgentConfigDoc, _expand_env(data, file, lines), file, lines)
+    doc, reader = _schema(_expand_env(data, file, lines), file, lines)
     base = Path(path).resolve().parent
     problems: list[ConfigProblem] = []
 
@@ -415,11 +371,10 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
     elif profile is not None and not problems:
         problem(("machine", "profile"), _signature_problem(profile, profile_keys, require_signed))
 
-    reader = doc.reader
-    if isinstance(reader, SimulatedReaderConfig) and reader.directory is not None:
-        reader = reader.model_copy(update={"directory": _resolve(base, reader.directory)})
-        assert reader.directory is not None
-        problem(("reader", "directory"), _directory_problem(reader.directory))
+    reader = _resolve_paths(reader, base)
+    directory = getattr(reader, "directory", None)  # tags as files (simulated): written into
+    if isinstance(directory, Path):
+        problem(("reader", "directory"), _directory_problem(directory))
 
     broker = doc.broker
     if broker.tls is not None:
@@ -461,6 +416,31 @@ def load_config(path: str | Path, *, profile_override: str | Path | None = None)
         require_signed_profile=require_signed is True,
         lines=lines,
     )
+
+
+def _schema(data: dict[str, Any], file: str, lines: Lines) -> tuple[AgentConfigDoc, ReaderSettings]:
+    """Stage 1: the schema of this module, and the ``reader:`` section against the settings model
+    of the reader its ``type`` names; every problem together, in the order of the keys."""
+    problems: list[ConfigProblem] = []
+    doc = reader = None
+    try:
+        doc = validate(AgentConfigDoc, data, file, lines)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if isinstance(data.get("reader"), dict):
+        try:
+            reader = reader_settings(data["reader"], file, lines)
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems or doc is None or reader is None:
+        keys = list(AgentConfigDoc.model_fields)
+
+        def rank(p: ConfigProblem) -> int:
+            key = re.split(r"[.\[]", p.path)[0]
+            return keys.index(key) if key in keys else len(keys)  # unknown keys last, as pydantic
+
+        raise ConfigError(sorted(problems, key=rank))
+    return doc, reader
 
 
 def machine_for(profile: Profile, settings: Any, *, text: str | None = None) -> MachineDriver:

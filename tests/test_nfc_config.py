@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.config import NfcReaderConfig, load_config
+from edge_agent.config import load_config
 from edge_agent.errors import ConfigError
-from edge_agent.tag.nfc import NfcReader
+from edge_agent.tag.nfc import NfcReader, NfcSettings
 from edge_agent.tag.registry import create_reader
 from tests.station_harness import write_config
 
@@ -29,7 +29,7 @@ def test_nfc_reader_config_builds_an_nfc_reader(
         " password: '${NTAG_PASSWORD}'}"
     )
     config = load_config(_config(tmp_path, reader_yaml))
-    assert isinstance(config.reader, NfcReaderConfig)
+    assert isinstance(config.reader, NfcSettings)
     reader = create_reader(config.reader)
     assert isinstance(reader, NfcReader)
     assert (reader.device, reader.targets, reader.poll_interval) == (

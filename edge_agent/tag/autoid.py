@@ -17,17 +17,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import structlog
+from pydantic import Field
 
 from ..errors import TagIOError
 from ..link import Link
-from .reader import ScanEvent, ScanKind, TagReader
+from .reader import ReaderSettings, ScanEvent, ScanKind, TagReader
 
 log = structlog.get_logger("reader.autoid")
+
+
+class AutoIdSettings(ReaderSettings):
+    """``reader: {type: autoid, url: opc.tcp://...}``: an RFID reader behind OPC UA (OPC 30010
+    AutoID); docs/readers.md."""
+
+    type: Literal["autoid"]
+    name: str = "autoid"
+    url: str = Field(pattern=r"^opc\.tcp://")
+    region: int = Field(3, ge=0, le=65535)  # memory region holding the NDEF message (3: USER)
+    timeout: float = Field(4.0, gt=0, le=60)
+    backoff_max: float = Field(30.0, gt=0, le=600)
+
+
+SETTINGS_MODEL = AutoIdSettings
+
+
+def create(settings: AutoIdSettings | Mapping[str, Any]) -> AutoIdReader:
+    """The reader, not connected: asyncua itself is imported when it connects."""
+    if not isinstance(settings, AutoIdSettings):
+        settings = AutoIdSettings.model_validate(dict(settings))
+    return AutoIdReader(
+        settings.name,
+        settings.url,
+        region=settings.region,
+        timeout=settings.timeout,
+        backoff_max=settings.backoff_max,
+    )
+
 
 NAMESPACE = "http://opcfoundation.org/UA/AutoID/"
 LENGTH_PREFIX = 2

@@ -3,6 +3,10 @@
 A reader reports scan events (a tag arrived / left, with its identifier) and offers ReadTag/WriteTag
 on the tag's NDEF area. The station cycle uses only this, so an NFC reader on USB, an industrial
 RFID head behind OPC UA and the simulated reader are interchangeable.
+
+Each reader module (found by ``registry.py`` from the config's ``reader.type``) exports
+``SETTINGS_MODEL``, a ``ReaderSettings`` subclass for its ``reader:`` section, and
+``create(settings) -> TagReader``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ScanKind(StrEnum):
@@ -28,6 +35,20 @@ class ScanEvent:
     time: float  # time.time() of the scan
     tag_type: str = ""  # e.g. "NTAG215", "Type3Tag"
     capacity: int = 0  # usable NDEF bytes, 0 when unknown
+
+
+class ReaderSettings(BaseModel):
+    """The keys of the ``reader:`` section every reader has; a reader's own model adds its keys
+    and narrows ``type`` to its name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # A tag taken away and presented again: next_step (the cycle decides) or ignore it within
+    # return_window seconds of leaving (0: until another tag came); docs/readers.md.
+    on_return: Literal["next_step", "ignore"] = "next_step"
+    return_window: float = Field(0.0, ge=0, le=86400)
+    type: str
+    name: str  # in logs and cycle reports
 
 
 class TagReader(ABC):

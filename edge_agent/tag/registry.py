@@ -1,45 +1,66 @@
-"""Readers found by the config's ``reader.type``, imported only when configured."""
+"""Readers found by the config's ``reader.type``; the core knows nothing more.
+
+Each reader module exports:
+  SETTINGS_MODEL  a ``ReaderSettings`` subclass: the ``reader:`` section of the config
+  create(settings) -> TagReader
+Modules are imported only when a config names them; a reader's library (nfcpy, asyncua) only when
+the reader opens its device.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
-from .reader import TagReader
+from pydantic import ValidationError
+
+from ..errors import ConfigError, ConfigProblem
+from ..yamlfile import Lines, add_suggestions, problems_from_validation
+from .reader import ReaderSettings, TagReader
+
+READERS: dict[str, str] = {
+    "simulated": "edge_agent.tag.simulated",
+    "nfc": "edge_agent.tag.nfc",
+    "autoid": "edge_agent.tag.autoid",
+}
 
 
-def create_reader(config: Any) -> TagReader:
-    reader = _create(config)
-    if getattr(config, "on_return", "next_step") == "ignore":
+def reader_module(name: str) -> ModuleType:
+    """Import the reader named ``name``. Raises KeyError for an unknown name."""
+    return importlib.import_module(READERS[name])
+
+
+def reader_settings(
+    data: Mapping[str, Any], file: str, lines: Lines, at: tuple[str, ...] = ("reader",)
+) -> ReaderSettings:
+    """The ``reader:`` section ``data`` (found at key path ``at`` of ``file``) validated against
+    the settings model of the reader its ``type`` names. Raises ConfigError naming line and key."""
+    kind = data.get("type")
+    if not isinstance(kind, str) or kind not in READERS:
+        message = (
+            "required key is missing"
+            if kind is None
+            else f"'{kind}' is not a reader type: {', '.join(READERS)}"
+        )
+        where = lines.get((*at, "type"), lines.get(at))
+        raise ConfigError([ConfigProblem(file, where, ".".join((*at, "type")), message)])
+    model: type[ReaderSettings] = reader_module(str(kind)).SETTINGS_MODEL
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as err:
+        problems = problems_from_validation(err, file, lines, at)
+        add_suggestions(problems, model, skip=len(at))
+        raise ConfigError(problems) from err
+
+
+def create_reader(settings: ReaderSettings) -> TagReader:
+    """The reader ``settings`` describe, not started; wrapped in a ``ReturnFilter`` when a tag
+    presented again is to be ignored (``reader.on_return``)."""
+    reader: TagReader = reader_module(settings.type).create(settings)
+    if settings.on_return == "ignore":
         from .presence import ReturnFilter
 
-        return ReturnFilter(reader, return_window=config.return_window)
+        return ReturnFilter(reader, return_window=settings.return_window)
     return reader
-
-
-def _create(config: Any) -> TagReader:
-    if config.type == "simulated":
-        from .simulated import SimulatedReader
-
-        return SimulatedReader(config.name, config.directory, config.poll_interval)
-    if config.type == "nfc":
-        from .nfc import NfcReader  # nfcpy itself is imported by the reader thread
-
-        return NfcReader(
-            config.name,
-            config.device,
-            targets=tuple(config.targets),
-            poll_interval=config.poll_interval,
-            backoff_max=config.backoff_max,
-            password=bytes.fromhex(config.password) if config.password else None,
-        )
-    if config.type == "autoid":
-        from .autoid import AutoIdReader  # asyncua itself is imported when it connects
-
-        return AutoIdReader(
-            config.name,
-            config.url,
-            region=config.region,
-            timeout=config.timeout,
-            backoff_max=config.backoff_max,
-        )
-    raise KeyError(config.type)

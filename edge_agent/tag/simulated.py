@@ -11,16 +11,37 @@ import asyncio
 import contextlib
 import string
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import structlog
+from pydantic import Field
 
 from ..errors import TagIOError
-from .reader import ScanEvent, ScanKind, TagReader
+from .reader import ReaderSettings, ScanEvent, ScanKind, TagReader
 
 log = structlog.get_logger("reader.simulated")
+
+
+class SimulatedSettings(ReaderSettings):
+    """``reader: {type: simulated}``. Tags are files ``<UID-hex>.ndef`` in ``directory``: a file
+    appearing is a tag arriving; without a directory, tags are presented by code."""
+
+    type: Literal["simulated"]
+    name: str = "sim"
+    directory: Path | None = None
+    poll_interval: float = Field(0.2, gt=0, le=10)
+
+
+SETTINGS_MODEL = SimulatedSettings
+
+
+def create(settings: SimulatedSettings | Mapping[str, Any]) -> SimulatedReader:
+    if not isinstance(settings, SimulatedSettings):
+        settings = SimulatedSettings.model_validate(dict(settings))
+    return SimulatedReader(settings.name, settings.directory, settings.poll_interval)
 
 
 @dataclass
