@@ -29,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PARAMS = {"setpoint": 12.5, "count": 3, "coolant": True, "label": "lot 7"}
+PARAMS: dict[str, Any] = {"setpoint": 12.5, "count": 3, "coolant": True, "label": "lot 7"}
 INTERVAL_S = 0.01  # the driver's default publishing interval; --publishing-interval changes it
 MODES = [
     ("None", "None", False),

@@ -23,6 +23,7 @@ import asyncio
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,7 +81,7 @@ async def next_event(reader: NfcReader, kind: ScanKind) -> ScanEvent:
     raise RuntimeError("reader stopped")
 
 
-async def _events(reader: NfcReader):  # type: ignore[no-untyped-def]
+async def _events(reader: NfcReader) -> AsyncIterator[ScanEvent]:
     while (event := await reader._events.get()) is not None:
         yield event
 

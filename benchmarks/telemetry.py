@@ -136,11 +136,14 @@ class Line:
         )
         self.client.on_message = self._on_message
         # paho leaves Nagle on: a command sent right after our PUBACK would wait for its ACK.
-        self.client.on_socket_open = lambda c, u, sock: sock.setsockopt(
-            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
-        )
+        self.client.on_socket_open = self._no_delay
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
+
+    @staticmethod
+    def _no_delay(client: Any, userdata: Any, sock: Any) -> None:
+        if isinstance(sock, socket.socket):  # paho's SocketLike: a plain TCP socket here
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         topic: str = msg.topic

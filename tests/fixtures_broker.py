@@ -57,7 +57,7 @@ class MqttRecorder:
 
     def _on_message(self, client: Any, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            self.messages.append((msg.topic, msg.payload, bool(msg.retain)))
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
 
     async def ready(self) -> None:
         await asyncio.to_thread(self._subscribed.wait, 5)

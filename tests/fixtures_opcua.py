@@ -150,7 +150,7 @@ async def opcua_station(
     task = asyncio.create_task(agent.run(stop))
     await agent.uplink.wait_connected(5)
     try:
-        yield Station(agent, reader, key, KeyRing({"mes": key.public_key()}), tmp)
+        yield Station(agent, key, KeyRing({"mes": key.public_key()}), tmp)
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)

@@ -32,10 +32,15 @@ PRESS = {"force": 25000, "dwell": 500, "coolant_temp": 21.0}
 @dataclass
 class Station:
     agent: Agent
-    reader: SimulatedReader  # or the configured reader when running_station(reader=...)
     key: Ed25519PrivateKey
     keyring: KeyRing
     tmp: Path
+
+    @property
+    def reader(self) -> SimulatedReader:
+        """The simulated reader the test presents tags to; a configured reader is ``agent.reader``."""
+        assert isinstance(self.agent.reader, SimulatedReader), "this station's reader is configured"
+        return self.agent.reader
 
     def tag(
         self,
@@ -115,13 +120,12 @@ async def running_station(
     config = load_config(path)
     simulated = SimulatedReader() if "reader" not in kw else None
     agent = Agent(config, reader=simulated)
-    reader = simulated if simulated is not None else agent.reader
     key = load_private_key(tmp / "mes.key")
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     await agent.uplink.wait_connected(5)
     try:
-        yield Station(agent, reader, key, KeyRing({"mes": key.public_key()}), tmp)
+        yield Station(agent, key, KeyRing({"mes": key.public_key()}), tmp)
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)

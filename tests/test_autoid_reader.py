@@ -53,7 +53,7 @@ async def _station(
     task = asyncio.create_task(agent.run(stop))
     await agent.uplink.wait_connected(5)
     await asyncio.wait_for(agent.reader.connected.wait(), 10)
-    return Station(agent, None, key, KeyRing({"mes": key.public_key()}), tmp_path), stop, task  # type: ignore[arg-type]
+    return Station(agent, key, KeyRing({"mes": key.public_key()}), tmp_path), stop, task
 
 
 async def test_scan_event_runs_the_cycle_and_writes_progress_with_write_tag(

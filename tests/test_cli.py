@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from edge_agent.sim.broker import EmbeddedBroker
 from tests.fixtures_broker import MqttRecorder
@@ -16,7 +17,7 @@ from tests.station_harness import DRILL, PRESS, write_config
 REPO = Path(__file__).resolve().parent.parent
 
 
-def edge_agent(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+def edge_agent(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edge_agent", *args],
         capture_output=True,
@@ -24,7 +25,7 @@ def edge_agent(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
         cwd=REPO,
         timeout=120,
         **kw,
-    )  # type: ignore[call-overload, no-any-return]
+    )
 
 
 def test_help_lists_commands() -> None:

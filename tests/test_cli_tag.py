@@ -61,7 +61,8 @@ def test_hex_output_and_hex_input(
     keys: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     recipe = RECIPES / "bracket-short.yaml"
-    args = ["tag", "encode", "--recipe", recipe, "--key", keys / "mes-1.key", "--uid", UID]
+    args: list[str | Path] = ["tag", "encode", "--recipe", recipe, "--key", keys / "mes-1.key"]
+    args += ["--uid", UID]
     assert run(*args, "--capacity", "300", "--out", "-") == 0
     captured = capsys.readouterr()
     assert "/300 bytes" in captured.err

@@ -326,6 +326,7 @@ async def test_a_bad_profile_push_is_refused_with_the_reason(
 async def test_mqtt5_correlation_data_stands_in_for_a_missing_correlation_id(
     tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker, recorder: MqttRecorder
 ) -> None:
+    from paho.mqtt.enums import CallbackAPIVersion
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
@@ -342,11 +343,11 @@ async def test_mqtt5_correlation_data_stands_in_for_a_missing_correlation_id(
     task = asyncio.create_task(agent.run(stop))
     try:
         assert await agent.uplink.wait_connected(5)
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.CorrelationData = b"mes-5-0042"
         props.ResponseTopic = "mes/replies"
         client = paho.mqtt.client.Client(
-            paho.mqtt.client.CallbackAPIVersion.VERSION2, protocol=paho.mqtt.client.MQTTv5
+            CallbackAPIVersion.VERSION2, protocol=paho.mqtt.client.MQTTv5
         )
         client.connect(broker.host, broker.port)
         client.loop_start()

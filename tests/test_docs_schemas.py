@@ -17,7 +17,7 @@ from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import DRILL, PRESS, running_station
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "mqtt.md"
-TYPES = {
+TYPES: dict[str, type | tuple[type, ...]] = {
     "object": dict,
     "array": list,
     "string": str,

@@ -9,9 +9,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.instructions.codec import TAG_CAPACITY, encode_tag
 from edge_agent.instructions.recipe import load_recipe
+from edge_agent.instructions.signing import KeyRing
 from edge_agent.machine import registry
 from edge_agent.machine.profile import load_profile
 from edge_agent.station.cycle import StationCycle
+from edge_agent.tag.simulated import SimulatedReader
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "config" / "recipes").glob("*.yaml"))
@@ -38,9 +40,9 @@ def test_example_recipe_fits_and_passes_the_reference_profile(path: Path) -> Non
         station="st-20",
         profile=profile,
         driver=driver,
-        keyring=None,  # type: ignore[arg-type]
-        reader=None,
-        publish=lambda report: None,  # type: ignore[arg-type]
+        keyring=KeyRing(),
+        reader=SimulatedReader(),
+        publish=lambda report: None,
     )
     for index, step in enumerate(recipe.to_steps()):
         encoded, listed = cycle.prepare(

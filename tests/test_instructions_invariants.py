@@ -11,6 +11,7 @@ import hashlib
 import random
 import struct
 import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ WRITE_FUNCTIONS = (5, 6, 15, 16)  # Modbus write coil(s), write register(s)
 
 
 def body(
-    steps: list[tuple[str, dict[str, Any], str | None]], uid: bytes = UID, **extra: Any
+    steps: Sequence[tuple[str, Mapping[str, Any], str | None]], uid: bytes = UID, **extra: Any
 ) -> dict[Any, Any]:
     names = sorted({n for _, params, _ in steps for n in params})
     fields: dict[Any, Any] = {
@@ -258,7 +259,7 @@ async def test_a_tag_that_breaks_an_invariant_never_moves_the_machine(
     """On a tag a station could not record its step on, the machine used to run first."""
     uid = b"\x04\x11\x22\x33\x44\x55\x77"
     steps = [("drill", DRILL, "st-20"), ("press", PRESS, "st-30")]
-    signed = {"key": station.key, "key_id": "mes", "uid": uid}
+    signed: dict[str, Any] = {"key": station.key, "key_id": "mes", "uid": uid}
     needed = full_progress_size(2)
     cases = {
         "slots-too-small": (tag(body(steps, uid), (needed - 1,) * 2, **signed), "malformed_ndef"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -90,7 +91,7 @@ async def until(condition: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
-def lines(logs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def lines(logs: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
     return [(e["log_level"], e["event"]) for e in logs]
 
 
@@ -102,7 +103,11 @@ async def test_outage_is_one_warning_debug_while_it_lasts_and_one_recovered() ->
         await until(lambda: peer.attempts >= 5)
         assert link.state is LinkState.WAITING
         peer.up = True
-        await until(lambda: link.state is LinkState.CONNECTED)
+
+        def connected() -> bool:  # a lambda would keep the narrowing of the assert above
+            return link.state is LinkState.CONNECTED
+
+        await until(connected)
         link.stop()
         peer.dropped.set()
         await task

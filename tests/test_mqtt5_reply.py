@@ -37,7 +37,7 @@ class Mes:
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(listen, qos=1)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
         self.client.on_message = lambda c, u, m: self.received.append(
-            (m.topic, m.payload, m.properties)
+            (m.topic, bytes(m.payload), m.properties)
         )
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
@@ -48,7 +48,7 @@ class Mes:
     async def command(
         self, name: str, body: dict[str, Any], response_topic: str, correlation: bytes | None
     ) -> None:
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.ResponseTopic = response_topic
         if correlation is not None:
             props.CorrelationData = correlation

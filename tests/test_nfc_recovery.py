@@ -93,12 +93,12 @@ async def _run_through_outages(reader: NfcReader, port: UsbPort, ntag_sim: NtagS
 async def test_an_unexpected_error_in_the_reader_thread_reopens_the_reader(
     ntag_sim: NtagSimulator,
 ) -> None:
-    opened = []
+    opened: list[Any] = []
 
     def opener(path: str) -> Any:
         clf = nfc.ContactlessFrontend(ntag_sim.device)
         if not opened:  # the first session hits a bug in the driver layer
-            clf.device.sense_tta = lambda target: {}["no such key"]
+            clf.device.sense_tta = lambda target: {"": None}["no such key"]  # a KeyError
         opened.append(clf)
         return clf
 

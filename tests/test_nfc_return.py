@@ -130,11 +130,13 @@ async def test_station_with_on_return_ignore_runs_no_cycle_for_a_returning_tag(
         sim.present(first)
         done = await asyncio.wait_for(st.agent.reports.get(), 10)
         reader = st.agent.reader
-        assert isinstance(reader, ReturnFilter) and isinstance(reader.inner, NfcReader)
+        assert isinstance(reader, ReturnFilter)
+        inner = reader.inner
+        assert isinstance(inner, NfcReader)
         sim.remove()
-        await until(lambda: reader.inner._present is None)  # the reader saw it leave
+        await until(lambda: inner._present is None)  # the reader saw it leave
         sim.present(first)  # lifted and put back: no cycle, no report
-        await until(lambda: reader.inner._present == UID)  # the reader has it in the field again
+        await until(lambda: inner._present == UID)  # the reader has it in the field again
         sim.remove()
         sim.present(other)
         # Cycles run in arrival order: the next report is the other tag's, none came in between.

@@ -262,7 +262,7 @@ async def test_connect_validates_every_node_of_the_profile(
         (problem,) = [p for p in err.value.problems if p.path.startswith(key)]
         assert problem.file.endswith("reference-opcua.yaml")
         assert "profile reference-opcua 1.0" in problem.message or key.startswith("handshake")
-        assert re.search(message, problem.message), problem.message
+        assert message is not None and re.search(message, problem.message), problem.message
         if key.startswith("points."):
             assert problem.line is not None
         # The station refuses parts instead of failing mid-cycle: nothing can be encoded.
@@ -311,7 +311,7 @@ async def test_every_security_mode_and_identity_runs_a_cycle(
 ) -> None:
     pki = tmp_path / "pki"
     _trust(opcua_machine, pki)
-    identity = {"username": USER[0], "password": USER[1]} if user else {}
+    identity: dict[str, Any] = {"username": USER[0], "password": USER[1]} if user else {}
     d = make_driver(
         opcua_machine, security={"policy": policy, "mode": mode, "pki": str(pki)}, **identity
     )

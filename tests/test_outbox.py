@@ -14,7 +14,11 @@ from edge_agent.uplink.outbox_sqlite import OutboxError, SqliteOutbox
 def test_messages_survive_reopen_in_order_with_their_sequence(tmp_path: Path) -> None:
     box = SqliteOutbox(tmp_path / "o.db")
     for i in range(5):
-        box.put("edge/gw/cycles", lambda seq, i=i: f"{i}:{seq}".encode(), 1, False)
+
+        def payload(seq: int, i: int = i) -> bytes:
+            return f"{i}:{seq}".encode()
+
+        box.put("edge/gw/cycles", payload, 1, False)
     box.ack(1)
     box.close()
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
@@ -119,7 +120,10 @@ async def test_reports_filling_the_size_limit_stop_the_station(
         assert report.status == "ok"  # taken once the broker drained the outbox
         assert await uplink.flush(10)
         # The line saw the station stop taking parts, and take them again.
-        online = lambda: [m for m in watch.json("status") if m["state"] == "online"]  # noqa: E731
+
+        def online() -> list[dict[str, Any]]:
+            return [m for m in watch.json("status") if m["state"] == "online"]
+
         await until(lambda: len(online()) >= 2 and online()[-1]["backlog"] == 0, 5)
         assert any(not m["accepting_parts"] and m["backlog"] >= taken for m in online())
         assert online()[-1]["accepting_parts"] is True

@@ -39,7 +39,7 @@ def line(broker: EmbeddedBroker, recorder: MqttRecorder) -> Line:
     return Line(broker, recorder)
 
 
-def _refusals(tmp: Path) -> dict[str, dict[str, object]]:
+def _refusals(tmp: Path) -> dict[str, dict[str, str]]:
     """Every way a push can be wrong, each with the params the line would send."""
     generate_keypair("other", tmp)
     text = narrower_profile()

@@ -38,7 +38,7 @@ async def _station(
     task = asyncio.create_task(agent.run(stop))
     assert await agent.uplink.wait_connected(5)
     key = load_private_key(tmp / "mes.key")
-    return Station(agent, reader, key, KeyRing({"mes": key.public_key()}), tmp), stop, task
+    return Station(agent, key, KeyRing({"mes": key.public_key()}), tmp), stop, task
 
 
 async def _until(condition: Any, timeout: float = 5) -> None:

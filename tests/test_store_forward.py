@@ -155,7 +155,7 @@ class DurableRecorder:
             protocol=mqtt.MQTTv311,
             clean_session=False,
         )
-        self._client.reconnect_delay_set(0.05, 0.2)
+        self._client.reconnect_delay_set(0.05, 0.2)  # type: ignore[arg-type]  # paho: ints, sleeps floats
         self._client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self._client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
         self._client.on_message = lambda c, u, msg: self.messages.append(

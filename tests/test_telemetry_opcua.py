@@ -47,7 +47,7 @@ def profile_with(tmp: Path, telemetry: str) -> Profile:
     return load_profile(path)
 
 
-async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+async def until(condition: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
@@ -114,7 +114,10 @@ async def test_values_arrive_by_subscription_on_change_with_no_read(
     _, driver, sent = await watch(
         opcua_machine, "  clock:\n    interval: 0.1\n    points: [counter, cycles]\n"
     )
-    group = lambda: messages(sent, "telemetry/clock")  # noqa: E731
+
+    def group() -> list[dict[str, Any]]:
+        return messages(sent, "telemetry/clock")
+
     await until(lambda: len(group()) >= 4, 6, "three changes of the 1 Hz counter")
 
     first, *later = group()[:4]
@@ -139,7 +142,10 @@ async def test_deadband_applies_to_pushed_values(
     t, driver, sent = await watch(
         opcua_machine, "  results:\n    interval: 0.05\n    points: {result: 0.01, cycles: 0}\n"
     )
-    group = lambda: messages(sent, "telemetry/results")  # noqa: E731
+
+    def group() -> list[dict[str, Any]]:
+        return messages(sent, "telemetry/results")
+
     await until(lambda: len(group()) >= 1, 3, "the first full report")
     start = group()[0]["values"]["cycles"]
 
@@ -180,7 +186,10 @@ async def test_server_killed_goes_stale_then_recovers_when_it_is_back(
             "  clock:\n    interval: 0.1\n    points: [counter]\n"
             "  idle:\n    interval: 0.1\n    points: [label]\n",
         )
-        group = lambda: messages(sent, "telemetry/clock")  # noqa: E731
+
+        def group() -> list[dict[str, Any]]:
+            return messages(sent, "telemetry/clock")
+
         await until(lambda: len(group()) >= 2, 5, "the counter ticking")
         # The label was set when the server started: its message carries the server's
         # SourceTimestamp of that moment, not the time the gateway received it.

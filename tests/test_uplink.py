@@ -13,7 +13,7 @@ from tests.fixtures_broker import MqttRecorder
 def make_uplink(broker: EmbeddedBroker, **kw: object) -> MqttUplink:
     config = BrokerConfig(
         host=broker.host, port=broker.port, reconnect_min=0.05, reconnect_max=0.2, **kw
-    )  # type: ignore[arg-type]
+    )
     return MqttUplink(config, "gw-test", "edge-agent-gw-test")
 
 
