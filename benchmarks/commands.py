@@ -191,7 +191,9 @@ async def main(n: int, rate: int, nagle: bool, nice: int, rounds: int) -> None:
                 await flooder.stdout.readline()  # "flooding"
                 # Rounds of unloaded and flooded cycles, alternated (the flood paused by
                 # SIGUSR1), so a change in the machine's other load hits both alike.
-                unloaded, loaded, cpu, wall = [], [], [0.0, 0.0], [0.0, 0.0]
+                unloaded: list[float] = []
+                loaded: list[float] = []
+                cpu, wall = [0.0, 0.0], [0.0, 0.0]
                 own: tuple[list[float], list[float]] = ([], [])
                 per = n // rounds
                 for r in range(rounds):

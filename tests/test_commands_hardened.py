@@ -213,7 +213,7 @@ async def test_a_response_topic_outside_the_configured_ones_is_refused(
             ("telemetry", "v1/gateway/telemetry"),
             ("own", "edge/gw-test/reply/mine"),
         ):
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.ResponseTopic = topic
             body = {"correlation_id": cid, "params": {"values": {"tool": 4}}}
             info = client.publish(
