@@ -28,7 +28,8 @@ from .line.thingsboard import ThingsBoard
 from .machine import registry
 from .machine.driver import MachineDriver
 from .machine.profile import Profile, load_profile
-from .station.cycle import CycleReport, StationCycle
+from .station.cycle import CycleReport, StationCycle, WriteAhead
+from .supervisor import Supervisor
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
 from .uplink.mqtt import MqttUplink, dumps, response_properties
@@ -45,8 +46,12 @@ class Agent:
         reader: TagReader | None = None,
         driver: MachineDriver | None = None,
         outbox: Outbox | None = None,
+        on_report: Callable[[CycleReport], None] | None = None,
     ) -> None:
         self.config = config
+        # Every long-lived task runs under it; its problems make the status say degraded.
+        self.supervisor = Supervisor(on_change=self._health_changed)
+        self.on_report = on_report  # the demo and tests see each report here; nothing is kept
         self.reader = reader or create_reader(config.reader)
         self.driver = driver or registry.driver_module(config.profile.driver).create(
             config.machine, config.profile
@@ -61,6 +66,7 @@ class Agent:
             outbox=outbox if outbox is not None else self._open_outbox(),
             offline_status=self._offline("connection lost"),
         )
+        self.uplink.on_outbox_change = lambda error: self.supervisor.condition("outbox", error)
         self.cycle = StationCycle(
             gateway_id=config.gateway_id,
             station=config.station,
@@ -70,8 +76,11 @@ class Agent:
             reader=self.reader,
             publish=lambda report: self._publish("cycles", report, 1),
             write_back=config.cycle.write_back,
+            write_ahead=WriteAhead(
+                hold=lambda report: self.uplink.hold("cycles", report),
+                release=lambda report: self._publish("cycles", report, 1, release=True),
+            ),
         )
-        self.reports: asyncio.Queue[CycleReport] = asyncio.Queue()  # for the demo and tests
         self._started = time.time()
         self._stopping = False
         # Held by a cycle for its whole run: commands write and reloads swap only between cycles.
@@ -152,8 +161,13 @@ class Agent:
         log.info("outbox has room again: accepting parts", backlog=self.uplink.backlog)
         self.uplink.refresh_status()
 
-    def _publish(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
-        self.uplink.publish(suffix, payload, qos=qos)
+    def _health_changed(self) -> None:
+        self.uplink.refresh_status()
+
+    def _publish(
+        self, suffix: str, payload: dict[str, Any], qos: int, *, release: bool = False
+    ) -> None:
+        self.uplink.publish(suffix, payload, qos=qos, release=payload["id"] if release else None)
         if self.thingsboard is not None:
             self.thingsboard.mirror(suffix, payload)
 
@@ -170,6 +184,7 @@ class Agent:
             enabled=self.config.telemetry.enabled,
             driver=self.driver,
             publish=self._publish,
+            spawn=self.supervisor.spawn,
         )
 
     @property
@@ -186,8 +201,19 @@ class Agent:
             "machine": self.driver.device,
             "reader": self.reader.name,
             "started": self._started,
-            "accepting_parts": not self.uplink.outbox.full,
+            "accepting_parts": self.accepting_parts,
+            **self.supervisor.status(),
         }
+
+    @property
+    def accepting_parts(self) -> bool:
+        """True only while a part that arrives would be taken and its report stored."""
+        return (
+            not self.uplink.outbox.full
+            and self.uplink.recording
+            and self.supervisor.problem("reader-events") is None
+            and self.supervisor.fatal is None
+        )
 
     def _offline(self, reason: str) -> dict[str, Any]:
         return {"state": "offline", "gateway_id": self.config.gateway_id, "reason": reason}
@@ -199,7 +225,7 @@ class Agent:
             self.thingsboard.start()
         if self.config.commands.adjustments:
             self.uplink.subscribe("adjustments", self.adjustments.on_message)
-        await self.uplink.start(self.status)
+        await self.uplink.start(self.status, self.supervisor.spawn)
         try:
             await self.driver.connect()
         except MachineError as err:  # not fatal: cycles fail with a report until it is back
@@ -216,8 +242,16 @@ class Agent:
             station=self.config.station,
             profile=self.config.profile.name,
         )
-        events = asyncio.create_task(self._consume(), name="reader-events")
-        await stop.wait()
+        events = self.supervisor.spawn("reader-events", self._consume)
+        waits = {
+            asyncio.ensure_future(stop.wait()),
+            asyncio.ensure_future(self.supervisor.failed.wait()),
+        }
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        if self.supervisor.fatal is not None:
+            log.critical("agent cannot go on; exiting for a restart", reason=self.supervisor.fatal)
         await self.shutdown(events)
 
     async def _consume(self) -> None:
@@ -230,22 +264,37 @@ class Agent:
             if event.kind is not ScanKind.ARRIVED:
                 continue
             if self.paused:
-                self._refuse_paused(event)
+                self._refuse(event, "paused", "the station is paused by the line; part not taken")
+                continue
+            if not self.uplink.recording:
+                self._refuse(
+                    event,
+                    "not_recording",
+                    f"cycle reports cannot be stored ({self.uplink.outbox_error}); part not taken",
+                )
                 continue
             await self._wait_outbox_room(event)
             if self._stopping:
                 return
             async with self.machine_lock:
                 report = await self.cycle.run(event)
-            self.reports.put_nowait(report)
+            self._reported(report)
 
-    def _refuse_paused(self, event: ScanEvent) -> None:
+    def _reported(self, report: CycleReport) -> None:
+        if self.on_report is not None:
+            try:
+                self.on_report(report)
+            except Exception:  # an observer's bug must not stop the station
+                log.exception("report callback failed")
+
+    def _refuse(self, event: ScanEvent, reason: str, error: str) -> None:
         p = self.config.profile
         report = CycleReport(self.config.gateway_id, self.config.station, event.uid.hex().upper())
-        report.reason, report.error = "paused", "the station is paused by the line; part not taken"
+        report.reason, report.error = reason, error
         report.profile = {"name": p.name, "version": p.version, "hash": p.content_hash}
+        log.warning("part refused", tag=report.tag_uid, reason=reason, error=error)
         self._publish("cycles", report.as_message(), 1)
-        self.reports.put_nowait(report)
+        self._reported(report)
 
     async def shutdown(self, events: asyncio.Task[None]) -> None:
         log.info("stopping: no new parts")

@@ -189,15 +189,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _config_error(err)
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
 
-    async def main() -> None:
+    async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Agent(config).run(stop)
+        agent = Agent(config)
+        await agent.run(stop)
+        # A component that could not recover: a non-zero exit makes systemd start us afresh.
+        return EXIT_FAILED if agent.supervisor.fatal is not None else EXIT_OK
 
-    asyncio.run(main())
-    return EXIT_OK
+    return asyncio.run(main())
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

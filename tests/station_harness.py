@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +17,8 @@ from edge_agent.instructions.format import TAG_CAPACITY, decode_tag, encode_tag,
 from edge_agent.instructions.model import Step, StepRecord, StepStatus
 from edge_agent.instructions.recipe import Recipe
 from edge_agent.instructions.signing import KeyRing, generate_keypair, load_private_key
+from edge_agent.sim.station import running_station as run_agent
+from edge_agent.sim.station import station_config
 from edge_agent.station.cycle import CycleReport
 from edge_agent.tag.simulated import SimulatedReader, SimulatedTag
 
@@ -36,6 +37,7 @@ class Station:
     key: Ed25519PrivateKey
     keyring: KeyRing
     tmp: Path
+    reports: asyncio.Queue[CycleReport]  # every report the agent produced, in order
 
     def tag(
         self,
@@ -62,7 +64,7 @@ class Station:
 
     async def cycle(self, tag: SimulatedTag, timeout: float = 10) -> CycleReport:
         self.reader.present(tag)
-        report = await asyncio.wait_for(self.agent.reports.get(), timeout)
+        report = await asyncio.wait_for(self.reports.get(), timeout)
         self.reader.remove(tag.uid)
         return report
 
@@ -77,14 +79,16 @@ def write_config(
     reader: str = "{type: simulated}",
 ) -> Path:
     _private, public = generate_keypair("mes", tmp)
-    path = tmp / "station.yaml"
-    path.write_text(
-        f"gateway_id: gw-test\nstation: {station}\nreader: {reader}\n"
-        f"machine: {{profile: {json.dumps(str(PROFILE))}, host: 127.0.0.1, port: {plc_port}, timeout: 0.5, reconnect_max: 0.5}}\n"
-        f"broker: {{host: 127.0.0.1, port: {broker_port}, reconnect_min: 0.05, reconnect_max: 0.3}}\n"
-        f"trusted_keys: {{mes: {json.dumps(str(public))}}}\n{extra}"
+    return station_config(
+        tmp / "station.yaml",
+        profile=PROFILE,
+        machine=f"host: 127.0.0.1, port: {plc_port}, timeout: 0.5, reconnect_max: 0.5",
+        broker=f"host: 127.0.0.1, port: {broker_port}, reconnect_min: 0.05, reconnect_max: 0.3",
+        trusted_keys={"mes": public},
+        station=station,
+        reader=reader,
+        extra=extra,
     )
-    return path
 
 
 @asynccontextmanager
@@ -96,14 +100,8 @@ async def running_station(
     path = write_config(tmp, plc_port, broker_port, **kw)
     config = load_config(path)
     simulated = SimulatedReader() if "reader" not in kw else None
-    agent = Agent(config, reader=simulated)
-    reader = simulated if simulated is not None else agent.reader
     key = load_private_key(tmp / "mes.key")
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    await agent.uplink.wait_connected(5)
-    try:
-        yield Station(agent, reader, key, KeyRing({"mes": key.public_key()}), tmp)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
+    async with run_agent(config, reader=simulated) as run:
+        reader = simulated if simulated is not None else run.agent.reader
+        keyring = KeyRing({"mes": key.public_key()})
+        yield Station(run.agent, reader, key, keyring, tmp, run.reports)

@@ -64,7 +64,7 @@ async def test_scan_event_runs_the_cycle_and_writes_progress_with_write_tag(
         message = station.tag([Step("drill", DRILL, "st-20"), Step("press", PRESS, "st-30")], UID)
         tag = rfid_tag(message.message)
         await autoid_sim.present(tag)
-        report = await asyncio.wait_for(station.agent.reports.get(), 10)
+        report = await asyncio.wait_for(station.reports.get(), 10)
         await autoid_sim.remove()
     finally:
         stop.set()
@@ -88,7 +88,7 @@ async def test_read_tag_failure_status_is_a_failed_cycle_naming_it(
         message = station.tag([Step("drill", DRILL, "st-20")], UID)
         autoid_sim.fail_next_read = 10  # READ_ERROR
         await autoid_sim.present(rfid_tag(message.message))
-        report = await asyncio.wait_for(station.agent.reports.get(), 10)
+        report = await asyncio.wait_for(station.reports.get(), 10)
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)

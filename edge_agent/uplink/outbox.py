@@ -46,9 +46,16 @@ class OutMessage:
 
 class Outbox(Protocol):
     def put(
-        self, topic: str, payload: Payload, qos: int, retain: bool, keep: Keep = Keep.RECORD
+        self,
+        topic: str,
+        payload: Payload,
+        qos: int,
+        retain: bool,
+        keep: Keep = Keep.RECORD,
+        release: str | None = None,
     ) -> OutMessage | None:
-        """Store a message; None when it was refused because the outbox is full of records."""
+        """Store a message (and drop the held one ``release``, atomically); None when it was
+        refused because the outbox is full of records. Raises OutboxError when it cannot write."""
         ...
 
     def oldest(self, limit: int, after: int = 0) -> list[OutMessage]:
@@ -56,6 +63,20 @@ class Outbox(Protocol):
         ...
 
     def ack(self, message_id: int) -> None: ...
+
+    def hold(
+        self, key: str, topic: str, payload: bytes, qos: int, keep: Keep = Keep.RECORD
+    ) -> None:
+        """Write ahead: store (or replace) ``payload`` under ``key`` without sending it.
+
+        A later ``put(..., release=key)`` replaces it in the same transaction. What is still held
+        when the process dies is returned by ``held()`` at the next start, to be sent then.
+        """
+        ...
+
+    def held(self) -> list[tuple[str, str, bytes, int, Keep]]:
+        """What a previous run held and never released: (key, topic, payload, qos, keep)."""
+        ...
 
     def __len__(self) -> int: ...
 
@@ -85,10 +106,19 @@ class MemoryOutbox:
     def __init__(self) -> None:
         self._messages: OrderedDict[int, OutMessage] = OrderedDict()
         self._ids = itertools.count(1)
+        self._held: dict[str, bytes] = {}  # at most the cycles in flight
 
     def put(
-        self, topic: str, payload: Payload, qos: int, retain: bool, keep: Keep = Keep.RECORD
+        self,
+        topic: str,
+        payload: Payload,
+        qos: int,
+        retain: bool,
+        keep: Keep = Keep.RECORD,
+        release: str | None = None,
     ) -> OutMessage:
+        if release is not None:
+            self._held.pop(release, None)
         seq = next(self._ids)
         message = OutMessage(seq, topic, render(payload, seq), qos, retain, keep, time.time())
         self._messages[message.id] = message
@@ -105,6 +135,14 @@ class MemoryOutbox:
 
     def ack(self, message_id: int) -> None:
         self._messages.pop(message_id, None)
+
+    def hold(
+        self, key: str, topic: str, payload: bytes, qos: int, keep: Keep = Keep.RECORD
+    ) -> None:
+        self._held[key] = payload  # lost with the process, like every message here
+
+    def held(self) -> list[tuple[str, str, bytes, int, Keep]]:
+        return []
 
     def __len__(self) -> int:
         return len(self._messages)
