@@ -151,3 +151,76 @@ async def test_a_corrupt_outbox_row_is_quarantined_and_delivery_goes_on(
     outbox.close()
     kept = sqlite3.connect(path).execute("SELECT id, topic FROM quarantine").fetchall()
     assert kept == [(2, "edge/gw-c/cycles/1")]  # set aside for a person, never sent
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a real full disk (ENOSPC) for the outbox, freed by deleting a filler."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, bytes(65536))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_a_full_disk_refuses_parts_untouched_and_taking_resumes_when_space_returns(
+    tmp_path: Path,
+    small_disk: Path,
+    reference_plc: ReferencePlc,
+    broker: EmbeddedBroker,
+    recorder: MqttRecorder,
+) -> None:
+    extra = f"state_dir: {json.dumps(str(small_disk))}\n"
+    async with running_station(tmp_path, reference_plc.port, broker.port, extra=extra) as st:
+        routing = [Step("drill", DRILL, "st-10"), Step("drill", DRILL, "st-20")]
+        uids = [bytes([4, n, n, n, n, n, n]) for n in range(1, 5)]
+        assert (await st.cycle(st.tag(routing, uid=uids[0], done=1))).status == "ok"
+
+        filler = fill(small_disk)
+        refused = [await st.cycle(st.tag(routing, uid=uid, done=1)) for uid in uids[1:3]]
+        assert [(r.status, r.reason, r.machine_state) for r in refused] == [
+            ("rejected", "not_recording", "untouched")
+        ] * 2
+        assert reference_plc.cycles == 1  # the machine was not moved for a part not recorded
+        status = st.agent.status()
+        assert (status["health"], status["accepting_parts"]) == ("degraded", False)
+        assert status["problems"][0]["component"] == "outbox"
+        assert "full" in status["problems"][0]["error"]
+        # The line hears of it at once (straight to the broker), and from the retained status.
+        failed = await recorder.wait_for("gw-test/events", 1)
+        assert failed[0]["event"] == "outbox_failed"
+        await until(
+            lambda: any(s.get("health") == "degraded" for s in recorder.json("gw-test/status")),
+            5,
+            "a degraded status",
+        )
+
+        filler.unlink()
+        await until(lambda: st.agent.accepting_parts, 15, "taking parts again")
+        assert st.agent.status()["health"] == "ok"
+        assert (await st.cycle(st.tag(routing, uid=uids[3], done=1))).status == "ok"
+        assert reference_plc.cycles == 2
+        reports = await recorder.wait_for("gw-test/cycles", 4)
+    # Nothing lost: the refusals kept in memory while the disk was full were stored and sent.
+    assert [r["tag_uid"] for r in reports] == [uid.hex().upper() for uid in uids]
+    events = [e["event"] for e in recorder.json("gw-test/events")]
+    assert "outbox_recovered" in events
