@@ -22,6 +22,7 @@ from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import TRIGGER, ReferencePlc
 from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import write_config
+from tests.test_docs_schemas import problems, schemas
 from tests.test_daemon_kill import events, start_daemon, tag_message, until
 
 PHASES = ("parameters", "trigger", "done", "tag")
@@ -122,5 +123,7 @@ async def test_sigkill_at_every_phase_of_a_cycle_loses_no_report(
     # The PLC counted a cycle for every rising edge of the trigger; each has a report that does
     # not deny it (an interrupted parameter write counts as "may have run").
     ran = [r for r in reports if r["machine_state"] != "untouched"]
+    for report in reports:  # the held versions as sent are documented reports too
+        assert problems(report, schemas()["cycle"]) == []
     assert len(ran) >= reference_plc.cycles >= 4
     assert len(ran) == 7
