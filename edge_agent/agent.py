@@ -115,7 +115,7 @@ class Agent:
     def _open_outbox(self) -> Outbox:
         if self.config.state_dir is None:
             log.warning("no state_dir: the outbox is in memory and lost if the agent stops")
-            return MemoryOutbox()
+            return MemoryOutbox(self.config.outbox.max_messages)
         from .uplink.outbox_sqlite import SqliteOutbox  # sqlite3 is loaded only when used
 
         return SqliteOutbox(

@@ -22,8 +22,8 @@ from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import TRIGGER, ReferencePlc
 from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import write_config
-from tests.test_docs_schemas import problems, schemas
 from tests.test_daemon_kill import events, start_daemon, tag_message, until
+from tests.test_docs_schemas import problems, schemas
 
 PHASES = ("parameters", "trigger", "done", "tag")
 

@@ -74,6 +74,8 @@ def classify(suffix: str) -> Keep:
 #: Messages kept in memory while the outbox cannot write (disk full, I/O error). Parts are refused
 #: meanwhile, so what gathers here is one refusal report per part shown, events and replies.
 SPILL_MAX = 1000
+#: MQTT 5 properties kept for messages waiting in the outbox (replies on a response topic).
+PROPERTIES_MAX = 10_000
 
 
 def _with_seq(body: dict[str, Any]) -> Callable[[int], bytes]:
@@ -407,6 +409,10 @@ class MqttUplink:
         message = self._put(topic, payload, qos, retain, keep, None)
         if message is not None and properties is not None and self._v5:
             self._properties[message.id] = properties
+            if len(self._properties) > PROPERTIES_MAX:
+                # Their messages were dropped by a full outbox, or never come back: forget the
+                # oldest, so this map cannot grow with the number of replies.
+                del self._properties[next(iter(self._properties))]
         return message
 
     def subscribe_absolute(self, topic: str, handler: MessageHandler, *, qos: int = 1) -> str:
@@ -625,6 +631,9 @@ class MqttUplink:
             self._wake.set()
 
     def _send_in_order(self, room: int) -> None:
+        if self._sent_ahead:
+            # Those sent ahead and acknowledged since are never met again in order: forget them.
+            self._sent_ahead = {i for i in self._sent_ahead if i > self._last_sent}
         while room > 0:
             batch = self.outbox.oldest(room, after=self._last_sent)
             if not batch:
