@@ -126,6 +126,7 @@ class SqliteOutbox:
                 "move it aside to start with an empty outbox"
             ) from err
         self._next = (seq[0] if seq else 0) + 1
+        self._holding: set[str] = set()  # keys held by this run (the cycle in flight)
         self._purged = 0.0
         if len(self):
             log.info(
@@ -186,11 +187,14 @@ class SqliteOutbox:
     def hold(
         self, key: str, topic: str, payload: bytes, qos: int, keep: Keep = Keep.RECORD
     ) -> None:
-        with self._tx("hold a report", durable=True):
+        # The first version is fsynced. Replacing it need not be: after a power cut the first one
+        # stands (less precise, never lost); a crash of the process alone loses neither.
+        with self._tx("hold a report", durable=key not in self._holding):
             self._db.execute(
                 "INSERT OR REPLACE INTO held (key, topic, payload, qos, keep) VALUES (?, ?, ?, ?, ?)",
                 (key, topic, payload, qos, int(keep)),
             )
+        self._holding.add(key)
 
     def held(self) -> list[tuple[str, str, bytes, int, Keep]]:
         rows = self._db.execute("SELECT key, topic, payload, qos, keep FROM held ORDER BY rowid")
