@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -179,6 +180,7 @@ async def soak(cycles: int, every: int, window: int) -> int:
     from edge_agent.sim.broker import EmbeddedBroker
     from edge_agent.sim.reference_plc import ReferencePlc
 
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # the PLC's restarts are expected
     plc = ReferencePlc()
     await plc.start("127.0.0.1", 0)
     broker = EmbeddedBroker()
