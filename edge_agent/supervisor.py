@@ -112,6 +112,8 @@ class Supervisor:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+                if name in self._problems:  # stopped on purpose (reload, shutdown): not a problem
+                    self.condition(name, None)
                 raise
             except Exception as err:
                 error = str(err) or "unexpected error without a message"
