@@ -11,7 +11,9 @@ kill, the parts still on the reader):
 * broker restarts every 1-2 s for ``--seconds`` while parts flow (mosquitto with persistence,
   stopped and started: what it acknowledged is kept);
 * PLC restarts every 1-2 s for ``--seconds`` while parts flow;
-* a full disk under ``state_dir`` (a 16 MiB tmpfs filled up; needs root to mount), then freed.
+* a full disk under ``state_dir`` (a 16 MiB tmpfs filled up, the broker away so the outbox must
+  grow; needs root to mount), then freed and the broker back. Parts refused meanwhile stay on the
+  reader 5 s, then are taken away.
 
 Prints parts fed, machine cycles the PLC counted, reports delivered (distinct ids), lost (machine
 cycles without a report that admits the machine ran: must be 0), duplicate deliveries (same id
@@ -102,7 +104,7 @@ class Chaos:
         while time.monotonic() < end:
             while len(self.parts.waiting) < window:
                 self.parts.feed()
-            self.parts.collect()
+            self.parts.collect(patience=5)  # a refused part is taken away, as an operator would
             await asyncio.sleep(0.005)
 
     async def drain(self, timeout: float = 60) -> None:
@@ -110,7 +112,7 @@ class Chaos:
         end = time.monotonic() + timeout
         while self.parts.waiting and time.monotonic() < end:
             self.restart_if_dead()
-            self.parts.collect()
+            self.parts.collect(patience=5)
             await asyncio.sleep(0.01)
 
     async def kill_at(self, phase: str) -> None:
@@ -133,7 +135,7 @@ class Chaos:
         await asyncio.sleep(1.0)  # the daemon is up (imports, connects) before the part comes
         self.plc.on_request = hook if phase != "tag" else None
         path = self.parts.feed()
-        message = self.parts.waiting[path]
+        message = self.parts.waiting[path][0]
         end = time.monotonic() + 20
         while self.daemon.poll() is None and time.monotonic() < end:
             if phase == "tag" and path.read_bytes() != message:
@@ -179,6 +181,9 @@ class Chaos:
             await self.plc.start(self.plc.host, self.plc.port)
 
     async def full_disk(self, disk: Path, seconds: float) -> None:
+        # With the broker away the outbox must grow: the disk full bites at once, not only
+        # once the WAL it already has is used up.
+        await self.broker.stop()
         filler = disk / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         with contextlib.suppress(OSError):
@@ -187,6 +192,7 @@ class Chaos:
         os.close(fd)
         await self.flow(seconds)
         filler.unlink()
+        await self.broker.start()
         await self.flow(seconds)
 
 

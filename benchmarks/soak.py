@@ -99,7 +99,7 @@ class Parts:
         self.keyring = KeyRing({"mes": self.key.public_key()})
         self.steps = [Step("drill", DRILL, "st-10"), Step("drill", DRILL, "st-20")]
         self.fed = 0
-        self.waiting: dict[Path, bytes] = {}  # file -> what was put there
+        self.waiting: dict[Path, tuple[bytes, float]] = {}  # file -> what was put there, when
 
     def message(self, n: int, uid: bytes) -> bytes:
         recipe = Recipe.from_steps(
@@ -120,18 +120,20 @@ class Parts:
         part.write_bytes(message)
         part.rename(path)  # never half a file on the reader
         self.fed += 1
-        self.waiting[path] = message
+        self.waiting[path] = (message, time.monotonic())
         return path
 
-    def collect(self) -> int:
-        """Take away the parts whose tag was written back; how many left."""
+    def collect(self, patience: float | None = None) -> int:
+        """Take away the parts whose tag was written back (and, with ``patience``, those left
+        unwritten that long: refused parts); how many were taken away."""
         done = 0
-        for path, message in list(self.waiting.items()):
+        now = time.monotonic()
+        for path, (message, fed) in list(self.waiting.items()):
             try:
                 written = path.read_bytes() != message
             except FileNotFoundError:
                 written = True
-            if written:
+            if written or (patience is not None and now - fed > patience):
                 path.unlink(missing_ok=True)
                 del self.waiting[path]
                 done += 1
