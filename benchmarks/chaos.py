@@ -180,9 +180,10 @@ class Chaos:
         if not self.plc.running:
             await self.plc.start(self.plc.host, self.plc.port)
 
-    async def full_disk(self, disk: Path, seconds: float) -> None:
-        # With the broker away the outbox must grow: the disk full bites at once, not only
-        # once the WAL it already has is used up.
+    async def full_disk(self, disk: Path, seconds: float) -> float:
+        """Fill the disk with the broker away (the outbox must grow), keep parts coming until the
+        daemon says the outbox cannot write (the WAL it has may last a while), ``seconds`` more,
+        then free the space and bring the broker back. Returns the seconds until it bit."""
         await self.broker.stop()
         filler = disk / "filler"
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -190,10 +191,15 @@ class Chaos:
             while True:
                 os.write(fd, bytes(65536))
         os.close(fd)
+        t0 = time.monotonic()
+        while "outbox cannot write" not in self.log.read_text() and time.monotonic() - t0 < 120:
+            await self.flow(1)
+        bit = time.monotonic() - t0
         await self.flow(seconds)
         filler.unlink()
         await self.broker.start()
         await self.flow(seconds)
+        return bit
 
 
 def mount_tmpfs(path: Path, size: str) -> bool:
@@ -232,8 +238,10 @@ async def run(kills: int, seconds: float) -> int:
             done.append(f"PLC restarts every 1-2 s for {seconds:g} s")
             await chaos.drain()
             if tmpfs:
-                await chaos.full_disk(disk, seconds / 2)
-                done.append(f"disk full for {seconds / 2:g} s, then freed")
+                bit = await chaos.full_disk(disk, seconds / 2)
+                done.append(
+                    f"disk full (the outbox failed {bit:.0f} s later), {seconds / 2:g} s more, freed"
+                )
             else:
                 done.append("disk full: skipped (cannot mount a tmpfs without root)")
             await chaos.drain()
