@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from edge_agent.uplink.outbox import Keep, MemoryOutbox
+from edge_agent.uplink.outbox_sqlite import SqliteOutbox
 
 
 def test_memory_outbox_drops_telemetry_then_events_and_never_records() -> None:
@@ -23,3 +26,15 @@ def test_memory_outbox_drops_telemetry_then_events_and_never_records() -> None:
     outbox.ack(outbox.oldest(1)[0].id)
     outbox.ack(outbox.oldest(1)[0].id)
     assert not outbox.full and len(outbox) == 3
+
+
+def test_disk_outbox_forgets_each_report_it_held_once_released(tmp_path: Path) -> None:
+    outbox = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    for n in range(50):
+        key = f"report-{n}"
+        outbox.hold(key, "edge/gw/cycles", b"interrupted", 1)
+        outbox.hold(key, "edge/gw/cycles", b"ok, tag write unknown", 1)
+        outbox.put("edge/gw/cycles", b"ok", 1, False, Keep.RECORD, release=key)
+    assert outbox.held() == []
+    assert len(outbox._holding) == 0  # nothing kept per cycle: memory does not grow with cycles
+    outbox.close()

@@ -157,6 +157,7 @@ class SqliteOutbox:
             with self._tx("store a message", durable=release is None):
                 if release is not None:
                     self._db.execute("DELETE FROM held WHERE key = ?", (release,))
+                    self._holding.discard(release)  # one key per cycle in flight, no more
                 purged = self._purge_old_telemetry(message.created)
                 excess = self._excess(len(message.payload))
                 if excess != (0, 0):
