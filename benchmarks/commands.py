@@ -135,7 +135,7 @@ async def cycles(station: Any, tags: list[Any], own: list[float]) -> list[float]
     for tag in tags:
         t0 = time.perf_counter()
         station.reader.present(tag)
-        report = await station.agent.reports.get()
+        report = await station.reports.get()
         times.append((time.perf_counter() - t0) * 1000)
         own.append(times[-1] - sum(report.durations_ms.get(k, 0.0) for k in MACHINE))
         station.reader.remove(tag.uid)

@@ -66,7 +66,7 @@ async def agent_phase(plc_port: int, broker_port: int, cycles: int) -> dict[str,
             for i, tag in enumerate(tags):
                 t0 = time.perf_counter()
                 station.reader.present(tag)
-                report = await station.agent.reports.get()
+                report = await station.reports.get()
                 t1 = time.perf_counter()
                 await station.agent.uplink.flush(5)
                 t2 = time.perf_counter()

@@ -32,7 +32,8 @@ from .machine.profile_diff import envelope_changes
 from .machine.profile_signature import ProfileRefused, is_newer, verify_profile
 from .service.heartbeat import Heartbeat
 from .service.metrics import CycleMetrics
-from .station.cycle import CycleReport, StationCycle
+from .station.cycle import CycleReport, StationCycle, WriteAhead
+from .supervisor import Supervisor
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
 from .uplink.mqtt import MqttUplink, dumps, response_properties
@@ -52,8 +53,12 @@ class Agent:
         reader: TagReader | None = None,
         driver: MachineDriver | None = None,
         outbox: Outbox | None = None,
+        on_report: Callable[[CycleReport], None] | None = None,
     ) -> None:
         self.config = config
+        # Every long-lived task runs under it; its problems make the status say degraded.
+        self.supervisor = Supervisor(on_change=self._health_changed)
+        self.on_report = on_report  # the demo and tests see each report here; nothing is kept
         self.reader = reader or create_reader(config.reader)
         self.driver = driver or registry.driver_module(config.profile.driver).create(
             config.machine, config.profile
@@ -68,6 +73,7 @@ class Agent:
             outbox=outbox if outbox is not None else self._open_outbox(),
             offline_status=self._offline("connection lost"),
         )
+        self.uplink.on_outbox_change = lambda error: self.supervisor.condition("outbox", error)
         self.cycle = StationCycle(
             gateway_id=config.gateway_id,
             station=config.station,
@@ -78,8 +84,11 @@ class Agent:
             publish=lambda report: self._publish("cycles", report, 1),
             write_back=config.cycle.write_back,
             state_dir=config.state_dir,
+            write_ahead=WriteAhead(
+                hold=lambda report: self.uplink.hold("cycles", report),
+                release=lambda report: self._publish("cycles", report, 1, release=True),
+            ),
         )
-        self.reports: asyncio.Queue[CycleReport] = asyncio.Queue()  # for the demo and tests
         self.heartbeat = Heartbeat()  # the part-taking loop's sign of life, for the watchdog
         self.metrics = CycleMetrics()  # cycles by status and reason, durations by phase
         self._started = time.time()
@@ -146,7 +155,7 @@ class Agent:
     def _open_outbox(self) -> Outbox:
         if self.config.state_dir is None:
             log.warning("no state_dir: the outbox is in memory and lost if the agent stops")
-            return MemoryOutbox()
+            return MemoryOutbox(self.config.outbox.max_messages)
         from .uplink.outbox_sqlite import SqliteOutbox  # sqlite3 is loaded only when used
 
         return SqliteOutbox(
@@ -184,16 +193,22 @@ class Agent:
         log.info("outbox has room again: accepting parts", backlog=self.uplink.backlog)
         self.uplink.refresh_status()
 
-    def _publish(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
+    def _health_changed(self) -> None:
+        self.uplink.refresh_status()
+
+    def _publish(
+        self, suffix: str, payload: dict[str, Any], qos: int, *, release: bool = False
+    ) -> None:
         if (
             self.sparkplug is None
             or self.config.sparkplug.json_topics
             or suffix == "status"
             or suffix.startswith("reply/")
         ):
-            self.uplink.publish(suffix, payload, qos=qos)
+            release_id = payload["id"] if release else None
+            self.uplink.publish(suffix, payload, qos=qos, release=release_id)
         if suffix == "cycles":
-            self.metrics.observe(payload)
+            self.metrics.observe(payload)  # once per report: at release, never when held
         if self.sparkplug is not None:
             self.sparkplug.mirror(suffix, payload)
         if self.thingsboard is not None:
@@ -212,6 +227,7 @@ class Agent:
             enabled=self.config.telemetry.enabled,
             driver=self.driver,
             publish=self._publish,
+            spawn=self.supervisor.spawn,
         )
 
     @property
@@ -228,8 +244,19 @@ class Agent:
             "machine": self.driver.device,
             "reader": self.reader.name,
             "started": self._started,
-            "accepting_parts": not self.uplink.outbox.full,
+            "accepting_parts": self.accepting_parts,
+            **self.supervisor.status(),
         }
+
+    @property
+    def accepting_parts(self) -> bool:
+        """True only while a part that arrives would be taken and its report stored."""
+        return (
+            not self.uplink.outbox.full
+            and self.uplink.recording
+            and self.supervisor.problem("reader-events") is None
+            and self.supervisor.fatal is None
+        )
 
     def _offline(self, reason: str) -> dict[str, Any]:
         return {"state": "offline", "gateway_id": self.config.gateway_id, "reason": reason}
@@ -245,7 +272,7 @@ class Agent:
             self.sparkplug.start()
         if self.config.commands.adjustments:
             self.uplink.subscribe("adjustments", self.adjustments.on_message)
-        await self.uplink.start(self.status)
+        await self.uplink.start(self.status, self.supervisor.spawn)
         try:
             await self.driver.connect()
         except MachineError as err:  # not fatal: cycles fail with a report until it is back
@@ -262,8 +289,16 @@ class Agent:
             station=self.config.station,
             profile=self.config.profile.name,
         )
-        events = asyncio.create_task(self._consume(), name="reader-events")
-        await stop.wait()
+        events = self.supervisor.spawn("reader-events", self._consume)
+        waits = {
+            asyncio.ensure_future(stop.wait()),
+            asyncio.ensure_future(self.supervisor.failed.wait()),
+        }
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in pending:
+            waiter.cancel()
+        if self.supervisor.fatal is not None:
+            log.critical("agent cannot go on; exiting for a restart", reason=self.supervisor.fatal)
         await self.shutdown(events)
 
     async def _consume(self) -> None:
@@ -276,27 +311,43 @@ class Agent:
             if event.kind is not ScanKind.ARRIVED:
                 continue
             if self.paused:
-                await self._refuse_paused(event)
+                await self._refuse(
+                    event, "paused", "the station is paused by the line; part not taken"
+                )
+                continue
+            if not self.uplink.recording:
+                await self._refuse(
+                    event,
+                    "not_recording",
+                    f"cycle reports cannot be stored ({self.uplink.outbox_error}); part not taken",
+                )
                 continue
             await self._wait_outbox_room(event)
             if self._stopping:
                 return
             async with self.machine_lock:
                 report = await self.cycle.run(event)
-            self.reports.put_nowait(report)
+            self._reported(report)
 
-    async def _refuse_paused(self, event: ScanEvent) -> None:
-        p = self.config.profile
+    def _reported(self, report: CycleReport) -> None:
+        if self.on_report is not None:
+            try:
+                self.on_report(report)
+            except Exception:  # an observer's bug must not stop the station
+                log.exception("report callback failed")
+
+    async def _refuse(self, event: ScanEvent, reason: str, error: str) -> None:
         report = CycleReport(self.config.gateway_id, self.config.station, event.uid.hex().upper())
-        report.reason, report.error = "paused", "the station is paused by the line; part not taken"
-        report.profile = p.describe()
+        report.reason, report.error = reason, error
+        report.profile = self.config.profile.describe()
         # Which part was turned away: the tag is read and verified; the machine is not touched.
         try:
             report.part, report.key_id = await self.cycle.identify(event.uid)
         except (TagIOError, PartRejected) as err:
             report.error += f"; the part is not known: {err}"
+        log.warning("part refused", tag=report.tag_uid, reason=reason, error=report.error)
         self._publish("cycles", report.as_message(), 1)
-        self.reports.put_nowait(report)
+        self._reported(report)
 
     async def shutdown(self, events: asyncio.Task[None]) -> None:
         log.info("stopping: no new parts")

@@ -253,7 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _config_error(err)
     setup_logging(args.log_level or config.log.level, args.log_format or config.log.format)
 
-    async def main() -> None:
+    async def main() -> int:
         from .service.run import Service
 
         stop = asyncio.Event()
@@ -262,21 +262,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         early: list[int] = []  # a SIGHUP while the agent is being built: a reload once it runs
         loop.add_signal_handler(signal.SIGHUP, early.append, signal.SIGHUP)
-        service = Service(Agent(config), stop)
+        agent = Agent(config)
+        service = Service(agent, stop)
         loop.add_signal_handler(signal.SIGHUP, service.request_reload)
         if early:
             service.request_reload()
         await service.run()
+        # A component that could not recover: a non-zero exit makes systemd start us afresh.
+        return EXIT_FAILED if agent.supervisor.fatal is not None else EXIT_OK
 
     try:
-        asyncio.run(main())
+        return asyncio.run(main())
     except (KeyFileError, OutboxError) as err:  # a file changed between validation and use
         print(f"edge-agent: cannot start: {err}", file=sys.stderr)
         return EXIT_CONFIG
     finally:
         if lock is not None:
             lock.release()
-    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from .instructions.recipe import Recipe
 from .instructions.signing import KeyRing, generate_keypair, load_private_key
 from .sim.broker import EmbeddedBroker
 from .sim.ntag import NtagImage, NtagSimulator
+from .sim.station import RunningStation, running_station, station_config
 from .tag.simulated import SimulatedReader, SimulatedTag
 
 STATION = "st-20"
@@ -261,6 +262,63 @@ async def _drain(agent: Agent, out: Any) -> bool:
     return True
 
 
+async def _feed(
+    options: DemoOptions,
+    station: RunningStation,
+    reader: SimulatedReader | None,
+    ntag: NtagSimulator | None,
+    private_path: Path,
+    out: Any,
+    view: Any = None,
+) -> tuple[bool, int]:
+    """Present each demo part, print its report; (all acknowledged by the broker, ok count)."""
+    key = load_private_key(private_path)
+    keyring = KeyRing({"demo": key.public_key()})
+    started = time.perf_counter()
+    ok = 0  # as the agent produced them; the listener counts what came through the broker
+    for i in range(options.parts):
+        if options.rate > 0:
+            await asyncio.sleep(max(0.0, started + i / options.rate - time.perf_counter()))
+        product, variant, steps = (demo_opcua_steps if options.opcua else demo_steps)(i)
+        recipe = Recipe.from_steps(
+            part_id=f"P-{i + 1:05d}",
+            product=product,
+            variant=variant,
+            order=f"ORD-{4700 + i // 5}",
+            steps=steps,
+        )
+        uid = demo_uid(i)
+        message = encode_tag(recipe, uid, key, "demo", TAG_CAPACITY["ntag215"])
+        contents = decode_tag(message, uid, keyring)  # the previous station's write-back
+        done = contents.progress.with_record(
+            0, StepRecord(StepStatus.OK, "st-10", int(time.time())), len(steps)
+        )
+        message = update_progress(contents, done)
+        if ntag is None:
+            assert reader is not None
+            reader.present(SimulatedTag(uid, message))
+        else:
+            tag = NtagImage.blank("NTAG215", uid)
+            tag.put_ndef(message)
+            ntag.present(tag)
+        report = await station.next_report(60)
+        ok += report.status == "ok"
+        line = format_report(i + 1, report.as_message())
+        if ntag is None:
+            assert reader is not None
+            reader.remove(uid)
+        else:
+            ntag.remove()
+            line += f"  tag {report.tag_write}, {_read_back(tag, uid, keyring)}"
+        print(line, file=out)
+        if view is not None:  # --sparkplug: what a Sparkplug host received for this part
+            await asyncio.sleep(0.05)  # the host's copies trail the cycle slightly
+            for seen in view.take():
+                print(seen, file=out)
+
+    return await _drain(station.agent, out), ok
+
+
 async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
     from .sim.reference_plc import ReferencePlc
 
@@ -300,15 +358,17 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
         private_path, public_path = generate_keypair("demo", workdir)
         default_profile = "reference-opcua.yaml" if options.opcua else "reference-plc.yaml"
         profile = options.profile.resolve() if options.profile else find_profile(default_profile)
-        config_path = workdir / "demo.yaml"
-        config_path.write_text(
-            f"gateway_id: {GATEWAY}\nstation: {STATION}\n"
-            f"reader: {reader_yaml}\n"
-            f"machine: {{profile: {json.dumps(str(profile))}, {machine_fields}}}\n"
-            f"broker: {{host: {broker_host}, port: {broker_port}, reconnect_min: 0.2, reconnect_max: 5}}\n"
-            f"trusted_keys: {{demo: {json.dumps(str(public_path))}}}\n"
-            f"state_dir: {json.dumps(str((options.state_dir or workdir / 'state').resolve()))}\n"
-            + ("sparkplug: {enabled: true, group_id: demo}\n" if options.sparkplug else "")
+        config_path = station_config(
+            workdir / "demo.yaml",
+            gateway_id=GATEWAY,
+            station=STATION,
+            reader=reader_yaml,
+            profile=profile,
+            machine=machine_fields,
+            broker=f"host: {broker_host}, port: {broker_port}, reconnect_min: 0.2, reconnect_max: 5",
+            trusted_keys={"demo": public_path},
+            state_dir=(options.state_dir or workdir / "state").resolve(),
+            extra="sparkplug: {enabled: true, group_id: demo}\n" if options.sparkplug else "",
         )
         config = load_config(config_path)
         print(
@@ -318,64 +378,17 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
             file=out,
         )
         reader = None if options.nfc else SimulatedReader()
-        agent = Agent(config, reader=reader)  # --nfc: the config's nfc reader, from the registry
-        listener = _Subscriber(broker_host, broker_port, agent.uplink.topic("cycles"))
+        listener = _Subscriber(
+            broker_host, broker_port, f"{config.broker.topic_prefix}/{GATEWAY}/cycles"
+        )
         view = _sparkplug_view(broker_host, broker_port) if options.sparkplug else None
-        stop = asyncio.Event()
-        runner = asyncio.create_task(agent.run(stop))
-        await agent.uplink.wait_connected(5)
-
-        key = load_private_key(private_path)
-        keyring = KeyRing({"demo": key.public_key()})
-        started = time.perf_counter()
-        ok = 0  # as the agent produced them; the listener counts what came through the broker
-        for i in range(options.parts):
-            if options.rate > 0:
-                await asyncio.sleep(max(0.0, started + i / options.rate - time.perf_counter()))
-            product, variant, steps = (demo_opcua_steps if options.opcua else demo_steps)(i)
-            recipe = Recipe.from_steps(
-                part_id=f"P-{i + 1:05d}",
-                product=product,
-                variant=variant,
-                order=f"ORD-{4700 + i // 5}",
-                steps=steps,
-            )
-            uid = demo_uid(i)
-            message = encode_tag(recipe, uid, key, "demo", TAG_CAPACITY["ntag215"])
-            contents = decode_tag(message, uid, keyring)  # the previous station's write-back
-            done = contents.progress.with_record(
-                0, StepRecord(StepStatus.OK, "st-10", int(time.time())), len(steps)
-            )
-            message = update_progress(contents, done)
-            if ntag is None:
-                assert reader is not None
-                reader.present(SimulatedTag(uid, message))
-            else:
-                tag = NtagImage.blank("NTAG215", uid)
-                tag.put_ndef(message)
-                ntag.present(tag)
-            report = await asyncio.wait_for(agent.reports.get(), timeout=60)
-            ok += report.status == "ok"
-            line = format_report(i + 1, report.as_message())
-            if ntag is None:
-                assert reader is not None
-                reader.remove(uid)
-            else:
-                ntag.remove()
-                line += f"  tag {report.tag_write}, {_read_back(tag, uid, keyring)}"
-            print(line, file=out)
-            if view is not None:
-                await asyncio.sleep(0.05)  # the host's copies trail the cycle slightly
-                for seen in view.take():
-                    print(seen, file=out)
-
-        delivered = await _drain(agent, out)
-        for _ in range(200):  # the listener's copies trail the broker's PUBACKs slightly
-            if len(listener.reports) >= options.parts:
-                break
-            await asyncio.sleep(0.01)
-        stop.set()
-        await runner
+        # --nfc: the config's nfc reader, from the registry
+        async with running_station(config, reader=reader) as station:
+            delivered, ok = await _feed(options, station, reader, ntag, private_path, out, view)
+            for _ in range(200):  # the listener's copies trail the broker's PUBACKs slightly
+                if len(listener.reports) >= options.parts:
+                    break
+                await asyncio.sleep(0.01)
         listener.close()
         if view is not None:
             await asyncio.sleep(0.2)

@@ -7,7 +7,6 @@ session (its start costs ≈ 1.5 s); tests that kill it start their own.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -21,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.instructions.signing import KeyRing, generate_keypair, load_private_key
+from edge_agent.sim.station import running_station
 from edge_agent.tag.simulated import SimulatedReader
 from tests.station_harness import REPO, Station
 
@@ -144,13 +143,7 @@ async def opcua_station(
     )
     config = load_config(path)
     reader = SimulatedReader()
-    agent = Agent(config, reader=reader)
     key = load_private_key(tmp / "mes.key")
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    await agent.uplink.wait_connected(5)
-    try:
-        yield Station(agent, key, KeyRing({"mes": key.public_key()}), tmp)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
+    async with running_station(config, reader=reader) as run:
+        keyring = KeyRing({"mes": key.public_key()})
+        yield Station(run.agent, key, keyring, tmp, run.reports)

@@ -18,6 +18,8 @@ from edge_agent.instructions.codec import TAG_CAPACITY, decode_tag, encode_tag, 
 from edge_agent.instructions.model import Step, StepRecord, StepStatus
 from edge_agent.instructions.recipe import Recipe
 from edge_agent.instructions.signing import KeyRing, generate_keypair, load_private_key
+from edge_agent.sim.station import running_station as run_agent
+from edge_agent.sim.station import station_config
 from edge_agent.station.cycle import CycleReport
 from edge_agent.tag.simulated import SimulatedReader, SimulatedTag
 
@@ -35,6 +37,7 @@ class Station:
     key: Ed25519PrivateKey
     keyring: KeyRing
     tmp: Path
+    reports: asyncio.Queue[CycleReport]  # every report the agent produced, in order
 
     @property
     def reader(self) -> SimulatedReader:
@@ -67,7 +70,7 @@ class Station:
 
     async def cycle(self, tag: SimulatedTag, timeout: float = 10) -> CycleReport:
         self.reader.present(tag)
-        report = await asyncio.wait_for(self.agent.reports.get(), timeout)
+        report = await asyncio.wait_for(self.reports.get(), timeout)
         self.reader.remove(tag.uid)
         return report
 
@@ -99,15 +102,17 @@ def write_config(
 ) -> Path:
     _private, public = generate_keypair("mes", tmp)
     _private, certifier = generate_keypair("cert", tmp)
-    path = tmp / "station.yaml"
-    path.write_text(
-        f"gateway_id: gw-test\nstation: {station}\nreader: {reader}\n"
-        f"machine: {{profile: {json.dumps(str(PROFILE))}, host: 127.0.0.1, port: {plc_port}, timeout: 0.5, reconnect_max: 0.5}}\n"
-        f"broker: {{host: 127.0.0.1, port: {broker_port}, reconnect_min: 0.05, reconnect_max: 0.3}}\n"
-        f"trusted_keys: {{mes: {json.dumps(str(public))}}}\n{extra}"
-        f"profile_keys: {{cert: {json.dumps(str(certifier))}}}\n"  # last: `extra` keeps its lines
+    return station_config(
+        tmp / "station.yaml",
+        profile=PROFILE,
+        machine=f"host: 127.0.0.1, port: {plc_port}, timeout: 0.5, reconnect_max: 0.5",
+        broker=f"host: 127.0.0.1, port: {broker_port}, reconnect_min: 0.05, reconnect_max: 0.3",
+        trusted_keys={"mes": public},
+        station=station,
+        reader=reader,
+        # profile_keys last: the caller's `extra` keeps its line numbers
+        extra=extra + f"profile_keys: {{cert: {json.dumps(str(certifier))}}}\n",
     )
-    return path
 
 
 @asynccontextmanager
@@ -119,13 +124,7 @@ async def running_station(
     path = write_config(tmp, plc_port, broker_port, **kw)
     config = load_config(path)
     simulated = SimulatedReader() if "reader" not in kw else None
-    agent = Agent(config, reader=simulated)
     key = load_private_key(tmp / "mes.key")
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    await agent.uplink.wait_connected(5)
-    try:
-        yield Station(agent, key, KeyRing({"mes": key.public_key()}), tmp)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 20)
+    async with run_agent(config, reader=simulated) as run:
+        keyring = KeyRing({"mes": key.public_key()})
+        yield Station(run.agent, key, keyring, tmp, run.reports)

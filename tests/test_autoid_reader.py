@@ -17,6 +17,7 @@ from edge_agent.instructions.signing import KeyRing, load_private_key
 from edge_agent.sim.autoid_reader import AutoIdReaderSim, SimulatedRfidTag
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
+from edge_agent.station.cycle import CycleReport
 from edge_agent.tag.autoid import AutoIdReader
 from edge_agent.tag.reader import ScanKind
 from tests.station_harness import DRILL, PRESS, Station, write_config
@@ -46,14 +47,16 @@ async def _station(
     path = write_config(tmp_path, plc.port, broker.port)
     reader = f"{{type: autoid, url: '{sim.url}', timeout: 2}}"
     path.write_text(path.read_text().replace("reader: {type: simulated}", f"reader: {reader}"))
-    agent = Agent(load_config(path))
+    reports: asyncio.Queue[CycleReport] = asyncio.Queue()
+    agent = Agent(load_config(path), on_report=reports.put_nowait)
     assert isinstance(agent.reader, AutoIdReader)
     key = load_private_key(tmp_path / "mes.key")
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     await agent.uplink.wait_connected(5)
     await asyncio.wait_for(agent.reader.connected.wait(), 10)
-    return Station(agent, key, KeyRing({"mes": key.public_key()}), tmp_path), stop, task
+    keyring = KeyRing({"mes": key.public_key()})
+    return Station(agent, key, keyring, tmp_path, reports), stop, task
 
 
 async def test_scan_event_runs_the_cycle_and_writes_progress_with_write_tag(
@@ -64,7 +67,7 @@ async def test_scan_event_runs_the_cycle_and_writes_progress_with_write_tag(
         message = station.tag([Step("drill", DRILL, "st-20"), Step("press", PRESS, "st-30")], UID)
         tag = rfid_tag(message.message)
         await autoid_sim.present(tag)
-        report = await asyncio.wait_for(station.agent.reports.get(), 10)
+        report = await asyncio.wait_for(station.reports.get(), 10)
         await autoid_sim.remove()
     finally:
         stop.set()
@@ -88,7 +91,7 @@ async def test_read_tag_failure_status_is_a_failed_cycle_naming_it(
         message = station.tag([Step("drill", DRILL, "st-20")], UID)
         autoid_sim.fail_next_read = 10  # READ_ERROR
         await autoid_sim.present(rfid_tag(message.message))
-        report = await asyncio.wait_for(station.agent.reports.get(), 10)
+        report = await asyncio.wait_for(station.reports.get(), 10)
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)

@@ -163,7 +163,7 @@ async def test_write_is_refused_while_a_cycle_runs(
     await in_cycle(station)
     reply = await line.call("write", {"values": {"dwell": 999}})
     assert error(reply) == "busy"
-    report = await asyncio.wait_for(station.agent.reports.get(), 5)
+    report = await asyncio.wait_for(station.reports.get(), 5)
     assert report.status == "ok" and report.results["actual_dwell"] == DRILL["dwell"]
     assert reference_plc.snapshot()["holding"][8] == DRILL["dwell"]
     # Between cycles the same write goes through.
@@ -180,7 +180,7 @@ async def test_pause_lets_the_part_in_the_machine_finish_and_refuses_new_parts(
     await in_cycle(station)
     reply = await line.call("pause")
     assert reply["result"] == {"paused": True, "cycle_running": True}
-    report = await asyncio.wait_for(station.agent.reports.get(), 5)
+    report = await asyncio.wait_for(station.reports.get(), 5)
     assert report.status == "ok"  # the part in the machine finished
     station.reader.remove(first.uid)
 
@@ -272,7 +272,7 @@ async def test_profile_push_activates_between_cycles_and_rolls_back(
     await in_cycle(station)
     params = certified(station.tmp, narrower_profile())
     push = asyncio.create_task(line.call("push_profile", params))
-    first = await asyncio.wait_for(station.agent.reports.get(), 5)
+    first = await asyncio.wait_for(station.reports.get(), 5)
     reply = await push
     # The cycle in the machine finished on the profile it started with; then 1.1 took over.
     assert first.status == "ok" and first.profile["version"] == "1.0"

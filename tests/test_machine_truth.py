@@ -235,7 +235,7 @@ async def test_an_abort_owed_after_an_outage_is_said_in_words_and_completed_firs
     station.reader.present(station.tag(routing(DRILL), done=1))
     await until(lambda: reference_plc.snapshot()["coil"][TRIGGER], 10, "the trigger")
     await reference_plc.stop()
-    report = await asyncio.wait_for(station.agent.reports.get(), 20)
+    report = await asyncio.wait_for(station.reports.get(), 20)
     assert report.status == "failed"
     assert report.machine_state.startswith(
         "abort failed: could not reset trigger: modbus 127.0.0.1"
@@ -268,7 +268,7 @@ async def test_cycle_counter_that_does_not_advance_by_one_fails_the_cycle(
     await until(lambda: reference_plc.snapshot()["coil"][TRIGGER], 10, "the trigger")
     before = reference_plc.snapshot()["input"][CYCLES] - 1
     reference_plc.poke("input", CYCLES, [before + 3])
-    report = await asyncio.wait_for(station.agent.reports.get(), 10)
+    report = await asyncio.wait_for(station.reports.get(), 10)
     station.reader.remove(tag.uid)
 
     assert report.status == "failed" and report.reason == "machine_fault", report.error

@@ -128,7 +128,7 @@ async def test_station_with_on_return_ignore_runs_no_cycle_for_a_returning_tag(
     async with station(tmp_path, reference_plc, broker, "ignore") as (st, sim):
         first, other = _ntag(st, UID), _ntag(st, OTHER)
         sim.present(first)
-        done = await asyncio.wait_for(st.agent.reports.get(), 10)
+        done = await asyncio.wait_for(st.reports.get(), 10)
         reader = st.agent.reader
         assert isinstance(reader, ReturnFilter)
         inner = reader.inner
@@ -140,10 +140,10 @@ async def test_station_with_on_return_ignore_runs_no_cycle_for_a_returning_tag(
         sim.remove()
         sim.present(other)
         # Cycles run in arrival order: the next report is the other tag's, none came in between.
-        next_report = await asyncio.wait_for(st.agent.reports.get(), 10)
+        next_report = await asyncio.wait_for(st.reports.get(), 10)
         sim.remove()
         sim.present(first)  # after another tag: handed to the cycle, which says why not
-        returned = await asyncio.wait_for(st.agent.reports.get(), 10)
+        returned = await asyncio.wait_for(st.reports.get(), 10)
     assert (done.tag_uid, done.status) == (UID.hex().upper(), "ok")
     assert (next_report.tag_uid, next_report.status) == (OTHER.hex().upper(), "ok")
     assert (returned.tag_uid, returned.reason, returned.machine_state) == (

@@ -54,10 +54,10 @@ async def test_tag_presented_again_is_recognised_and_not_run_twice(
     async with nfc_station(tmp_path, reference_plc, broker) as (station, sim):
         tag = ntag(station, [Step("drill", DRILL, "st-20"), Step("press", PRESS, "st-30")], uid)
         sim.present(tag)
-        first = await asyncio.wait_for(station.agent.reports.get(), 10)
+        first = await asyncio.wait_for(station.reports.get(), 10)
         sim.remove()
         sim.present(tag)  # the same part comes back to this station
-        again = await asyncio.wait_for(station.agent.reports.get(), 10)
+        again = await asyncio.wait_for(station.reports.get(), 10)
     assert (first.status, first.tag_write, first.step and first.step["index"]) == ("ok", "ok", 0)
     assert (again.status, again.reason, again.machine_state) == (
         "rejected",
@@ -78,7 +78,7 @@ async def test_read_only_tag_cycle_reports_the_failed_write(
         message = tag.ndef_message()
         tag.make_read_only()
         sim.present(tag)
-        report = await asyncio.wait_for(station.agent.reports.get(), 10)
+        report = await asyncio.wait_for(station.reports.get(), 10)
     assert (
         report.status == "ok"
     )  # the machine did the step; the report says the tag was not updated

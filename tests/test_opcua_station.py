@@ -132,7 +132,7 @@ async def test_server_killed_mid_cycle_fails_that_cycle_then_the_station_recover
             await asyncio.sleep(0.5)  # parameters written, trigger set, waiting for Done (3 s)
             t0 = time.monotonic()
             machine.kill()
-            report: CycleReport = await asyncio.wait_for(station.agent.reports.get(), 5)
+            report: CycleReport = await asyncio.wait_for(station.reports.get(), 5)
             station.reader.remove(tag.uid)
             noticed = time.monotonic() - t0
 

@@ -129,6 +129,7 @@ def test_the_file_is_in_wal_mode(tmp_path: Path) -> None:
 def test_memory_outbox_has_the_same_interface() -> None:
     box = MemoryOutbox()
     message = box.put("t", lambda seq: str(seq).encode(), 1, False, Keep.TELEMETRY)
+    assert message is not None
     assert message.payload == b"1" and not box.full and box.oldest_created() is not None
     box.ack(message.id)
     assert len(box) == 0 and box.oldest_created() is None

@@ -111,12 +111,12 @@ async def test_reports_filling_the_size_limit_stop_the_station(
         machine_before = reference_plc.snapshot()
         station.reader.present(station.tag(steps, uid=bytes([4, 8, 8, 8, 8, 8, 99]), done=1))
         await asyncio.sleep(0.5)
-        assert station.agent.reports.empty()
+        assert station.reports.empty()
         assert reference_plc.snapshot() == machine_before
 
         await broker.start()
         watch = MqttRecorder(broker.host, broker.port, status, session="status-watch")
-        report = await asyncio.wait_for(station.agent.reports.get(), 15)
+        report = await asyncio.wait_for(station.reports.get(), 15)
         assert report.status == "ok"  # taken once the broker drained the outbox
         assert await uplink.flush(10)
         # The line saw the station stop taking parts, and take them again.

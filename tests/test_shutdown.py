@@ -10,6 +10,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
+from edge_agent.station.cycle import CycleReport
 from edge_agent.tag.simulated import SimulatedReader
 from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import DRILL, PRESS, Station, write_config
@@ -33,12 +34,14 @@ async def _station(
         extra=f"cycle: {{drain_timeout: {drain}}}\ntelemetry: {{enabled: false}}\n",
     )
     reader = SimulatedReader()
-    agent = Agent(load_config(path), reader=reader)
+    reports: asyncio.Queue[CycleReport] = asyncio.Queue()
+    agent = Agent(load_config(path), reader=reader, on_report=reports.put_nowait)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     assert await agent.uplink.wait_connected(5)
     key = load_private_key(tmp / "mes.key")
-    return Station(agent, key, KeyRing({"mes": key.public_key()}), tmp), stop, task
+    keyring = KeyRing({"mes": key.public_key()})
+    return Station(agent, key, keyring, tmp, reports), stop, task
 
 
 async def _until(condition: Any, timeout: float = 5) -> None:

@@ -79,11 +79,11 @@ async def test_happy_path_programs_machine_and_reports(
 async def test_tag_left_on_reader_runs_once(station: Station, reference_plc: Plc) -> None:
     tag = station.tag(routing(Step("drill", DRILL, "st-20")), done=1)
     station.reader.present(tag)
-    report = await asyncio.wait_for(station.agent.reports.get(), 10)
+    report = await asyncio.wait_for(station.reports.get(), 10)
     assert report.status == "ok"
     station.reader.present(tag)  # still lying there: the reader gives no new event
     await asyncio.sleep(0.3)
-    assert station.agent.reports.empty()
+    assert station.reports.empty()
     assert reference_plc.snapshot()["input"][10] == 1
     # Taken away and put back: recognised, but its step here is done -> nothing runs.
     station.reader.remove(tag.uid)
@@ -195,7 +195,7 @@ async def test_plc_stops_answering_mid_cycle(station: Station, reference_plc: Pl
     station.reader.present(tag)
     await asyncio.sleep(0.3)
     await reference_plc.stop()
-    report = await asyncio.wait_for(station.agent.reports.get(), 15)
+    report = await asyncio.wait_for(station.reports.get(), 15)
     assert report.status == "failed"
     assert report.reason in ("machine_error", "machine_fault")
     assert "127.0.0.1" in (report.error or "")  # names the device

@@ -269,11 +269,11 @@ async def test_full_outbox_of_reports_stops_taking_parts(
         machine_before = reference_plc.snapshot()
         station.reader.present(station.tag(steps, uid=bytes([4, 7, 7, 7, 7, 7, 99]), done=1))
         await asyncio.sleep(1.0)
-        assert station.agent.reports.empty()
+        assert station.reports.empty()
         assert reference_plc.snapshot() == machine_before
 
         await broker.start()
-        report = await asyncio.wait_for(station.agent.reports.get(), 15)
+        report = await asyncio.wait_for(station.reports.get(), 15)
         assert report.status == "ok"  # taken once the broker drained the outbox
         assert await uplink.flush(10)
         received = first_copies(await recorder.wait_for("gw-test/cycles", 11))

@@ -162,7 +162,7 @@ async def test_station_runs_a_cycle_on_a_type4_tag_and_writes_progress_back(
             steps = [Step("drill", DRILL, "st-20"), Step("press", PRESS, "st-30")]
             tag = type4(station.tag(steps, uid=UID).message)
             sim.present(tag)
-            report = await asyncio.wait_for(station.agent.reports.get(), 10)
+            report = await asyncio.wait_for(station.reports.get(), 10)
             keyring = station.keyring
     assert (report.status, report.tag_write, report.step and report.step["index"]) == (
         "ok",

@@ -32,6 +32,7 @@ from ..errors import MachineError
 from ..machine.driver import MachineDriver, PushingDriver
 from ..machine.profile import Profile, TelemetryGroup
 from ..messages import event, iso, jsonable
+from ..supervisor import Spawn, plain_spawn
 
 log = structlog.get_logger("telemetry")
 
@@ -76,6 +77,7 @@ class Telemetry:
         driver: MachineDriver,
         publish: Publish,
         enabled: bool = True,
+        spawn: Spawn = plain_spawn,
     ) -> None:
         self.gateway_id = gateway_id
         self.driver = driver
@@ -87,11 +89,12 @@ class Telemetry:
         }
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._spawn = spawn  # the agent's supervisor restarts a group that fails unexpectedly
 
     def start(self) -> None:
         self._stopping = False
         self._tasks = [
-            asyncio.create_task(self._run(g), name=f"telemetry-{g.name}")
+            self._spawn(f"telemetry-{g.name}", functools.partial(self._run, g))
             for g in self.groups.values()
         ]
 

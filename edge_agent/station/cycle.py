@@ -4,6 +4,12 @@
     step and check it is this station's -> check every value against the profile BEFORE any write
     -> write -> handshake -> read results -> write progress onto the tag -> publish the report
 
+Write-ahead: before the machine is touched, the report is committed as it would read if the agent
+died then (``interrupted``), and again before the tag is written back (the tag write ``unknown``);
+the final report replaces it. So a crash at any instant still leaves a report for every machine
+cycle, and a tag never says done without a report behind it. When the report cannot be committed
+(outbox unwritable), the part is refused (``not_recording``) with the machine untouched.
+
 Three outcomes, each a report: ``ok``; ``rejected`` (the machine was not touched, e.g. because it
 cannot be reached: ``machine_unavailable``); ``failed`` (the
 machine was touched and the abort steps ran so it is left with its trigger reset). A report is
@@ -24,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from ..errors import MachineError, MachineFault, PartRejected, TagIOError
+from ..errors import EdgeAgentError, MachineError, MachineFault, PartRejected, TagIOError
 from ..instructions.codec import TagContents, decode_tag, update_progress
 from ..instructions.model import ParamValue, Step, StepRecord, StepStatus
 from ..instructions.signing import KeyRing
@@ -42,6 +48,16 @@ Publish = Callable[[dict[str, Any]], object]
 #: The line's live adjustments (``line/adjustments.py``): step, part ->
 #: (adjusted step, program number replacing the operation's or None, record for the report).
 Adjust = Callable[[Step, dict[str, Any]], tuple[Step, int | None, dict[str, Any] | None]]
+
+
+@dataclass(frozen=True)
+class WriteAhead:
+    """Where the cycle commits its report ahead of the machine and the tag (the outbox)."""
+
+    #: Commit the report as given, unsent; raises EdgeAgentError when it cannot be stored.
+    hold: Callable[[dict[str, Any]], object]
+    #: The final report, replacing the held one.
+    release: Callable[[dict[str, Any]], object]
 
 
 @dataclass
@@ -89,6 +105,7 @@ class StationCycle:
         write_back: bool = True,
         adjust: Adjust | None = None,
         state_dir: Path | None = None,
+        write_ahead: WriteAhead | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         self.station = station
@@ -99,6 +116,8 @@ class StationCycle:
         self.publish = publish
         self.write_back = write_back
         self.adjust = adjust
+        self.write_ahead = write_ahead
+        self._held = False  # this cycle's report is committed ahead: the final one replaces it
         self.busy = False
         # Marked before a trigger is set, cleared when the machine is idle again; survives a crash.
         self._journal = AbortJournal(state_dir)
@@ -113,14 +132,41 @@ class StationCycle:
         report = CycleReport(self.gateway_id, self.station, event.uid.hex().upper())
         report.profile = self.profile.describe()
         self.busy = True
+        self._held = False
         try:
             await self._cycle(event, report, started)
+        except Exception as err:
+            # A defect, not a machine or tag problem: still a report, then the supervisor's turn.
+            report.status, report.reason = "failed", "internal_error"
+            report.error = f"unexpected error in the station cycle: {err}"
+            if self._held and report.machine_state == "untouched":
+                report.machine_state = "unknown: the cycle stopped on an unexpected error"
+            raise
         finally:
             self.busy = False
             report.durations_ms["total"] = _ms(started)
-            self.publish(report.as_message())
+            message = report.as_message()
+            if self._held and self.write_ahead is not None:
+                self.write_ahead.release(message)
+            else:
+                self.publish(message)
             _log_report(report)
         return report
+
+    def _hold(self, report: CycleReport, **if_we_die_now: Any) -> bool:
+        """Write ahead: commit the report as it must read if the agent dies from here on.
+
+        False when it cannot be committed: the caller then touches neither machine nor tag.
+        """
+        if self.write_ahead is None:
+            return True
+        try:
+            self.write_ahead.hold({**report.as_message(), **if_we_die_now})
+        except EdgeAgentError as err:
+            log.error("report cannot be recorded ahead", tag=report.tag_uid, error=str(err))
+            return False
+        self._held = True
+        return True
 
     async def _cycle(self, event: ScanEvent, report: CycleReport, started: float) -> None:
         uid = event.uid
@@ -160,6 +206,12 @@ class StationCycle:
         if program is not None:
             operation = operation.model_copy(update={"program": program})
         if not await self._machine_reachable(report):
+            return
+        if not self._hold(report, **_INTERRUPTED):  # committed before anything is written
+            report.reason = "not_recording"
+            report.error = (
+                "cycle reports cannot be stored (outbox): part not taken, machine untouched"
+            )
             return
         rule, counter = self._idle_rule(), self.profile.cycle_counter
         try:
@@ -414,6 +466,9 @@ class StationCycle:
     ) -> None:
         if not self.write_back:
             return
+        if not self._hold(report, tag_write="unknown: the agent stopped during the tag write-back"):
+            report.tag_write = "failed: not written, the report could not be stored first"
+            return
         t0 = time.perf_counter()
         record = StepRecord(status, self.station, int(time.time()))
         progress = contents.progress.with_record(index, record, len(contents.traveler.steps))
@@ -426,7 +481,19 @@ class StationCycle:
         except (TagIOError, ValueError) as err:
             # The result is not lost: it is in this report. The tag just does not show it yet.
             report.tag_write = f"failed: {err}"
+        except Exception as err:  # e.g. PermissionError from a reader: this part, not the station
+            log.exception("tag write-back failed unexpectedly", tag=report.tag_uid)
+            report.tag_write = f"failed: {err}"
         report.durations_ms["tag_write"] = _ms(t0)
+
+
+#: The report as committed before the machine is touched: what stands if the agent dies mid-cycle.
+_INTERRUPTED: dict[str, Any] = {
+    "status": "failed",
+    "reason": "interrupted",
+    "error": "the agent stopped during the cycle (crash or power loss); the machine may have run it",
+    "machine_state": "unknown: the agent stopped during the cycle",
+}
 
 
 def _machine_reason(err: Exception) -> str:

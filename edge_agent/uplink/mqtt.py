@@ -17,7 +17,9 @@ the message id carried in each payload, and see gaps or order by its per-gateway
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import json
 import socket
 import ssl
@@ -26,7 +28,8 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -37,7 +40,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..config import BrokerConfig
-from ..link import Link, LinkDown
+from ..errors import EdgeAgentError
+from ..link import Backoff, Link, LinkDown
+from ..supervisor import Spawn, plain_spawn
 from .outbox import Keep, MemoryOutbox, Outbox, OutMessage
 
 log = structlog.get_logger("uplink")
@@ -68,6 +73,37 @@ def classify(suffix: str) -> Keep:
     if suffix == "cycles":
         return Keep.RECORD
     return Keep.TELEMETRY if suffix.split("/")[0] == "telemetry" else Keep.EVENT
+
+
+#: Messages kept in memory while the outbox cannot write (disk full, I/O error). Parts are refused
+#: meanwhile, so what gathers here is one refusal report per part shown, events and replies.
+SPILL_MAX = 1000
+#: MQTT 5 properties kept for messages waiting in the outbox (replies on a response topic).
+PROPERTIES_MAX = 10_000
+
+
+def _with_seq(body: dict[str, Any]) -> Callable[[int], bytes]:
+    return lambda seq: dumps({**body, "seq": seq})
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def _guarded(callback: _F) -> _F:
+    """Nothing raises into paho: its loop would drop the connection, or worse, stop reading."""
+
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            callback(*args, **kwargs)
+        except Exception:
+            log.exception("MQTT callback failed", callback=callback.__name__)
+
+    return cast(_F, run)
 
 
 #: CONNACK reasons that another attempt with the same settings cannot fix: wait longest.
@@ -169,6 +205,15 @@ class MqttUplink:
         self._status_at = 0.0  # monotonic time the retained status was last published
         self._status_next = 10  # the backlog that makes the next status and log line (x10 each)
         self._status_backlog = 0  # the backlog the last status told
+        # While the outbox cannot write: messages waiting to be stored, acks to be stored again.
+        self._spill: collections.deque[tuple[str, Any, int, bool, Keep, str | None]] = (
+            collections.deque()
+        )
+        self._ack_retry: set[int] = set()
+        self.outbox_error: str | None = None
+        self._outbox_trouble = asyncio.Event()
+        #: Told when the outbox stops (error text) or resumes (None) being writable.
+        self.on_outbox_change: Callable[[str | None], None] | None = None
 
     # ----------------------------------------------------------------- public API
 
@@ -183,16 +228,21 @@ class MqttUplink:
     def backlog(self) -> int:
         return len(self.outbox)
 
-    async def start(self, status: StatusFn) -> None:
-        """Begin connecting in the background; returns at once (a broker that is down is not fatal)."""
+    async def start(self, status: StatusFn, spawn: Spawn = plain_spawn) -> None:
+        """Begin connecting in the background; returns at once (a broker that is down is not fatal).
+
+        ``spawn`` starts the link's long-lived tasks (the agent's supervisor restarts them).
+        """
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._status_fn = status
+        self._release_held()
         self._tasks = [
-            asyncio.create_task(self._supervise(), name="mqtt-supervisor"),
-            asyncio.create_task(self._send(), name="mqtt-sender"),
-            asyncio.create_task(self._misc(), name="mqtt-misc"),
-            asyncio.create_task(self._refresh_status(), name="mqtt-status"),
+            spawn("mqtt-supervisor", self._supervise),
+            spawn("mqtt-sender", self._send),
+            spawn("mqtt-misc", self._misc),
+            spawn("mqtt-status", self._refresh_status),
+            spawn("outbox-retry", self._retry_outbox),
         ]
 
     def publish(
@@ -203,24 +253,142 @@ class MqttUplink:
         qos: int = 1,
         retain: bool = False,
         keep: Keep | None = None,
+        release: str | None = None,
     ) -> OutMessage | None:
         """Queue a message. It is delivered when the broker is reachable, in order.
+
+        ``release``: the id of a report ``hold()`` committed; this message replaces it.
 
         The payload gains a stable ``id`` (kept if it has one) and the per-gateway ``seq``, so
         consumers can drop redelivered duplicates. None when a full outbox refused it (telemetry).
         """
         body = {"id": uuid.uuid4().hex, **payload}
-        message = self.outbox.put(
-            self.topic(suffix),
-            lambda seq: dumps({**body, "seq": seq}),
-            qos,
-            retain,
-            classify(suffix) if keep is None else keep,
-        )
+        keep = classify(suffix) if keep is None else keep
+        return self._put(self.topic(suffix), _with_seq(body), qos, retain, keep, release)
+
+    def hold(self, suffix: str, payload: dict[str, Any]) -> None:
+        """Write ahead: commit ``payload`` (keyed by its ``id``) without sending it.
+
+        A later ``publish(..., release=id)`` replaces it; if the process dies first, the next start
+        sends it as it stands. Raises OutboxError when the outbox cannot write: the caller must
+        then not touch the machine or the tag.
+        """
+        try:
+            self.outbox.hold(payload["id"], self.topic(suffix), dumps(payload), 1)
+        except EdgeAgentError as err:
+            self._outbox_failed(str(err))
+            raise
+
+    @property
+    def recording(self) -> bool:
+        """False while the outbox cannot write: no part may be taken."""
+        return self.outbox_error is None
+
+    def _put(
+        self, topic: str, payload: Any, qos: int, retain: bool, keep: Keep, release: str | None
+    ) -> OutMessage | None:
+        if self._spill or self.outbox_error is not None:
+            self._queue_spill(topic, payload, qos, retain, keep, release)  # keeps the order
+            return None
+        try:
+            message = self.outbox.put(topic, payload, qos, retain, keep, release)
+        except EdgeAgentError as err:
+            self._queue_spill(topic, payload, qos, retain, keep, release)
+            self._outbox_failed(str(err))
+            return None
         if message is not None:
             self._newest = message.id
         self._wake.set()
         return message
+
+    def _queue_spill(
+        self, topic: str, payload: Any, qos: int, retain: bool, keep: Keep, release: str | None
+    ) -> None:
+        if keep is Keep.TELEMETRY:
+            return  # the next reading supersedes it
+        if len(self._spill) >= SPILL_MAX:
+            victim = next((m for m in self._spill if m[4] < Keep.RECORD), self._spill[0])
+            self._spill.remove(victim)
+            log.error(
+                "outbox unwritable and the memory queue full: a message is lost", topic=victim[0]
+            )
+        self._spill.append((topic, payload, qos, retain, keep, release))
+
+    def _outbox_failed(self, error: str) -> None:
+        self._outbox_trouble.set()
+        if self.outbox_error is not None:
+            return
+        self.outbox_error = error
+        log.error("outbox cannot write: not taking parts until it can", error=error)
+        event = {
+            "schema": "edge-agent/event/1",
+            "event": "outbox_failed",
+            "gateway_id": self.gateway_id,
+            "time": _now_iso(),
+            "error": error,
+        }
+        body = {"id": uuid.uuid4().hex, **event}
+        # Now, straight to the broker if it is there; and stored once the outbox writes again.
+        if self.connected:
+            self._client.publish(self.topic("events"), dumps(body), qos=1)
+        self._queue_spill(self.topic("events"), _with_seq(body), 1, False, Keep.EVENT, None)
+        if self.on_outbox_change is not None:
+            self.on_outbox_change(error)
+        self.refresh_status()
+
+    def _retry_pending(self) -> bool:
+        """Store what waits in memory, oldest first; True once nothing is left."""
+        for message_id in list(self._ack_retry):
+            self.outbox.ack(message_id)  # OutboxError: still failing
+            self._ack_retry.discard(message_id)
+        while self._spill:
+            topic, payload, qos, retain, keep, release = self._spill[0]
+            message = self.outbox.put(topic, payload, qos, retain, keep, release)
+            self._spill.popleft()
+            if message is not None:
+                self._newest = message.id
+            self._wake.set()
+        return True
+
+    async def _retry_outbox(self) -> None:
+        backoff = Backoff(0.2, 5.0)
+        while True:
+            await self._outbox_trouble.wait()
+            await asyncio.sleep(backoff.remaining() or backoff.minimum)
+            try:
+                self._retry_pending()
+            except EdgeAgentError as err:
+                backoff.failed(str(err))
+                continue
+            backoff.succeeded()
+            self._outbox_trouble.clear()
+            if self.outbox_error is not None:
+                log.info("outbox writes again: taking parts", was=self.outbox_error)
+                self.outbox_error = None
+                self.publish(
+                    "events",
+                    {
+                        "schema": "edge-agent/event/1",
+                        "event": "outbox_recovered",
+                        "gateway_id": self.gateway_id,
+                        "time": _now_iso(),
+                    },
+                )
+                if self.on_outbox_change is not None:
+                    self.on_outbox_change(None)
+                self.refresh_status()
+
+    def _release_held(self) -> None:
+        # Reports held by a run that died (crash, power cut): each goes out as it was last held.
+        for key, topic, payload, qos, keep in self.outbox.held():
+            body = json.loads(payload)
+            log.warning(
+                "sending a cycle report held by the last run, which stopped mid-cycle",
+                report=key,
+                status=body.get("status"),
+                reason=body.get("reason"),
+            )
+            self._put(topic, _with_seq(body), qos, False, keep, key)
 
     @property
     def oldest_age(self) -> float:
@@ -255,12 +423,13 @@ class MqttUplink:
         """
         if not topic or "+" in topic or "#" in topic or "\0" in topic:
             raise ValueError(f"not a topic to publish on: {topic!r}")
-        message = self.outbox.put(topic, payload, qos, retain, keep)
-        if message is not None:
-            self._newest = message.id
-            if properties is not None and self._v5:
-                self._properties[message.id] = properties
-        self._wake.set()
+        message = self._put(topic, payload, qos, retain, keep, None)
+        if message is not None and properties is not None and self._v5:
+            self._properties[message.id] = properties
+            if len(self._properties) > PROPERTIES_MAX:
+                # Their messages were dropped by a full outbox, or never come back: forget the
+                # oldest, so this map cannot grow with the number of replies.
+                del self._properties[next(iter(self._properties))]
         return message
 
     def subscribe_absolute(
@@ -474,6 +643,9 @@ class MqttUplink:
             self._wake.set()
 
     def _send_in_order(self, room: int) -> None:
+        if self._sent_ahead:
+            # Those sent ahead and acknowledged since are never met again in order: forget them.
+            self._sent_ahead = {i for i in self._sent_ahead if i > self._last_sent}
         while room > 0:
             batch = self.outbox.oldest(room, after=self._last_sent)
             if not batch:
@@ -537,6 +709,7 @@ class MqttUplink:
 
     # ----------------------------------------------------------------- paho callbacks (on the loop)
 
+    @_guarded
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, code: ReasonCode, props: Any
     ) -> None:
@@ -590,6 +763,7 @@ class MqttUplink:
                 ConnectionError(f"connection closed before CONNACK ({self._last_error or code})")
             )
 
+    @_guarded
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, code: ReasonCode, props: Any
     ) -> None:
@@ -600,7 +774,11 @@ class MqttUplink:
             log.error("broker refused a message", reason=str(code), outbox_id=message_id)
             self._wake.set()
         elif message_id is not None:
-            self.outbox.ack(message_id)
+            try:
+                self.outbox.ack(message_id)
+            except EdgeAgentError as err:  # stored again once the outbox writes
+                self._ack_retry.add(message_id)
+                self._outbox_failed(str(err))
             self._properties.pop(message_id, None)
             self._acked.set()
             self._wake.set()

@@ -46,9 +46,16 @@ class OutMessage:
 
 class Outbox(Protocol):
     def put(
-        self, topic: str, payload: Payload, qos: int, retain: bool, keep: Keep = Keep.RECORD
+        self,
+        topic: str,
+        payload: Payload,
+        qos: int,
+        retain: bool,
+        keep: Keep = Keep.RECORD,
+        release: str | None = None,
     ) -> OutMessage | None:
-        """Store a message; None when it was refused because the outbox is full of records."""
+        """Store a message (and drop the held one ``release``, atomically); None when it was
+        refused because the outbox is full of records. Raises OutboxError when it cannot write."""
         ...
 
     def oldest(self, limit: int, after: int = 0) -> list[OutMessage]:
@@ -56,6 +63,20 @@ class Outbox(Protocol):
         ...
 
     def ack(self, message_id: int) -> None: ...
+
+    def hold(
+        self, key: str, topic: str, payload: bytes, qos: int, keep: Keep = Keep.RECORD
+    ) -> None:
+        """Write ahead: store (or replace) ``payload`` under ``key`` without sending it.
+
+        A later ``put(..., release=key)`` replaces it in the same transaction. What is still held
+        when the process dies is returned by ``held()`` at the next start, to be sent then.
+        """
+        ...
+
+    def held(self) -> list[tuple[str, str, bytes, int, Keep]]:
+        """What a previous run held and never released: (key, topic, payload, qos, keep)."""
+        ...
 
     def __len__(self) -> int: ...
 
@@ -80,19 +101,44 @@ def render(payload: Payload, seq: int) -> bytes:
 
 
 class MemoryOutbox:
-    """Ordered, unbounded outbox in memory."""
+    """Ordered outbox in memory, bounded like the disk one: past ``max_messages`` the oldest
+    telemetry, then the oldest events make room; records are kept and make it ``full``."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_messages: int = 100_000) -> None:
+        self.max_messages = max_messages
+        self._records = 0
         self._messages: OrderedDict[int, OutMessage] = OrderedDict()
         self._ids = itertools.count(1)
+        self._held: dict[str, bytes] = {}  # at most the cycles in flight
 
     def put(
-        self, topic: str, payload: Payload, qos: int, retain: bool, keep: Keep = Keep.RECORD
-    ) -> OutMessage:
+        self,
+        topic: str,
+        payload: Payload,
+        qos: int,
+        retain: bool,
+        keep: Keep = Keep.RECORD,
+        release: str | None = None,
+    ) -> OutMessage | None:
+        if release is not None:
+            self._held.pop(release, None)
         seq = next(self._ids)
         message = OutMessage(seq, topic, render(payload, seq), qos, retain, keep, time.time())
+        if len(self._messages) >= self.max_messages and not self._make_room(keep):
+            return None
         self._messages[message.id] = message
+        self._records += keep is Keep.RECORD
         return message
+
+    def _make_room(self, keep: Keep) -> bool:
+        for lowest in (Keep.TELEMETRY, Keep.EVENT):
+            if lowest > keep and keep is not Keep.RECORD:
+                break
+            victim = next((i for i, m in self._messages.items() if m.keep is lowest), None)
+            if victim is not None:
+                del self._messages[victim]
+                return True
+        return keep is Keep.RECORD  # a record is always kept; ``full`` stops the parts
 
     def oldest(self, limit: int, after: int = 0) -> list[OutMessage]:
         out: list[OutMessage] = []
@@ -104,7 +150,17 @@ class MemoryOutbox:
         return out
 
     def ack(self, message_id: int) -> None:
-        self._messages.pop(message_id, None)
+        message = self._messages.pop(message_id, None)
+        if message is not None and message.keep is Keep.RECORD:
+            self._records -= 1
+
+    def hold(
+        self, key: str, topic: str, payload: bytes, qos: int, keep: Keep = Keep.RECORD
+    ) -> None:
+        self._held[key] = payload  # lost with the process, like every message here
+
+    def held(self) -> list[tuple[str, str, bytes, int, Keep]]:
+        return []
 
     def __len__(self) -> int:
         return len(self._messages)
@@ -114,7 +170,7 @@ class MemoryOutbox:
 
     @property
     def full(self) -> bool:
-        return False
+        return self._records >= self.max_messages
 
     def oldest_created(self) -> float | None:
         return next(iter(self._messages.values())).created if self._messages else None
