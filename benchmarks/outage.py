@@ -29,7 +29,7 @@ async def main(rounds: int, gap: float, default_backoff: bool) -> None:
     from edge_agent.log import setup_logging
     from edge_agent.sim.broker import EmbeddedBroker
     from tests.fixtures_opcua import OpcUaMachineProcess, machine_yaml, opcua_station
-    from tests.test_machine_outage import LONG_BACKOFF, present, through_outage
+    from tests.system.test_machine_outage import LONG_BACKOFF, present, through_outage
 
     setup_logging("error", "console")
     logging.getLogger("asyncua").setLevel(logging.CRITICAL)  # its own lines about the killed server
