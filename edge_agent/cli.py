@@ -1,4 +1,4 @@
-"""Command line: ``edge-agent run | check-config | demo | tag``."""
+"""Command line: ``edge-agent run | check-config | demo | tag | line``."""
 
 from __future__ import annotations
 
@@ -101,12 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run against the reference OPC UA machine (embedded, or --machine opc.tcp://...) "
         "with profile firmware_profiles/reference-opcua.yaml",
     )
+    from .cli_line import add_demo_options
+    from .cli_line import register as register_line
+
+    add_demo_options(demo)
     _log_options(demo, default_level="warning")
     demo.set_defaults(func=cmd_demo)
 
     from .cli_tag import register
 
     register(sub)
+    register_line(sub)
     return parser
 
 
@@ -207,6 +212,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.parts < 1:
         print("edge-agent demo: --parts must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
+    if args.line:
+        from .cli_line import run_line_demo
+
+        return run_line_demo(args)
     options = DemoOptions(
         parts=args.parts,
         machine=args.machine,
