@@ -173,8 +173,8 @@ class Agent:
                 return int(line.split()[1]) / 1024
         return 0.0
 
-    def link_events(self) -> list[tuple[float, str, float | None]]:
-        """(unix time, 'lost' | 'recovered', outage_s) from the agent's own log."""
+    def link_events(self) -> list[tuple[float, str, Any]]:
+        """(unix time, 'lost' | 'recovered', outage_s or the reason lost) from the agent's log."""
         out = []
         for line in self.log.read_text(errors="replace").splitlines():
             if '"broker link' not in line:
@@ -184,7 +184,7 @@ class Agent:
                 t = datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
                 kind = "lost" if e["event"] == "broker link lost" else "recovered"
                 if e["event"] in ("broker link lost", "broker link recovered"):
-                    out.append((t, kind, e.get("outage_s")))
+                    out.append((t, kind, e.get("outage_s") if kind == "recovered" else e["reason"]))
         return out
 
 
@@ -271,24 +271,36 @@ def report(
     )
     ends = [w[1] for w in windows[1:]] + [float("inf")]
     for (name, at, back), end in zip(windows, ends, strict=True):
-        rec = [
-            (t, o)
-            for evs in events.values()
-            for t, k, o in evs
-            if k == "recovered" and at <= t < end
-        ]
-        outages = [o for _, o in rec if o is not None]
-        if not rec:
+        per_agent: dict[str, list[tuple[float, float]]] = {}
+        reasons: dict[str, int] = {}
+        for gw, evs in events.items():
+            for t, kind, value in evs:
+                if at <= t < end and kind == "recovered" and value is not None:
+                    per_agent.setdefault(gw, []).append((t, float(value)))
+                elif at <= t < end and kind == "lost":
+                    reasons[value] = reasons.get(value, 0) + 1
+        if not per_agent:
             print(f"fault '{name}': no agent lost its broker")
             continue
-        times = sorted(t for t, _ in rec)
+        times = sorted(t for recs in per_agent.values() for t, _ in recs)
+        down = [sum(o for _, o in recs) for recs in per_agent.values()]  # per agent, in total
         peak = max(sum(1 for u in times if t <= u < t + 1.0) for t in times)
-        after = f", last agent back {times[-1] - back:.1f} s after the broker" if back else ""
-        print(
-            f"fault '{name}': {len(rec)} reconnects; outage p50 {pct(outages, 0.5):.2f} s, "
-            f"p99 {pct(outages, 0.99):.2f} s, max {max(outages):.2f} s{after}; "
-            f"peak {peak} connects/s, spread over {times[-1] - times[0]:.1f} s"
+        line = (
+            f"fault '{name}': {len(per_agent)} agents reconnected ({len(times)} reconnects); "
+            f"time without a broker per agent p50 {pct(down, 0.5):.2f} s, "
+            f"p99 {pct(down, 0.99):.2f} s, max {max(down):.2f} s"
         )
+        if back is not None:
+            late = [max(t for t, _ in recs) - back for recs in per_agent.values()]
+            late = [x for x in late if x >= 0]
+            if late:
+                line += (
+                    f"; back after the broker p50 {pct(late, 0.5):.2f} s, "
+                    f"p99 {pct(late, 0.99):.2f} s, max {max(late):.2f} s"
+                )
+        print(f"{line}; peak {peak} connects/s, spread over {times[-1] - times[0]:.1f} s")
+        top = sorted(reasons.items(), key=lambda kv: -kv[1])[:3]
+        print("    links lost: " + "; ".join(f"{n} x {r}" for r, n in top))
     print(f"RSS per agent: median {statistics.median(rss):.0f} MiB, max {max(rss):.0f} MiB")
 
 

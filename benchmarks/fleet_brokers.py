@@ -122,8 +122,16 @@ class RabbitNode:
         if wait:
             await self.ready()
 
-    async def ready(self) -> None:
-        await self.ctl("await_startup", timeout=300)
+    async def ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while True:  # the CLI cannot reach a node that has not registered with epmd yet
+            try:
+                await self.ctl("await_startup", timeout=timeout)
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1)
         await wait_listening("127.0.0.1", self.mqtt_port, 60)
 
     async def stop(self) -> None:
