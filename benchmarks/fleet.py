@@ -104,6 +104,7 @@ class Agent:
         self.plc = ReferencePlc()
         self.process: asyncio.subprocess.Process | None = None
         self.produced: list[str] = []  # tag UIDs whose write-back came
+        self.when: dict[str, float] = {}  # tag UID -> unix time of its write-back
         self.stuck = 0
 
     async def start(self, endpoints: list[tuple[str, int]], public_key: Path) -> None:
@@ -161,6 +162,7 @@ class Agent:
                 await asyncio.sleep(0.05)
             if path.read_bytes() != message:
                 self.produced.append(uid.hex().upper())
+                self.when[uid.hex().upper()] = time.time()
             else:
                 self.stuck += 1
             path.unlink()
@@ -172,6 +174,15 @@ class Agent:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return 0.0
+
+    def backlog_at_stop(self) -> int:
+        """Messages the agent still held unacknowledged when it stopped (from its last log)."""
+        backlog = 0
+        for line in self.log.read_text(errors="replace").splitlines():
+            if '"agent stopped"' in line:
+                with contextlib.suppress(ValueError, KeyError):
+                    backlog = int(json.loads(line)["backlog"])
+        return backlog
 
     def link_events(self) -> list[tuple[float, str, Any]]:
         """(unix time, 'lost' | 'recovered', outage_s or the reason lost) from the agent's log."""
@@ -193,11 +204,13 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-async def run_fleet(broker: Any, agents_n: int, rate: float, settle: float, down: float) -> None:
+async def run_fleet(
+    broker: Any, agents_n: int, rate: float, settle: float, down: float, mirror: bool
+) -> None:
     with tempfile.TemporaryDirectory(prefix="edge-agent-fleet-") as tmp:
         work = Path(tmp)
         if isinstance(broker, type):
-            broker = broker(work / "broker") if broker is RabbitCluster else broker()
+            broker = broker(work / "broker", mirror=mirror) if broker is RabbitCluster else broker()
         t0 = time.monotonic()
         await broker.start()
         print(f"{broker.kind}: up in {time.monotonic() - t0:.1f} s", flush=True)
@@ -265,6 +278,19 @@ def report(
     events = {a.gateway: a.link_events() for a in agents}
     print(f"\n== {kind}: {len(agents)} agents, {len(produced)} cycles in {elapsed:.0f} s")
     print(f"cycles/s across the fleet: {len(produced) / elapsed:.1f}")
+    held = sum(a.backlog_at_stop() for a in agents)
+    print(f"messages still in the agents' outboxes when they stopped: {held}")
+    if lost:
+        when = {(a.gateway, uid): t for a in agents for uid, t in a.when.items()}
+        marks = [("before the first fault", 0.0)] + [(f"after '{n}'", at) for n, at, _ in windows]
+        counts = {label: 0 for label, _ in marks}
+        for key in lost:
+            label = [lab for lab, at in marks if when[key] >= at][-1]
+            counts[label] += 1
+        print(
+            "    lost, by when the cycle ran: "
+            + "; ".join(f"{n} {lab}" for lab, n in counts.items())
+        )
     print(
         f"reports lost: {len(lost)}   duplicate ids: {duplicates}   "
         f"parts stuck (no write-back in 30 s): {sum(a.stuck for a in agents)}"
@@ -311,7 +337,15 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0.5, help="parts per second per agent")
     parser.add_argument("--settle", type=float, default=15, help="seconds of parts between faults")
     parser.add_argument("--down", type=float, default=3, help="seconds a restarted broker is down")
+    parser.add_argument(
+        "--no-mirror",
+        action="store_true",
+        help="RabbitMQ: leave the MQTT session queues unmirrored (each on the node it was made on)",
+    )
     args = parser.parse_args()
+    from edge_agent.log import setup_logging
+
+    setup_logging("error", "console")  # the machines served here: their traffic is not news
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     kinds: list[Any] = []
     if args.broker in ("mosquitto", "both"):
@@ -319,7 +353,8 @@ def main() -> None:
     if args.broker in ("rabbitmq", "both"):
         kinds.append(RabbitCluster)
     for kind in kinds:
-        asyncio.run(run_fleet(kind, args.agents, args.rate, args.settle, args.down))
+        run = run_fleet(kind, args.agents, args.rate, args.settle, args.down, not args.no_mirror)
+        asyncio.run(run)
 
 
 if __name__ == "__main__":

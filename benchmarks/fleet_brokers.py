@@ -17,9 +17,26 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from edge_agent.sim.broker import EmbeddedBroker, free_port, wait_listening
+from edge_agent.sim.broker import EmbeddedBroker, wait_listening
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
+_next_port = 20000 + os.getpid() % 5000 * 2
+
+
+def fixed_port() -> int:
+    """A free port below the ephemeral range: a node that starts minutes later still gets it
+    (a port from the ephemeral range may meanwhile be the source port of an agent's connection)."""
+    global _next_port
+    while True:
+        _next_port += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", _next_port))
+            except OSError:
+                continue
+            return _next_port
+
+
 Fault = tuple[str, Callable[[], Awaitable[float | None]]]  # name, action -> time the broker is back
 
 
@@ -71,12 +88,12 @@ def ensure_rabbitmq() -> None:
 class RabbitNode:
     def __init__(self, index: int, base: Path, home: Path) -> None:
         self.name = f"fleet{index}@{socket.gethostname().split('.')[0]}"
-        self.mqtt_port = free_port()
+        self.mqtt_port = fixed_port()
         self.dir = base / f"node{index}"
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = {free_port()}\n"
-            f"mqtt.listeners.tcp.default = {self.mqtt_port}\n"
+            f"listeners.tcp.default = 127.0.0.1:{fixed_port()}\n"
+            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
             "mqtt.allow_anonymous = true\nloopback_users = none\n"
             "log.console = false\nlog.file.level = warning\n"
             "mqtt.tcp_listen_options.backlog = 4096\n"
@@ -86,7 +103,7 @@ class RabbitNode:
             **os.environ,
             "HOME": str(home),
             "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_DIST_PORT": str(fixed_port()),
             "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
             "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
@@ -129,6 +146,11 @@ class RabbitNode:
                 await self.ctl("await_startup", timeout=timeout)
                 break
             except RuntimeError:
+                if self.process is not None and self.process.returncode is not None:
+                    raise RuntimeError(
+                        f"RabbitMQ node {self.name} exited {self.process.returncode}; "
+                        f"see {self.dir / 'log'}"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(1)
@@ -148,7 +170,8 @@ class RabbitNode:
 class RabbitCluster:
     kind = "rabbitmq"
 
-    def __init__(self, base: Path, nodes: int = 3) -> None:
+    def __init__(self, base: Path, nodes: int = 3, mirror: bool = True) -> None:
+        self.mirror = mirror
         home = base / "home"
         home.mkdir(parents=True, exist_ok=True)
         cookie = home / ".erlang.cookie"
@@ -166,6 +189,13 @@ class RabbitCluster:
             await node.ctl("join_cluster", first.name)
             await node.ctl("start_app")
             await node.ready()
+        if self.mirror:
+            # Persistent MQTT sessions are queues; unmirrored, a session whose queue sits on a
+            # stopped node cannot subscribe anywhere else and the broker closes the connection.
+            await first.ctl(
+                *("set_policy", "--apply-to", "queues", "mqtt-sessions", "^mqtt-subscription-"),
+                '{"ha-mode": "all", "ha-sync-mode": "automatic"}',
+            )
 
     @property
     def endpoints(self) -> list[tuple[str, int]]:
