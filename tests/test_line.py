@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,11 @@ def test_view_drops_a_redelivered_report_and_frees_the_station() -> None:
 
 @pytest.mark.parametrize("args", [["--line", "--opcua"], ["--line", "--machine", "h:1"]])
 def test_line_demo_refuses_single_station_options(args: list[str]) -> None:
-    from edge_agent.cli import main
-
-    assert main(["demo", *args]) == 2
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--line runs its own machines" in done.stderr
