@@ -1,4 +1,4 @@
-"""Command line: ``edge-agent run | check-config | demo | tag``."""
+"""Command line: ``edge-agent run | check-config | demo | tag | line``."""
 
 from __future__ import annotations
 
@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run the agent as a Sparkplug B edge node and print, one line per message, "
         "what a Sparkplug host receives (needs the sparkplug extra)",
     )
+
+    from .cli_line import add_demo_options
+
+    add_demo_options(demo)
     _log_options(demo, default_level="warning")
     demo.set_defaults(func=cmd_demo)
 
@@ -138,10 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     health.set_defaults(func=cmd_health)
 
-    from . import cli_profile, cli_tag
+    from . import cli_line, cli_profile, cli_tag
 
     cli_tag.register(sub)
     cli_profile.register(sub)
+    cli_line.register(sub)
     return parser
 
 
@@ -288,6 +293,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.parts < 1:
         print("edge-agent demo: --parts must be at least 1", file=sys.stderr)
         return EXIT_CONFIG
+    if args.line:
+        from .cli_line import run_line_demo
+
+        return run_line_demo(args)
     options = DemoOptions(
         parts=args.parts,
         machine=args.machine,

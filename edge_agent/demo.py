@@ -173,7 +173,7 @@ def demo_uid(i: int) -> bytes:
     return b"\x04" + hashlib.sha256(f"demo-part-{i}".encode()).digest()[:6]
 
 
-def _parse_hostport(value: str, what: str) -> tuple[str, int]:
+def parse_hostport(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit():
         raise SystemExit(f"edge-agent demo: --{what} must be HOST:PORT, got {value!r}")
@@ -333,7 +333,7 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
             opcua_sim, machine_fields, machine_label = await _opcua_machine(options, workdir)
         else:
             if options.machine:
-                machine_host, machine_port = _parse_hostport(options.machine, "machine")
+                machine_host, machine_port = parse_hostport(options.machine, "machine")
             else:
                 plc = ReferencePlc()
                 machine_host, machine_port = await plc.start("127.0.0.1", 0)
@@ -342,7 +342,7 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
                 f"{machine_host}:{machine_port} ({'embedded reference PLC' if plc else 'external'})"
             )
         if options.broker:
-            broker_host, broker_port = _parse_hostport(options.broker, "broker")
+            broker_host, broker_port = parse_hostport(options.broker, "broker")
         else:
             broker = EmbeddedBroker()
             await broker.start()

@@ -111,12 +111,16 @@ async def test_daemon_killed_with_trigger_high_never_reports_another_parts_resul
         reference_plc.done_delay = 0.0
         daemon = start_daemon(config, log)
         present(tags, second, tag_file(tmp_path, second, OTHER, "P-B"))
-        [report] = await recorder.wait_for("cycles", 1, timeout=30)
+        # The killed part's write-ahead record goes out at the restart, then P-B's own report.
+        reports = await recorder.wait_for("cycles", 2, timeout=30)
     finally:
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
             await asyncio.to_thread(daemon.wait, 20)
         recorder.close()
+    killed, report = sorted(reports, key=lambda r: r["part"]["id"])
+    assert killed["part"]["id"] == "P-A" and killed["reason"] == "interrupted", killed
+    assert killed["results"] == {}  # never the results of another cycle
     assert report["part"]["id"] == "P-B"
     # Never the previous part's results: either its own cycle ran, or it was refused untouched.
     assert report["status"] in ("ok", "rejected"), report
