@@ -23,8 +23,9 @@ from edge_agent.instructions.signing import KeyRing, load_public_key
 from edge_agent.line.watch import LineView
 from edge_agent.machine.profile import Profile, load_profile
 from edge_agent.sim.broker import EmbeddedBroker
+from tests import REPO_ROOT
 
-PROFILES = Path(__file__).resolve().parent.parent / "firmware_profiles"
+PROFILES = REPO_ROOT / "firmware_profiles"
 PARTS = 30
 
 
