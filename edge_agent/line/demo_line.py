@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..demo import parse_hostport, find_profile
+from ..demo import find_profile, parse_hostport
 from ..instructions.signing import KeyRing, generate_keypair, load_private_key
 from ..sim.broker import EmbeddedBroker
 from .conveyor import Conveyor
