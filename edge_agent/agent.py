@@ -18,7 +18,7 @@ import structlog
 
 from . import __version__, messages
 from .config import NEEDS_RESTART, AgentConfig, load_config, profile_for, profile_keyring
-from .errors import ConfigError, ConfigProblem, MachineError, PartRejected, TagIOError
+from .errors import ConfigError, ConfigProblem, MachineError, PartRejected, Reason, TagIOError
 from .instructions.signing import KeyRing
 from .line.adjustments import Adjustments
 from .line.commands import Commands
@@ -312,13 +312,13 @@ class Agent:
                 continue
             if self.paused:
                 await self._refuse(
-                    event, "paused", "the station is paused by the line; part not taken"
+                    event, Reason.PAUSED, "the station is paused by the line; part not taken"
                 )
                 continue
             if not self.uplink.recording:
                 await self._refuse(
                     event,
-                    "not_recording",
+                    Reason.NOT_RECORDING,
                     f"cycle reports cannot be stored ({self.uplink.outbox_error}); part not taken",
                 )
                 continue
@@ -336,7 +336,7 @@ class Agent:
             except Exception:  # an observer's bug must not stop the station
                 log.exception("report callback failed")
 
-    async def _refuse(self, event: ScanEvent, reason: str, error: str) -> None:
+    async def _refuse(self, event: ScanEvent, reason: Reason, error: str) -> None:
         report = CycleReport(self.config.gateway_id, self.config.station, event.uid.hex().upper())
         report.reason, report.error = reason, error
         report.profile = self.config.profile.describe()

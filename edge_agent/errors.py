@@ -8,6 +8,7 @@ at 3 a.m. says what failed and where.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 
 class EdgeAgentError(Exception):
@@ -37,6 +38,36 @@ class ConfigError(EdgeAgentError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+class Reason(StrEnum):
+    """Why a cycle report is not ``ok``: the stable codes of docs/mqtt.md, and no others (a code
+    outside this list does not type-check, and tests/docs compares the list with the doc)."""
+
+    MALFORMED_NDEF = "malformed_ndef"
+    NO_TRAVELER = "no_traveler"
+    MALFORMED_TRAVELER = "malformed_traveler"
+    UNKNOWN_VERSION = "unknown_version"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    UID_MISMATCH = "uid_mismatch"
+    PROGRESS_CORRUPT = "progress_corrupt"
+    COMPLETE = "complete"
+    OUT_OF_SEQUENCE = "out_of_sequence"
+    WRONG_STATION = "wrong_station"
+    UNKNOWN_OPERATION = "unknown_operation"
+    OUT_OF_LIMITS = "out_of_limits"
+    INVALID_PARAMETERS = "invalid_parameters"
+    MACHINE_UNAVAILABLE = "machine_unavailable"
+    MACHINE_NOT_IDLE = "machine_not_idle"
+    PAUSED = "paused"
+    NOT_RECORDING = "not_recording"
+    TAG_READ_FAILED = "tag_read_failed"
+    MACHINE_ERROR = "machine_error"
+    MACHINE_FAULT = "machine_fault"
+    SHUTDOWN = "shutdown"
+    INTERRUPTED = "interrupted"
+    INTERNAL_ERROR = "internal_error"
+
+
 class PartRejected(EdgeAgentError):
     """The part's instructions are refused before the machine is touched.
 
@@ -44,8 +75,8 @@ class PartRejected(EdgeAgentError):
     what a person should know.
     """
 
-    def __init__(self, reason: str, message: str) -> None:
-        self.reason = reason
+    def __init__(self, reason: Reason, message: str) -> None:
+        self.reason = Reason(reason)
         super().__init__(message)
 
 

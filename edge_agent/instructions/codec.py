@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import PartRejected
+from ..errors import PartRejected, Reason
 from .limits import CRC_SIZE, MAX_MESSAGE, MAX_SEQ, REF_SIZE, check_uid, reject, uid_hex
 from .model import Progress, Traveler
 from .ndef_v1 import (
@@ -80,7 +80,7 @@ def decode_tag(message: bytes, uid: bytes, keyring: KeyRing) -> TagContents:
     if size < (needed := full_progress_size(steps)):
         # Otherwise the machine would run and the write-back fail: the step would run again.
         raise reject(
-            "malformed_ndef",
+            Reason.MALFORMED_NDEF,
             uid,
             f"progress slots of {size} bytes cannot record the {steps} steps of this traveler "
             f"(a record on every step needs {needed})",
@@ -89,7 +89,7 @@ def decode_tag(message: bytes, uid: bytes, keyring: KeyRing) -> TagContents:
     valid = [(p.seq, -i, i) for i, (p, _) in enumerate(found) if p is not None]
     if not valid:
         why = "; ".join(f"slot {'AB'[i]}: {note}" for i, (_, note) in enumerate(found))
-        raise reject("progress_corrupt", uid, f"no valid progress slot ({why})")
+        raise reject(Reason.PROGRESS_CORRUPT, uid, f"no valid progress slot ({why})")
     current = max(valid)[2]  # highest seq wins; on a tie slot A
     notes = tuple(
         "current" if i == current else (note if p is None else "older")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from ..errors import PartRejected
+from ..errors import PartRejected, Reason
 
 FORMAT_VERSION = 1
 
@@ -41,7 +41,7 @@ def uid_hex(uid: bytes) -> str:
     return uid.hex().upper()
 
 
-def reject(reason: str, uid: bytes, message: str) -> PartRejected:
+def reject(reason: Reason, uid: bytes, message: str) -> PartRejected:
     return PartRejected(reason, f"tag {uid_hex(uid)}: {message}")
 
 

@@ -7,6 +7,7 @@ through ndeflib, which is used only to explain a message that is not in this lay
 
 from __future__ import annotations
 
+from ..errors import Reason
 from .limits import MAX_MESSAGE, reject
 
 TRAVELER_TYPE = "urn:nfc:ext:ea:trv"
@@ -74,7 +75,7 @@ def split_records(message: bytes, uid: bytes) -> tuple[bytes, bytes, bytes]:
     """The traveler and slot payloads, or PartRejected saying how the message is not v1."""
     if len(message) > MAX_MESSAGE:  # before anything else, whatever the layout
         raise reject(
-            "malformed_ndef",
+            Reason.MALFORMED_NDEF,
             uid,
             f"NDEF message of {len(message)} bytes is too large (at most {MAX_MESSAGE})",
         )
@@ -84,7 +85,7 @@ def split_records(message: bytes, uid: bytes) -> tuple[bytes, bytes, bytes]:
     a, b = len(payloads[1]), len(payloads[2])
     if a != b:  # a rewrite would change the message length, which tear safety rules out
         raise reject(
-            "malformed_ndef",
+            Reason.MALFORMED_NDEF,
             uid,
             f"progress slots must be of equal size: slot A holds {a} bytes, slot B {b}",
         )
@@ -93,21 +94,21 @@ def split_records(message: bytes, uid: bytes) -> tuple[bytes, bytes, bytes]:
 
 def _explain(message: bytes, uid: bytes) -> tuple[bytes, bytes, bytes]:
     if not message:
-        raise reject("no_traveler", uid, "the tag holds an empty NDEF message (blank tag?)")
+        raise reject(Reason.NO_TRAVELER, uid, "the tag holds an empty NDEF message (blank tag?)")
     try:
         # known_types={}: do not let ndeflib interpret payloads (URIs, Wi-Fi, ...) of foreign records.
         import ndef  # only to explain input that is not in our layout; it costs ~1.5 MiB
 
         records = list(ndef.message_decoder(message, errors="strict", known_types={}))
     except Exception as err:  # ndeflib raises DecodeError and, on odd input, whatever else it hits
-        raise reject("malformed_ndef", uid, f"not a valid NDEF message: {err}") from err
+        raise reject(Reason.MALFORMED_NDEF, uid, f"not a valid NDEF message: {err}") from err
     types = [str(r.type) for r in records]
     if TRAVELER_TYPE not in types:
         shown = ", ".join(repr(t[:40]) for t in types[:4]) or "none"
-        raise reject("no_traveler", uid, f"no edge-agent traveler record (records: {shown})")
+        raise reject(Reason.NO_TRAVELER, uid, f"no edge-agent traveler record (records: {shown})")
     if types != [TRAVELER_TYPE, PROGRESS_TYPE, PROGRESS_TYPE]:
         raise reject(
-            "malformed_ndef",
+            Reason.MALFORMED_NDEF,
             uid,
             f"expected records [traveler, progress, progress], found {len(types)}: "
             + ", ".join(repr(t[:40]) for t in types[:4]),
@@ -116,5 +117,5 @@ def _explain(message: bytes, uid: bytes) -> tuple[bytes, bytes, bytes]:
     # Only our own layout is accepted (short records where possible, no IDs, no chunks): then a
     # rewritten slot changes nothing but its own payload bytes.
     if build_message(*payloads) != message or any(r.name for r in records):
-        raise reject("malformed_ndef", uid, "NDEF records are not in the v1 layout")
+        raise reject(Reason.MALFORMED_NDEF, uid, "NDEF records are not in the v1 layout")
     return payloads

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ..errors import Reason
 from .cbor import Malformed, decode_exact, dumps, loads, scan
 from .limits import (
     FORMAT_VERSION,
@@ -48,10 +49,10 @@ def decode_traveler(payload: bytes, uid: bytes, keyring: KeyRing) -> Traveler:
     try:
         version = _peek_version(payload)
     except Malformed as err:
-        raise reject("malformed_traveler", uid, f"traveler record: {err}") from err
+        raise reject(Reason.MALFORMED_TRAVELER, uid, f"traveler record: {err}") from err
     if version != FORMAT_VERSION:
         raise reject(
-            "unknown_version",
+            Reason.UNKNOWN_VERSION,
             uid,
             f"traveler format version {version} is not supported by this agent "
             f"(supports {FORMAT_VERSION})",
@@ -59,12 +60,12 @@ def decode_traveler(payload: bytes, uid: bytes, keyring: KeyRing) -> Traveler:
     try:
         key_id, body, signature = _outer_fields(payload)
     except Malformed as err:
-        raise reject("malformed_traveler", uid, f"traveler record: {err}") from err
+        raise reject(Reason.MALFORMED_TRAVELER, uid, f"traveler record: {err}") from err
     key = keyring.get(key_id)
     if key is None:
         known = ", ".join(sorted(keyring)) or "none"
         raise reject(
-            "unknown_key",
+            Reason.UNKNOWN_KEY,
             uid,
             f"traveler is signed with key {key_id!r}, not trusted here (trusted: {known})",
         )
@@ -75,22 +76,24 @@ def decode_traveler(payload: bytes, uid: bytes, keyring: KeyRing) -> Traveler:
         issued_for = _genuine_for_other_tag(key_id, body, signature, uid, keyring)
         if issued_for is not None:
             raise reject(
-                "uid_mismatch",
+                Reason.UID_MISMATCH,
                 uid,
                 f"traveler was issued for tag {uid_hex(issued_for)} but was read from tag "
                 f"{uid_hex(uid)} (copied tag contents?)",
             ) from None
         raise reject(
-            "bad_signature", uid, f"signature of key {key_id!r} does not match (tampered or forged)"
+            Reason.BAD_SIGNATURE,
+            uid,
+            f"signature of key {key_id!r} does not match (tampered or forged)",
         ) from None
     # Only now is the body trusted enough to be interpreted.
     try:
         traveler = _parse_body(body, key_id, hashlib.sha256(signed).digest())
     except Malformed as err:
-        raise reject("malformed_traveler", uid, f"traveler body: {err}") from err
+        raise reject(Reason.MALFORMED_TRAVELER, uid, f"traveler body: {err}") from err
     if traveler.tag_uid != uid:
         raise reject(
-            "uid_mismatch",
+            Reason.UID_MISMATCH,
             uid,
             f"traveler was issued for tag {uid_hex(traveler.tag_uid)} but was read from tag {uid_hex(uid)}",
         )

@@ -30,7 +30,14 @@ from typing import Any
 
 import structlog
 
-from ..errors import EdgeAgentError, MachineError, MachineFault, PartRejected, TagIOError
+from ..errors import (
+    EdgeAgentError,
+    MachineError,
+    MachineFault,
+    PartRejected,
+    Reason,
+    TagIOError,
+)
 from ..instructions.codec import TagContents, decode_tag, update_progress
 from ..instructions.model import ParamValue, Step, StepRecord, StepStatus
 from ..instructions.signing import KeyRing
@@ -68,7 +75,7 @@ class CycleReport:
     station: str
     tag_uid: str
     status: str = "rejected"  # ok | rejected | failed
-    reason: str | None = None  # stable code for rejected/failed
+    reason: Reason | None = None  # stable code for rejected/failed (docs/mqtt.md)
     error: str | None = None  # the message for a person
     part: dict[str, Any] = field(default_factory=dict)
     step: dict[str, Any] | None = None
@@ -137,7 +144,7 @@ class StationCycle:
             await self._cycle(event, report, started)
         except Exception as err:
             # A defect, not a machine or tag problem: still a report, then the supervisor's turn.
-            report.status, report.reason = "failed", "internal_error"
+            report.status, report.reason = "failed", Reason.INTERNAL_ERROR
             report.error = f"unexpected error in the station cycle: {err}"
             if self._held and report.machine_state == "untouched":
                 report.machine_state = "unknown: the cycle stopped on an unexpected error"
@@ -199,7 +206,7 @@ class StationCycle:
             report.status, report.reason, report.error = "rejected", err.reason, str(err)
             return
         except TagIOError as err:
-            report.status, report.reason, report.error = "failed", "tag_read_failed", str(err)
+            report.status, report.reason, report.error = "failed", Reason.TAG_READ_FAILED, str(err)
             return
 
         operation = self.profile.operations[step.operation]
@@ -208,7 +215,7 @@ class StationCycle:
         if not await self._machine_reachable(report):
             return
         if not self._hold(report, **_INTERRUPTED):  # committed before anything is written
-            report.reason = "not_recording"
+            report.reason = Reason.NOT_RECORDING
             report.error = (
                 "cycle reports cannot be stored (outbox): part not taken, machine untouched"
             )
@@ -226,7 +233,7 @@ class StationCycle:
             report.error = f"could not check that the machine is idle before starting: {err}"
             return
         except asyncio.CancelledError:
-            report.status, report.reason = "failed", "shutdown"
+            report.status, report.reason = "failed", Reason.SHUTDOWN
             report.error = (
                 "agent stopped before the cycle started; the part's values were not written"
             )
@@ -252,7 +259,7 @@ class StationCycle:
             # Shutdown reached us mid-handshake: leave the machine idle, report, then stop.
             report.status, report.reason, report.error = (
                 "failed",
-                "shutdown",
+                Reason.SHUTDOWN,
                 "agent stopped during the cycle",
             )
             abort = asyncio.ensure_future(self._abort(operation))
@@ -291,7 +298,7 @@ class StationCycle:
         uid = contents.traveler.tag_uid.hex().upper()
         index = progress.next_undone(len(steps))
         if index is None:
-            raise PartRejected("complete", f"tag {uid}: all {len(steps)} steps are done")
+            raise PartRejected(Reason.COMPLETE, f"tag {uid}: all {len(steps)} steps are done")
         step = steps[index]
         if self._mine(step):
             return index
@@ -300,17 +307,17 @@ class StationCycle:
         ]
         if later:
             raise PartRejected(
-                "out_of_sequence",
+                Reason.OUT_OF_SEQUENCE,
                 f"tag {uid}: step {later[0] + 1} ({steps[later[0]].operation}) is for this station, "
                 f"but step {index + 1} ({step.operation}) is not done yet",
             )
         if step.station not in (None, self.station):
             raise PartRejected(
-                "wrong_station",
+                Reason.WRONG_STATION,
                 f"tag {uid}: next step {index + 1} ({step.operation}) is for station {step.station}, this is {self.station}",
             )
         raise PartRejected(
-            "unknown_operation",
+            Reason.UNKNOWN_OPERATION,
             f"tag {uid}: step {index + 1} asks for operation '{step.operation}', which profile "
             f"{self.profile.name} {self.profile.version} does not support "
             f"(supported: {', '.join(sorted(self.profile.operations))})",
@@ -365,7 +372,7 @@ class StationCycle:
                 Refusal.OUT_OF_LIMITS if reasons == {Refusal.OUT_OF_LIMITS} else Refusal.INVALID
             )
             raise PartRejected(
-                reason.value,
+                Reason(reason.value),
                 f"tag {uid}: step {index + 1} ({step.operation}): " + "; ".join(problems),
             )
         return encoded, listed
@@ -381,7 +388,7 @@ class StationCycle:
         try:
             await self.driver.connect()
         except MachineError as err:
-            report.status, report.reason = "rejected", "machine_unavailable"
+            report.status, report.reason = "rejected", Reason.MACHINE_UNAVAILABLE
             report.error = (
                 f"tag {report.tag_uid}: the machine cannot be reached ({err}); "
                 "nothing was sent to it and the tag is unchanged: present the part again "
@@ -432,7 +439,7 @@ class StationCycle:
             report.machine_state = "not idle"
             done = "its abort steps ran" if aborted == "aborted (trigger reset)" else aborted
             raise PartRejected(
-                "machine_not_idle",
+                Reason.MACHINE_NOT_IDLE,
                 f"machine {driver.device} is not idle, so the part was not started ({done}): "
                 + "; ".join(problems),
             )
@@ -490,18 +497,21 @@ class StationCycle:
 #: The report as committed before the machine is touched: what stands if the agent dies mid-cycle.
 _INTERRUPTED: dict[str, Any] = {
     "status": "failed",
-    "reason": "interrupted",
+    "reason": Reason.INTERRUPTED,
     "error": "the agent stopped during the cycle (crash or power loss); the machine may have run it",
     "machine_state": "unknown: the agent stopped during the cycle",
 }
 
 
-def _machine_reason(err: Exception) -> str:
+def _machine_reason(err: Exception) -> Reason:
     if isinstance(err, MachineFault):
-        return "machine_fault"  # the machine answered and said no (error code, done never came)
+        return (
+            Reason.MACHINE_FAULT
+        )  # the machine answered and said no (error code, done never came)
     if isinstance(err, ValueError):
-        return "encoding_error"
-    return "machine_error"  # connection or protocol
+        # A value that passed the profile's rules and still cannot be sent: a defect, not a part's.
+        return Reason.INTERNAL_ERROR
+    return Reason.MACHINE_ERROR  # connection or protocol
 
 
 def _part(contents: TagContents) -> dict[str, Any]:

@@ -99,3 +99,14 @@ async def test_status_and_cycle_reports_match_the_documented_schemas(
         assert problems(report, docs["cycle"]) == []
     for status in statuses:
         assert problems(status, docs["status"]) == []
+
+
+def test_the_reason_table_lists_exactly_the_codes_the_agent_can_report() -> None:
+    """A report's ``reason`` is typed (``errors.Reason``), so the code can emit no other code;
+    the table in docs/mqtt.md must list exactly these, each with its status."""
+    from edge_agent.errors import Reason
+
+    text = DOC.read_text(encoding="utf-8")
+    table = text[text.index("| reason | status | meaning |") :].split("\n\n", 1)[0]
+    documented = dict(re.findall(r"^\| `([a-z_]+)` \| (rejected|failed) \|", table, re.M))
+    assert set(documented) == {r.value for r in Reason}

@@ -170,3 +170,32 @@ def test_an_unsigned_profile_is_accepted_with_a_warning_when_not_required(tmp_pa
     shutil.copy(PROFILE, profile)
     config = load_config(_configs(tmp_path, profile)[1])
     assert config.profile.signature is None and "signed_by" not in config.profile.describe()
+
+
+async def test_a_wider_envelope_that_was_refused_never_lets_a_part_through(
+    station: Station, line: Line, reference_plc: ReferencePlc
+) -> None:
+    """Each way of getting a wider envelope wrong is refused, and a part that only the wider
+    envelope would allow stays rejected with nothing written to the machine."""
+    wider = PROFILE.read_text().replace('version: "1.0"', 'version: "1.1"')
+    wider = wider.replace(SPINDLE, SPINDLE.replace("max: 12000", "max: 14000"))
+    generate_keypair("other", station.tmp)
+    tampered = certified(
+        station.tmp, PROFILE.read_text().replace('version: "1.0"', 'version: "1.1"')
+    )
+    tampered["yaml"] = wider  # the signature of the certified 1.1, over the widened text
+    for params in (
+        {"yaml": wider},
+        certified(station.tmp, wider, key_id="other"),
+        certified(station.tmp, wider, key_id="mes"),
+        tampered,
+    ):
+        assert error(await line.call("push_profile", params)) == "profile_refused"
+
+    writes = sum(reference_plc.requests[code] for code in (5, 6, 15, 16))
+    fast = {**DRILL, "spindle_speed": 13000}
+    tag = station.tag([Step("drill", fast, "st-20")], uid=b"\x04\x00\x00\x00\x00\x02\x01")
+    report = await station.cycle(tag)
+    assert report.status == "rejected" and report.reason == "out_of_limits", report
+    assert "maximum 12000" in str(report.error)
+    assert sum(reference_plc.requests[code] for code in (5, 6, 15, 16)) == writes

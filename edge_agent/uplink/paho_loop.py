@@ -1,0 +1,110 @@
+"""paho-mqtt driven from the asyncio event loop, not from paho's own thread.
+
+paho tells us which socket to watch (socket callbacks → ``add_reader``/``add_writer``) and a task
+runs ``loop_misc`` for keepalive pings, so callbacks run on the loop and touch the uplink's state
+without locks. Only the blocking TCP connect runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+import paho.mqtt.client as mqtt
+import structlog
+
+log = structlog.get_logger("uplink")
+
+_F = TypeVar("_F", bound=Callable[..., None])
+
+
+def guarded(callback: _F) -> _F:
+    """Nothing raises into paho: its loop would drop the connection, or worse, stop reading."""
+
+    @functools.wraps(callback)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            callback(*args, **kwargs)
+        except Exception:
+            log.exception("MQTT callback failed", callback=callback.__name__)
+
+    return cast(_F, run)
+
+
+class PahoLoop:
+    """The socket plumbing of ``MqttUplink``: mixed into it, sharing its paho client."""
+
+    _client: mqtt.Client
+    _connecting: bool  # True while connect() runs in its thread: loop_misc() keeps off
+
+    def _bridge(self) -> None:
+        self._client.on_socket_open = self._on_socket_open
+        self._client.on_socket_close = self._on_socket_close
+        self._client.on_socket_register_write = self._on_socket_register_write
+        self._client.on_socket_unregister_write = self._on_socket_unregister_write
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+
+    async def _misc(self) -> None:
+        # paho's keepalive pings and timeouts
+        while True:
+            await asyncio.sleep(1)
+            if self._client.socket() is not None and not self._connecting:
+                self._client.loop_misc()
+
+    # Socket plumbing: paho tells us which socket to watch. connect() runs in a worker thread, so
+    # registration is handed to the loop; a socket closed before that runs is skipped.
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # Small messages must not wait for Nagle + delayed ACK (~40 ms per command reply).
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._in_loop(lambda: self._watch(sock, self._read, write=False))
+
+    def _read(self) -> None:
+        self._client.loop_read()
+        # TLS: records already decrypted wait inside the SSL object, where the selector cannot
+        # see them; read them now or PUBACKs stall until the next byte arrives.
+        for _ in range(1000):
+            sock = self._client.socket()
+            if sock is None or not getattr(sock, "pending", lambda: 0)():
+                break
+            self._client.loop_read()
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._unwatch(sock)  # paho closes the socket right after: unregister now, not later
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(lambda: self._watch(sock, client.loop_write, write=True))
+
+    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(lambda: self._unwatch(sock, read=False))
+
+    def _in_loop(self, fn: Callable[[], None]) -> None:
+        if self._loop is None or self._loop.is_closed():
+            return  # paho's __del__ after the loop is gone: nothing left to watch
+        if threading.get_ident() == self._loop_thread:
+            fn()
+        else:
+            self._loop.call_soon_threadsafe(fn)
+
+    def _watch(self, sock: Any, callback: Callable[[], Any], *, write: bool) -> None:
+        assert self._loop is not None
+        if sock.fileno() == -1:
+            return
+        if write:
+            self._loop.add_writer(sock, callback)
+        else:
+            self._loop.add_reader(sock, callback)
+
+    def _unwatch(self, sock: Any, *, read: bool = True) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(ValueError, KeyError, OSError):
+            if read:
+                self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
