@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
@@ -19,12 +19,12 @@ from . import __version__, messages
 from .config import AgentConfig
 from .errors import MachineError, PartRejected, Reason, TagIOError
 from .instructions.signing import KeyRing
+from .line import outputs
 from .line.active import ActiveStation, StationWiring
 from .line.adjustments import Adjustments
 from .line.commands import Commands
 from .line.control import ActiveAdjustments, LineControl
 from .line.telemetry import Telemetry
-from .line.thingsboard import ThingsBoard
 from .machine.driver import MachineDriver
 from .machine.profile import Profile
 from .service.heartbeat import Heartbeat
@@ -35,9 +35,6 @@ from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
 from .uplink.mqtt import MqttUplink, dumps, response_properties
 from .uplink.outbox import Keep, MemoryOutbox, Outbox
-
-if TYPE_CHECKING:
-    from .line.sparkplug import SparkplugNode
 
 log = structlog.get_logger("agent")
 
@@ -104,37 +101,18 @@ class Agent:
             config=config.commands,
             own_replies=self.uplink.topic("reply/#"),
         )
-        tb = config.thingsboard
-        self.thingsboard = (
-            ThingsBoard(
-                tb,
-                device=tb.device or f"{config.gateway_id}-{config.station}",
-                link=self.uplink,
-                commands=self.commands,
-                adjustments=self._adjustment_sink(config),
-            )
-            if tb.enabled
-            else None
+        self.thingsboard = outputs.thingsboard(
+            config, self.uplink, self.commands, self._adjustment_sink(config)
         )
-        self.sparkplug = self._sparkplug() if config.sparkplug.enabled else None
-
-    def _sparkplug(self) -> SparkplugNode:
-        from .line.sparkplug import SparkplugNode  # protobuf is loaded only when used
-
-        store: Outbox = MemoryOutbox()
-        if self.config.state_dir is not None:
-            from .uplink.outbox_sqlite import SqliteOutbox
-
-            store = SqliteOutbox(self.config.state_dir / "sparkplug.sqlite3")
-        return SparkplugNode(
-            self.config.sparkplug,
-            gateway_id=self.config.gateway_id,
-            station_id=self.config.station,
-            version=__version__,
-            link=self.uplink,
-            station=self.control,
-            commands=self.commands,
-            store=store,
+        self.sparkplug = outputs.sparkplug(config, self.uplink, self.control, self.commands)
+        only_own = self.sparkplug is not None and not config.sparkplug.json_topics
+        self.outputs = outputs.Outputs(
+            [
+                outputs.JsonTopics(self.uplink, only_own=only_own),
+                outputs.CycleCounts(self.metrics.observe),  # once per report: never when held
+                *([outputs.Mirror(self.sparkplug)] if self.sparkplug is not None else []),
+                *([outputs.Mirror(self.thingsboard)] if self.thingsboard is not None else []),
+            ]
         )
 
     def _open_outbox(self, config: AgentConfig) -> Outbox:
@@ -184,20 +162,7 @@ class Agent:
     def _publish(
         self, suffix: str, payload: dict[str, Any], qos: int, *, release: bool = False
     ) -> None:
-        if (
-            self.sparkplug is None
-            or self.config.sparkplug.json_topics
-            or suffix == "status"
-            or suffix.startswith("reply/")
-        ):
-            release_id = payload["id"] if release else None
-            self.uplink.publish(suffix, payload, qos=qos, release=release_id)
-        if suffix == "cycles":
-            self.metrics.observe(payload)  # once per report: at release, never when held
-        if self.sparkplug is not None:
-            self.sparkplug.mirror(suffix, payload)
-        if self.thingsboard is not None:
-            self.thingsboard.mirror(suffix, payload)
+        self.outputs.publish(suffix, payload, qos, release=release)
 
     def _respond(self, topic: str, reply: dict[str, Any], correlation: bytes | None) -> None:
         # MQTT 5 response topic: the reply as is, with the request's correlation data.
@@ -394,12 +359,6 @@ class Agent:
 
     def line_status(self) -> dict[str, Any]:
         return self.control.line_status()
-
-    def pause(self) -> dict[str, Any]:
-        return self.control.pause()
-
-    def resume(self) -> dict[str, Any]:
-        return self.control.resume()
 
     async def reload(self) -> dict[str, Any]:
         return await self.control.reload()
