@@ -15,9 +15,9 @@ from typing import Any
 
 import structlog
 
-from . import __version__, messages
+from . import __version__
 from .config import AgentConfig
-from .errors import MachineError, PartRejected, Reason, TagIOError
+from .errors import MachineError, Reason
 from .instructions.signing import KeyRing
 from .line import outputs
 from .line.active import ActiveStation, StationWiring
@@ -34,7 +34,7 @@ from .supervisor import Supervisor
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
 from .uplink.mqtt import MqttUplink, dumps, response_properties
-from .uplink.outbox import Keep, MemoryOutbox, Outbox
+from .uplink.outbox import Outbox
 
 log = structlog.get_logger("agent")
 
@@ -64,13 +64,12 @@ class Agent:
             spawn=self.supervisor.spawn,
         )
         active = ActiveStation.build(config, wiring, driver=driver)
-        self._alarm_at = 0.0  # last outbox_dropped event
-        self._dropped = 0  # messages dropped since that event
+        alarm = outputs.DropAlarm(config.gateway_id, lambda: self.uplink)
         self.uplink = MqttUplink(
             config.broker,
             config.gateway_id,
             config.client_id,
-            outbox=outbox if outbox is not None else self._open_outbox(config),
+            outbox=outbox if outbox is not None else outputs.open_outbox(config, alarm),
             offline_status=self._offline("connection lost"),
         )
         self.uplink.on_outbox_change = lambda error: self.supervisor.condition("outbox", error)
@@ -87,12 +86,6 @@ class Agent:
             on_reload=self._reconfigured,
         )
         self.machine_lock = self.control.machine_lock
-        if config.profile.signature is None:
-            log.warning(
-                "firmware profile is not signed; set machine.require_signed_profile to refuse it",
-                profile=config.profile.name,
-                file=config.profile.source,
-            )
         self.commands = Commands(
             self.control,
             allowed=frozenset(config.commands.allowed),
@@ -113,32 +106,6 @@ class Agent:
                 *([outputs.Mirror(self.sparkplug)] if self.sparkplug is not None else []),
                 *([outputs.Mirror(self.thingsboard)] if self.thingsboard is not None else []),
             ]
-        )
-
-    def _open_outbox(self, config: AgentConfig) -> Outbox:
-        if config.state_dir is None:
-            log.warning("no state_dir: the outbox is in memory and lost if the agent stops")
-            return MemoryOutbox(config.outbox.max_messages)
-        from .uplink.outbox_sqlite import SqliteOutbox  # sqlite3 is loaded only when used
-
-        return SqliteOutbox(
-            config.state_dir / "outbox.sqlite3",
-            max_messages=config.outbox.max_messages,
-            max_bytes=config.outbox.max_bytes,
-            telemetry_max_age=config.outbox.telemetry_max_age,
-            on_drop=self._outbox_dropped,
-        )
-
-    def _outbox_dropped(self, count: int, keep: Keep) -> None:
-        # One event a minute at most: the event itself goes through the full outbox.
-        self._dropped += count
-        now = time.time()
-        if now - self._alarm_at < 60:
-            return
-        self._alarm_at, dropped, self._dropped = now, self._dropped, 0
-        fields = {"dropped": dropped, "class": keep.name.lower(), "backlog": self.uplink.backlog}
-        self.uplink.publish(
-            "events", messages.event(self.gateway_id, "outbox_dropped", at=now, **fields)
         )
 
     async def _wait_outbox_room(self, event: ScanEvent) -> None:
@@ -305,15 +272,7 @@ class Agent:
                 log.exception("report callback failed")
 
     async def _refuse(self, event: ScanEvent, reason: Reason, error: str) -> None:
-        report = CycleReport(self.config.gateway_id, self.config.station, event.uid.hex().upper())
-        report.reason, report.error = reason, error
-        report.profile = self.config.profile.describe()
-        # Which part was turned away: the tag is read and verified; the machine is not touched.
-        try:
-            report.part, report.key_id = await self.cycle.identify(event.uid)
-        except (TagIOError, PartRejected) as err:
-            report.error += f"; the part is not known: {err}"
-        log.warning("part refused", tag=report.tag_uid, reason=reason, error=report.error)
+        report = await self.control.active.refusal(event, reason, error)
         self._publish("cycles", report.as_message(), 1)
         self._reported(report)
 

@@ -12,16 +12,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from ..config import AgentConfig
+from ..errors import PartRejected, Reason, TagIOError
 from ..instructions.signing import KeyRing
 from ..machine import registry
 from ..machine.driver import MachineDriver
 from ..machine.profile import Profile
-from ..station.cycle import StationCycle, WriteAhead
+from ..station.cycle import CycleReport, StationCycle, WriteAhead
 from ..supervisor import Spawn
-from ..tag.reader import TagReader
+from ..tag.reader import ScanEvent, TagReader
 from .adjustments import Adjustments
 from .telemetry import Telemetry
+
+log = structlog.get_logger("agent")
 
 #: (topic suffix, payload, qos): the agent's way out to the line
 Publish = Callable[[str, dict[str, Any], int], object]
@@ -98,3 +103,17 @@ class ActiveStation:
         self.cycle.take_over(old.cycle)
         self.adjustments.take_over(old.adjustments)
         self.telemetry.start()
+
+    async def refusal(self, event: ScanEvent, reason: Reason, error: str) -> CycleReport:
+        """The report for a part turned away (``reason``, ``error``) without touching the machine."""
+        config = self.config
+        report = CycleReport(config.gateway_id, config.station, event.uid.hex().upper())
+        report.reason, report.error = reason, error
+        report.profile = self.profile.describe()
+        # Which part was turned away: the tag is read and verified; the machine is not touched.
+        try:
+            report.part, report.key_id = await self.cycle.identify(event.uid)
+        except (TagIOError, PartRejected) as err:
+            report.error += f"; the part is not known: {err}"
+        log.warning("part refused", tag=report.tag_uid, reason=reason, error=report.error)
+        return report

@@ -52,6 +52,12 @@ class LineControl:
         profile = active.profile
         self._accepted: dict[str, Profile] = {profile.content_hash: profile}
         self.adjustment_sets = ActiveAdjustments(self)
+        if profile.signature is None:
+            log.warning(
+                "firmware profile is not signed; set machine.require_signed_profile to refuse it",
+                profile=profile.name,
+                file=profile.source,
+            )
 
     @property
     def profile(self) -> Profile:

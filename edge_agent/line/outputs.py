@@ -10,19 +10,24 @@ held copy in the outbox, and the metrics count the report only then, once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .. import __version__
+import structlog
+
+from .. import __version__, messages
 from ..config import AgentConfig
 from ..uplink.mqtt import MqttUplink
-from ..uplink.outbox import MemoryOutbox, Outbox
+from ..uplink.outbox import Keep, MemoryOutbox, Outbox
 from .commands import Commands
 from .thingsboard import AdjustmentSink, ThingsBoard
 
 if TYPE_CHECKING:
     from .sparkplug import SparkplugNode, Station
+
+log = structlog.get_logger("agent")
 
 
 class Output(Protocol):
@@ -84,6 +89,42 @@ class Outputs:
     ) -> None:
         for output in self.outputs:
             output.send(suffix, payload, qos, release)
+
+
+def open_outbox(config: AgentConfig, alarm: DropAlarm) -> Outbox:
+    """Where the JSON topics wait for the broker: on disk in the state directory if there is one."""
+    if config.state_dir is None:
+        log.warning("no state_dir: the outbox is in memory and lost if the agent stops")
+        return MemoryOutbox(config.outbox.max_messages)
+    from ..uplink.outbox_sqlite import SqliteOutbox  # sqlite3 is loaded only when used
+
+    return SqliteOutbox(
+        config.state_dir / "outbox.sqlite3",
+        max_messages=config.outbox.max_messages,
+        max_bytes=config.outbox.max_bytes,
+        telemetry_max_age=config.outbox.telemetry_max_age,
+        on_drop=alarm,
+    )
+
+
+class DropAlarm:
+    """Messages the full outbox dropped, told to the line as an ``outbox_dropped`` event."""
+
+    def __init__(self, gateway_id: str, link: Callable[[], MqttUplink]) -> None:
+        self.gateway_id, self._link = gateway_id, link
+        self._alarm_at = 0.0  # last outbox_dropped event
+        self._dropped = 0  # messages dropped since that event
+
+    def __call__(self, count: int, keep: Keep) -> None:
+        # One event a minute at most: the event itself goes through the full outbox.
+        self._dropped += count
+        now = time.time()
+        if now - self._alarm_at < 60:
+            return
+        self._alarm_at, dropped, self._dropped = now, self._dropped, 0
+        link = self._link()
+        fields = {"dropped": dropped, "class": keep.name.lower(), "backlog": link.backlog}
+        link.publish("events", messages.event(self.gateway_id, "outbox_dropped", at=now, **fields))
 
 
 def thingsboard(
