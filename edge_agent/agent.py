@@ -108,21 +108,6 @@ class Agent:
             ]
         )
 
-    async def _wait_outbox_room(self, event: ScanEvent) -> None:
-        """Only cycle reports left and the outbox at its limit: take no part rather than lose one."""
-        if not self.uplink.outbox.full:
-            return
-        log.error(
-            "outbox full of cycle reports: not accepting parts until the broker takes them",
-            tag=event.uid.hex().upper(),
-            backlog=self.uplink.backlog,
-            oldest_age_s=self.uplink.oldest_age,
-        )
-        self.uplink.refresh_status()  # accepting_parts: false
-        await self.uplink.wait_outbox_room()
-        log.info("outbox has room again: accepting parts", backlog=self.uplink.backlog)
-        self.uplink.refresh_status()
-
     def _health_changed(self) -> None:
         self.uplink.refresh_status()
 
@@ -257,7 +242,7 @@ class Agent:
                     f"cycle reports cannot be stored ({self.uplink.outbox_error}); part not taken",
                 )
                 continue
-            await self._wait_outbox_room(event)
+            await outputs.room_for_reports(self.uplink, event.uid.hex().upper())
             if self._stopping:
                 return
             async with self.machine_lock:

@@ -127,6 +127,22 @@ class DropAlarm:
         link.publish("events", messages.event(self.gateway_id, "outbox_dropped", at=now, **fields))
 
 
+async def room_for_reports(link: MqttUplink, tag: str) -> None:
+    """Only cycle reports left and the outbox at its limit: take no part rather than lose one."""
+    if not link.outbox.full:
+        return
+    log.error(
+        "outbox full of cycle reports: not accepting parts until the broker takes them",
+        tag=tag,
+        backlog=link.backlog,
+        oldest_age_s=link.oldest_age,
+    )
+    link.refresh_status()  # accepting_parts: false
+    await link.wait_outbox_room()
+    log.info("outbox has room again: accepting parts", backlog=link.backlog)
+    link.refresh_status()
+
+
 def thingsboard(
     config: AgentConfig, link: MqttUplink, commands: Commands, adjustments: AdjustmentSink | None
 ) -> ThingsBoard | None:
