@@ -9,27 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from . import __version__, messages
-from .config import NEEDS_RESTART, AgentConfig, load_config, profile_for, profile_keyring
-from .errors import ConfigError, ConfigProblem, MachineError, PartRejected, Reason, TagIOError
+from . import __version__
+from .config import AgentConfig
+from .errors import MachineError, Reason
 from .instructions.signing import KeyRing
+from .line import outputs
+from .line.active import ActiveStation, StationWiring
 from .line.adjustments import Adjustments
 from .line.commands import Commands
-from .line.intake import load_pushed_profile
+from .line.control import ActiveAdjustments, LineControl
 from .line.telemetry import Telemetry
-from .line.thingsboard import ThingsBoard
-from .machine import registry
 from .machine.driver import MachineDriver
 from .machine.profile import Profile
-from .machine.profile_diff import envelope_changes
-from .machine.profile_signature import ProfileRefused, is_newer, verify_profile
 from .service.heartbeat import Heartbeat
 from .service.metrics import CycleMetrics
 from .station.cycle import CycleReport, StationCycle, WriteAhead
@@ -37,10 +34,7 @@ from .supervisor import Supervisor
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
 from .uplink.mqtt import MqttUplink, dumps, response_properties
-from .uplink.outbox import Keep, MemoryOutbox, Outbox
-
-if TYPE_CHECKING:
-    from .line.sparkplug import SparkplugNode
+from .uplink.outbox import Outbox
 
 log = structlog.get_logger("agent")
 
@@ -55,143 +49,64 @@ class Agent:
         outbox: Outbox | None = None,
         on_report: Callable[[CycleReport], None] | None = None,
     ) -> None:
-        self.config = config
+        self.gateway_id = config.gateway_id
         # Every long-lived task runs under it; its problems make the status say degraded.
         self.supervisor = Supervisor(on_change=self._health_changed)
         self.on_report = on_report  # the demo and tests see each report here; nothing is kept
         self.reader = reader or create_reader(config.reader)
-        self.driver = driver or registry.driver_module(config.profile.driver).create(
-            config.machine, config.profile
-        )
-        self.keyring = KeyRing.from_files({k: str(p) for k, p in config.trusted_keys.items()})
-        self._alarm_at = 0.0  # last outbox_dropped event
-        self._dropped = 0  # messages dropped since that event
-        self.uplink = MqttUplink(
-            config.broker,
-            config.gateway_id,
-            config.client_id,
-            outbox=outbox if outbox is not None else self._open_outbox(),
-            offline_status=self._offline("connection lost"),
-        )
-        self.uplink.on_outbox_change = lambda error: self.supervisor.condition("outbox", error)
-        self.cycle = StationCycle(
-            gateway_id=config.gateway_id,
-            station=config.station,
-            profile=config.profile,
-            driver=self.driver,
-            keyring=self.keyring,
+        wiring = StationWiring(
             reader=self.reader,
-            publish=lambda report: self._publish("cycles", report, 1),
-            write_back=config.cycle.write_back,
-            state_dir=config.state_dir,
+            publish=self._publish,
             write_ahead=WriteAhead(
                 hold=lambda report: self.uplink.hold("cycles", report),
                 release=lambda report: self._publish("cycles", report, 1, release=True),
             ),
+            spawn=self.supervisor.spawn,
         )
+        active = ActiveStation.build(config, wiring, driver=driver)
+        alarm = outputs.DropAlarm(config.gateway_id, lambda: self.uplink)
+        self.uplink = MqttUplink(
+            config.broker,
+            config.gateway_id,
+            config.client_id,
+            outbox=outbox if outbox is not None else outputs.open_outbox(config, alarm),
+            offline_status=self._offline("connection lost"),
+        )
+        self.uplink.on_outbox_change = lambda error: self.supervisor.condition("outbox", error)
         self.heartbeat = Heartbeat()  # the part-taking loop's sign of life, for the watchdog
         self.metrics = CycleMetrics()  # cycles by status and reason, durations by phase
         self._started = time.time()
         self._stopping = False
-        # Held by a cycle for its whole run: commands write and reloads swap only between cycles.
-        self.machine_lock = asyncio.Lock()
-        self.paused = False  # by the line: arriving parts are refused, the machine is left alone
-        self._previous_profile: Profile | None = None  # before the last push: for rollback
-        # Profiles that were active here (by content hash): a pushed rollback may return to them.
-        self._accepted: dict[str, Profile] = {config.profile.content_hash: config.profile}
-        if config.profile.signature is None:
-            log.warning(
-                "firmware profile is not signed; set machine.require_signed_profile to refuse it",
-                profile=config.profile.name,
-                file=config.profile.source,
-            )
-        self.telemetry = self._telemetry()
+        # The station in use and what the line may do to it: swapped whole between cycles.
+        self.control = LineControl(
+            active,
+            wiring,
+            status=self.status,
+            backlog=lambda: self.uplink.backlog,
+            on_reload=self._reconfigured,
+        )
+        self.machine_lock = self.control.machine_lock
         self.commands = Commands(
-            self,
+            self.control,
             allowed=frozenset(config.commands.allowed),
             publish=self._publish,
             respond=self._respond,
             config=config.commands,
             own_replies=self.uplink.topic("reply/#"),
         )
-        self.adjustments = Adjustments(
-            config.gateway_id, config.profile, self.driver, publish=self._publish
+        self.thingsboard = outputs.thingsboard(
+            config, self.uplink, self.commands, self._adjustment_sink(config)
         )
-        if config.commands.adjustments:
-            self.cycle.adjust = self.adjustments.apply
-        tb = config.thingsboard
-        self.thingsboard = (
-            ThingsBoard(
-                tb,
-                device=tb.device or f"{config.gateway_id}-{config.station}",
-                link=self.uplink,
-                commands=self.commands,
-                adjustments=self.adjustments if config.commands.adjustments else None,
-            )
-            if tb.enabled
-            else None
+        self.sparkplug = outputs.sparkplug(config, self.uplink, self.control, self.commands)
+        only_own = self.sparkplug is not None and not config.sparkplug.json_topics
+        self.outputs = outputs.Outputs(
+            [
+                outputs.JsonTopics(self.uplink, only_own=only_own),
+                outputs.CycleCounts(self.metrics.observe),  # once per report: never when held
+                *([outputs.Mirror(self.sparkplug)] if self.sparkplug is not None else []),
+                *([outputs.Mirror(self.thingsboard)] if self.thingsboard is not None else []),
+            ]
         )
-        self.sparkplug = self._sparkplug() if config.sparkplug.enabled else None
-
-    def _sparkplug(self) -> SparkplugNode:
-        from .line.sparkplug import SparkplugNode  # protobuf is loaded only when used
-
-        store: Outbox = MemoryOutbox()
-        if self.config.state_dir is not None:
-            from .uplink.outbox_sqlite import SqliteOutbox
-
-            store = SqliteOutbox(self.config.state_dir / "sparkplug.sqlite3")
-        return SparkplugNode(
-            self.config.sparkplug,
-            gateway_id=self.config.gateway_id,
-            station_id=self.config.station,
-            version=__version__,
-            link=self.uplink,
-            station=self,
-            commands=self.commands,
-            store=store,
-        )
-
-    def _open_outbox(self) -> Outbox:
-        if self.config.state_dir is None:
-            log.warning("no state_dir: the outbox is in memory and lost if the agent stops")
-            return MemoryOutbox(self.config.outbox.max_messages)
-        from .uplink.outbox_sqlite import SqliteOutbox  # sqlite3 is loaded only when used
-
-        return SqliteOutbox(
-            self.config.state_dir / "outbox.sqlite3",
-            max_messages=self.config.outbox.max_messages,
-            max_bytes=self.config.outbox.max_bytes,
-            telemetry_max_age=self.config.outbox.telemetry_max_age,
-            on_drop=self._outbox_dropped,
-        )
-
-    def _outbox_dropped(self, count: int, keep: Keep) -> None:
-        # One event a minute at most: the event itself goes through the full outbox.
-        self._dropped += count
-        now = time.time()
-        if now - self._alarm_at < 60:
-            return
-        self._alarm_at, dropped, self._dropped = now, self._dropped, 0
-        fields = {"dropped": dropped, "class": keep.name.lower(), "backlog": self.uplink.backlog}
-        self.uplink.publish(
-            "events", messages.event(self.config.gateway_id, "outbox_dropped", at=now, **fields)
-        )
-
-    async def _wait_outbox_room(self, event: ScanEvent) -> None:
-        """Only cycle reports left and the outbox at its limit: take no part rather than lose one."""
-        if not self.uplink.outbox.full:
-            return
-        log.error(
-            "outbox full of cycle reports: not accepting parts until the broker takes them",
-            tag=event.uid.hex().upper(),
-            backlog=self.uplink.backlog,
-            oldest_age_s=self.uplink.oldest_age,
-        )
-        self.uplink.refresh_status()  # accepting_parts: false
-        await self.uplink.wait_outbox_room()
-        log.info("outbox has room again: accepting parts", backlog=self.uplink.backlog)
-        self.uplink.refresh_status()
 
     def _health_changed(self) -> None:
         self.uplink.refresh_status()
@@ -199,20 +114,7 @@ class Agent:
     def _publish(
         self, suffix: str, payload: dict[str, Any], qos: int, *, release: bool = False
     ) -> None:
-        if (
-            self.sparkplug is None
-            or self.config.sparkplug.json_topics
-            or suffix == "status"
-            or suffix.startswith("reply/")
-        ):
-            release_id = payload["id"] if release else None
-            self.uplink.publish(suffix, payload, qos=qos, release=release_id)
-        if suffix == "cycles":
-            self.metrics.observe(payload)  # once per report: at release, never when held
-        if self.sparkplug is not None:
-            self.sparkplug.mirror(suffix, payload)
-        if self.thingsboard is not None:
-            self.thingsboard.mirror(suffix, payload)
+        self.outputs.publish(suffix, payload, qos, release=release)
 
     def _respond(self, topic: str, reply: dict[str, Any], correlation: bytes | None) -> None:
         # MQTT 5 response topic: the reply as is, with the request's correlation data.
@@ -220,19 +122,38 @@ class Agent:
             topic, dumps(reply), qos=1, properties=response_properties(correlation)
         )
 
-    def _telemetry(self) -> Telemetry:
-        return Telemetry(
-            gateway_id=self.config.gateway_id,
-            profile=self.config.profile,
-            enabled=self.config.telemetry.enabled,
-            driver=self.driver,
-            publish=self._publish,
-            spawn=self.supervisor.spawn,
-        )
+    # The active station's parts, as the service, the status and the tests see them.
+    @property
+    def config(self) -> AgentConfig:
+        return self.control.active.config
 
     @property
     def profile(self) -> Profile:
-        return self.config.profile
+        return self.control.active.profile
+
+    @property
+    def driver(self) -> MachineDriver:
+        return self.control.active.driver
+
+    @property
+    def keyring(self) -> KeyRing:
+        return self.control.active.keyring
+
+    @property
+    def cycle(self) -> StationCycle:
+        return self.control.active.cycle
+
+    @property
+    def adjustments(self) -> Adjustments:
+        return self.control.active.adjustments
+
+    @property
+    def telemetry(self) -> Telemetry:
+        return self.control.active.telemetry
+
+    @property
+    def paused(self) -> bool:
+        return self.control.paused
 
     def status(self) -> dict[str, Any]:
         p = self.config.profile
@@ -259,7 +180,7 @@ class Agent:
         )
 
     def _offline(self, reason: str) -> dict[str, Any]:
-        return {"state": "offline", "gateway_id": self.config.gateway_id, "reason": reason}
+        return {"state": "offline", "gateway_id": self.gateway_id, "reason": reason}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in order."""
@@ -270,8 +191,7 @@ class Agent:
             self.thingsboard.start()
         if self.sparkplug is not None:
             self.sparkplug.start()
-        if self.config.commands.adjustments:
-            self.uplink.subscribe("adjustments", self.adjustments.on_message)
+        self._reconfigured(self.config)
         await self.uplink.start(self.status, self.supervisor.spawn)
         try:
             await self.driver.connect()
@@ -322,7 +242,7 @@ class Agent:
                     f"cycle reports cannot be stored ({self.uplink.outbox_error}); part not taken",
                 )
                 continue
-            await self._wait_outbox_room(event)
+            await outputs.room_for_reports(self.uplink, event.uid.hex().upper())
             if self._stopping:
                 return
             async with self.machine_lock:
@@ -337,15 +257,7 @@ class Agent:
                 log.exception("report callback failed")
 
     async def _refuse(self, event: ScanEvent, reason: Reason, error: str) -> None:
-        report = CycleReport(self.config.gateway_id, self.config.station, event.uid.hex().upper())
-        report.reason, report.error = reason, error
-        report.profile = self.config.profile.describe()
-        # Which part was turned away: the tag is read and verified; the machine is not touched.
-        try:
-            report.part, report.key_id = await self.cycle.identify(event.uid)
-        except (TagIOError, PartRejected) as err:
-            report.error += f"; the part is not known: {err}"
-        log.warning("part refused", tag=report.tag_uid, reason=reason, error=report.error)
+        report = await self.control.active.refusal(event, reason, error)
         self._publish("cycles", report.as_message(), 1)
         self._reported(report)
 
@@ -378,174 +290,19 @@ class Agent:
 
     # ------------------------------------------------------------------ steered by the line
 
+    def _adjustment_sink(self, config: AgentConfig) -> ActiveAdjustments | None:
+        return self.control.adjustment_sets if config.commands.adjustments else None
+
+    def _reconfigured(self, config: AgentConfig) -> None:
+        """At start and after a reload: the ``commands:`` section where it is used."""
+        self.commands.configure(config.commands)
+        if config.commands.adjustments:
+            self.uplink.subscribe("adjustments", self.control.adjustment_sets.on_message)
+        if self.thingsboard is not None:
+            self.thingsboard.adjustments = self._adjustment_sink(config)
+
     def line_status(self) -> dict[str, Any]:
-        return {
-            **self.status(),
-            "paused": self.paused,
-            "cycle_running": self.machine_lock.locked(),
-            "machine_connected": self.driver.connected,
-            "telemetry": self.telemetry.status(),
-            "adjustments": self.adjustments.state(),
-            "backlog": self.uplink.backlog,
-        }
-
-    def pause(self) -> dict[str, Any]:
-        running = self.machine_lock.locked()
-        if not self.paused:
-            log.warning("paused by the line: no new parts", cycle_running=running)
-        self.paused = True
-        return {"paused": True, "cycle_running": running}
-
-    def resume(self) -> dict[str, Any]:
-        if self.paused:
-            log.info("resumed by the line")
-        self.paused = False
-        return {"paused": False}
+        return self.control.line_status()
 
     async def reload(self) -> dict[str, Any]:
-        """Read the config and its profile again; swap them in between cycles.
-
-        Everything is validated (and the new driver created) before anything changes, so an invalid
-        file leaves the station running as it was. Identity and broker changes need a restart.
-        """
-        old = self.config
-        new = load_config(old.source)
-        restart = [k for k in NEEDS_RESTART if getattr(new, k) != getattr(old, k)]
-        machine_changed = (
-            new.profile.content_hash != old.profile.content_hash or new.machine != old.machine
-        )
-        driver = (
-            registry.driver_module(new.profile.driver).create(new.machine, new.profile)
-            if machine_changed
-            else self.driver
-        )
-        keyring = KeyRing.from_files({k: str(p) for k, p in new.trusted_keys.items()})
-
-        def rest() -> None:
-            self.cycle.keyring = self.keyring = keyring
-            self.cycle.write_back = new.cycle.write_back
-            self.commands.configure(new.commands)
-            self.cycle.adjust = self.adjustments.apply if new.commands.adjustments else None
-            if new.commands.adjustments:
-                self.uplink.subscribe("adjustments", self.adjustments.on_message)
-            if self.thingsboard is not None:
-                self.thingsboard.adjustments = (
-                    self.adjustments if new.commands.adjustments else None
-                )
-
-        # What needs a restart keeps its running value, so status stays true.
-        config = dataclasses.replace(new, **{k: getattr(old, k) for k in restart})
-        await self._activate(config, driver, also=rest)
-        self._previous_profile = None  # the files on disk are the reference again
-        self._profile_changed(old.profile, new.profile, "reload")
-        p = new.profile
-        log.info("configuration reloaded", profile=p.name, version=p.version, restart=restart)
-        return {
-            "profile": p.describe(),
-            "machine_reloaded": machine_changed,
-            "restart_required": restart,
-        }
-
-    async def push_profile(
-        self, text: str, origin: str, *, signature: str | None = None, rollback: bool = False
-    ) -> dict[str, Any]:
-        """Make a firmware profile sent by the line active between cycles, if it is certified.
-
-        It must validate (ConfigError naming every problem, ``origin:line: key: message``), carry
-        a valid detached signature by a key of ``profile_keys`` and be newer than the active
-        profile, unless ``rollback`` and it was accepted before (ProfileRefused saying why). On
-        any refusal nothing changed. The profile in use is kept for ``rollback_profile``.
-        """
-        current = self.config.profile
-        profile = await load_pushed_profile(
-            origin, text, max_bytes=self.config.commands.max_payload
-        )
-        driver = profile_for(profile, self.config, text=text)  # check-config's checks
-        profile.signature = verify_profile(
-            text.encode(),
-            None if signature is None else signature.encode(),
-            profile_keyring(self.config),
-            name=profile.name,
-            version=profile.version,
-            origin=origin,
-        )
-        if rollback and profile.content_hash not in self._accepted:
-            raise ProfileRefused(
-                "not_accepted_before",
-                f"{origin}: {profile.name} {profile.version} was never active on this station; "
-                "a rollback can only return to a profile accepted before",
-            )
-        if not rollback and not is_newer(profile.version, current.version):
-            raise ProfileRefused(
-                "not_newer",
-                f"{origin}: version {profile.version} is not newer than the active "
-                f"{current.version}; push it with rollback: true to return to an accepted one",
-            )
-        await self._activate(dataclasses.replace(self.config, profile=profile), driver)
-        self._previous_profile = current
-        self._profile_changed(current, profile, "rollback" if rollback else "push")
-        return {"profile": profile.describe(), "previous": current.describe()}
-
-    async def rollback_profile(self) -> dict[str, Any]:
-        """Go back to the profile that was active before the last push (between cycles)."""
-        previous, current = self._previous_profile, self.config.profile
-        if previous is None:
-            raise ConfigError(
-                [ConfigProblem(current.source, None, "", "no previous profile to roll back to")]
-            )
-        driver = registry.driver_module(previous.driver).create(self.config.machine, previous)
-        await self._activate(dataclasses.replace(self.config, profile=previous), driver)
-        self._previous_profile = current  # a rollback can itself be undone
-        self._profile_changed(current, previous, "rollback")
-        return {"profile": previous.describe(), "previous": current.describe()}
-
-    def _profile_changed(self, old: Profile, new: Profile, how: str) -> None:
-        """The envelope changed: log it and tell the line who certified what changed."""
-        self._accepted[new.content_hash] = new
-        while len(self._accepted) > _ACCEPTED_KEPT:
-            del self._accepted[next(iter(self._accepted))]
-        if old.content_hash == new.content_hash:
-            return
-        changes = envelope_changes(old, new)
-        log.warning(
-            "firmware profile changed",
-            how=how,
-            profile=new.name,
-            version=new.version,
-            previous=old.version,
-            signed_by=new.signature.key_id if new.signature else None,
-            changes=len(changes),
-        )
-        event = messages.event(
-            self.config.gateway_id,
-            "profile_changed",
-            how=how,
-            profile=new.describe(),
-            previous=old.describe(),
-            changes=changes,
-        )
-        self._publish("events", event, 1)
-
-    async def _activate(
-        self,
-        config: AgentConfig,
-        driver: MachineDriver,
-        also: Callable[[], None] | None = None,
-    ) -> None:
-        """Between cycles: make ``config`` (and its profile, driven by ``driver``) the station's."""
-        async with self.machine_lock:
-            await self.telemetry.stop()
-            if driver is not self.driver:
-                await self.driver.close()
-                self.driver = self.cycle.driver = driver
-            self.cycle.profile = config.profile
-            self.adjustments.rebind(config.profile, driver)
-            if also is not None:
-                also()
-            self.config = config
-            self.telemetry = self._telemetry()
-            self.telemetry.start()
-
-
-#: Accepted profiles remembered for pushed rollbacks; a profile is a few KiB.
-_ACCEPTED_KEPT = 8
+        return await self.control.reload()

@@ -215,9 +215,9 @@ class Adjustments:
         record = {"version": active.version, "changes": changes}
         return Step(step.operation, params, step.station), program, record
 
-    def rebind(self, profile: Profile, driver: MachineDriver) -> None:
-        """A new profile is active: keep the set only if it still fits."""
-        self.profile, self.driver = profile, driver
+    def take_over(self, previous: Adjustments) -> None:
+        """This station replaces ``previous``: keep its set only if it fits the new profile."""
+        self.active, self.refused = previous.active, previous.refused
         if self.active is not None:
             problems = self.check(self.active)
             if problems:

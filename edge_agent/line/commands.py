@@ -55,7 +55,7 @@ _PACE = 0.005
 
 
 class StationControl(Protocol):
-    """What commands may do to the station (the Agent implements it)."""
+    """What commands may do to the station (line/control.py's LineControl implements it)."""
 
     @property
     def profile(self) -> Profile: ...

@@ -133,6 +133,12 @@ class StationCycle:
         self._verified: tuple[MachineDriver, int] | None = None
         self._rule: tuple[Profile, IdleRule] | None = None
 
+    def take_over(self, previous: StationCycle) -> None:
+        """Go on where ``previous`` (the cycle of the station this one replaces) left off: its
+        abort journal, and its proof that the machine is idle, which holds if the driver is the
+        same one in the same session."""
+        self._journal, self._verified = previous._journal, previous._verified
+
     async def run(self, event: ScanEvent) -> CycleReport:
         """One full cycle for the tag of ``event``. Never raises, except CancelledError."""
         started = time.perf_counter()

@@ -199,3 +199,34 @@ async def test_a_wider_envelope_that_was_refused_never_lets_a_part_through(
     assert report.status == "rejected" and report.reason == "out_of_limits", report
     assert "maximum 12000" in str(report.error)
     assert sum(reference_plc.requests[code] for code in (5, 6, 15, 16)) == writes
+
+
+async def test_a_profile_change_swaps_the_whole_station_and_a_refused_one_changes_nothing(
+    station: Station, line: Line
+) -> None:
+    control = station.agent.control
+    before = control.active
+    assert error(await line.call("push_profile", {"yaml": narrower_profile()})) == (
+        "profile_refused"
+    )
+    assert control.active is before  # refused before anything was built into the station
+
+    assert (await line.call("push_profile", certified(station.tmp, narrower_profile())))["ok"]
+    pushed = control.active
+    assert pushed is not before and pushed.profile.version == "1.1"
+    # Every part of the station judges by the pushed profile and drives the new driver.
+    for part in (pushed.cycle, pushed.adjustments):
+        assert part.profile is pushed.profile and part.driver is pushed.driver
+    assert pushed.telemetry.driver is pushed.driver and station.agent.driver is pushed.driver
+    assert pushed.driver is not before.driver and not before.driver.connected  # the old one closed
+    assert pushed.keyring is before.keyring  # the tag keys are the config's, not the profile's
+
+    assert (await line.call("rollback_profile"))["ok"]
+    back = control.active
+    assert back.profile.version == "1.0" and back.cycle.profile is back.profile
+    assert back.adjustments.profile is back.profile and back.cycle.driver is back.driver
+
+    assert (await line.call("reload"))["ok"]
+    reloaded = control.active
+    assert reloaded is not back and reloaded.cycle is not back.cycle
+    assert reloaded.driver is back.driver  # same machine settings and profile: the driver stays
