@@ -163,10 +163,12 @@ def sparkplug(
     from .sparkplug import SparkplugNode  # protobuf is loaded only when used
 
     store: Outbox = MemoryOutbox()
+    bd_seq_file = None
     if config.state_dir is not None:
         from ..uplink.outbox_sqlite import SqliteOutbox
 
         store = SqliteOutbox(config.state_dir / "sparkplug.sqlite3")
+        bd_seq_file = config.state_dir / "sparkplug-bdseq"
     return SparkplugNode(
         config.sparkplug,
         gateway_id=config.gateway_id,
@@ -176,4 +178,5 @@ def sparkplug(
         station=station,
         commands=commands,
         store=store,
+        bd_seq_file=bd_seq_file,
     )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -42,8 +43,10 @@ from .sparkplug_metrics import (
     device_catalogue,
     get_value,
     iso_ms,
+    load_bd_seq,
     node_catalogue,
     now_ms,
+    save_bd_seq,
 )
 
 log = structlog.get_logger("sparkplug")
@@ -90,13 +93,17 @@ class SparkplugNode:
         station: Station,
         commands: Commands,
         store: Outbox,
+        bd_seq_file: Path | None = None,
     ) -> None:
         self.config = config
         self.gateway_id, self.version = gateway_id, version
         self.node_id = config.edge_node_id or gateway_id
         self.device_id = config.device_id or station_id
         self.link, self.station, self.commands, self.store = link, station, commands, store
-        self.bd_seq = -1  # the first will makes it 0
+        # The bdSeq of the last session (-1: none yet); with state_dir it outlives the process,
+        # so a host never pairs an old NDEATH with a new NBIRTH.
+        self.bd_seq_file = bd_seq_file
+        self.bd_seq = load_bd_seq(bd_seq_file)
         self.seq = 0
         self.born = False  # NBIRTH sent on this session
         self.device_born = False
@@ -147,6 +154,7 @@ class SparkplugNode:
     def _will(self) -> tuple[str, bytes, int, bool]:
         """Before each connect: a new session, a new bdSeq; nothing is born on it yet."""
         self.bd_seq = (self.bd_seq + 1) % 256
+        save_bd_seq(self.bd_seq_file, self.bd_seq)  # before the CONNECT that carries it
         self.born = self.device_born = False
         if self.config.primary_host_id is not None:
             self.host_online = False  # a fresh STATE is awaited on every session

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+import structlog
 from esio_spb_builder.core import sparkplug_b_pb2 as pb
 
 from ..machine.profile import CallMethod, PointType, Profile
+
+log = structlog.get_logger("sparkplug")
 
 DataType = pb.DataType
 Payload = pb.Payload
@@ -305,3 +310,35 @@ def add_metric(
     if historical:
         out.is_historical = True
     set_value(out, m.datatype, value)
+
+
+def load_bd_seq(path: Path | None) -> int:
+    """The bdSeq of the last session from ``path``; -1 (the next is 0) without one."""
+    if path is None:
+        return -1
+    try:
+        value = int(path.read_text(encoding="ascii").strip())
+    except FileNotFoundError:
+        return -1
+    except (OSError, ValueError) as err:
+        log.warning(
+            "Sparkplug bdSeq file unreadable: counting again from 0", file=str(path), error=str(err)
+        )
+        return -1
+    return value % 256 if value >= 0 else -1
+
+
+def save_bd_seq(path: Path | None, value: int) -> None:
+    """Write ``value`` to ``path`` atomically (a new file renamed over the old one)."""
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(f"{value}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        # The session goes ahead: at worst a host sees a repeated bdSeq after the next restart.
+        log.error("Sparkplug bdSeq not saved", file=str(path), error=str(err))

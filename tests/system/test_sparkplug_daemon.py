@@ -68,6 +68,34 @@ async def test_sigkill_publishes_the_ndeath_with_the_births_bdseq(
         recorder.close()
 
 
+async def test_bdseq_grows_across_a_restart_and_the_will_carries_the_current_one(
+    tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker
+) -> None:
+    # A host pairs NDEATH with NBIRTH by bdSeq: had it restarted at 0 with the process, the old
+    # session's will could be taken for the death of the new one.
+    config = daemon_config(tmp_path, reference_plc, broker)
+    recorder = MqttRecorder(broker.host, broker.port, "spBv1.0/#")
+    await recorder.ready()
+    daemon = start_daemon(config, tmp_path / "d.log")
+    try:
+        await until(lambda: decoded(recorder, "DBIRTH"), 20, "the first births")
+        daemon.send_signal(signal.SIGTERM)  # a clean stop: its own NDEATH, then a new process
+        await asyncio.to_thread(daemon.wait)
+        daemon = start_daemon(config, tmp_path / "d.log")
+        await until(lambda: len(decoded(recorder, "DBIRTH")) == 2, 20, "the births again")
+        first, second = (metrics(p)["bdSeq"].long_value for p in decoded(recorder, "NBIRTH"))
+        assert second == (first + 1) % 256
+        os.kill(daemon.pid, signal.SIGKILL)
+        await until(lambda: len(decoded(recorder, "NDEATH")) == 2, 20, "the will")
+        deaths = [metrics(p)["bdSeq"].long_value for p in decoded(recorder, "NDEATH")]
+        assert deaths == [first, second]
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        await asyncio.to_thread(daemon.wait)
+        recorder.close()
+
+
 async def test_cycles_while_the_broker_is_away_survive_a_sigkill(
     tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker
 ) -> None:
