@@ -9,7 +9,8 @@ On the uplink's MQTT connection, in the ``spBv1.0`` namespace (docs/sparkplug.md
   under ``Cycle/`` stamped with the cycle's time, station state when it changes; ``seq`` 0-255
   wraps across every message of the session;
 - DDEATH when the machine stops answering (telemetry stale), DBIRTH when it answers again;
-- NCMD ``Node Control/Rebirth`` and ``Node Control/Reload``; DCMD writes to the machine's points
+- NCMD ``Node Control/Rebirth``, ``Reload`` and ``Next Server`` (NDEATH, then the next broker of
+  ``broker.uris``); DCMD writes to the machine's points
   through the agent's ``write`` command (its checks, its refusals), ``Station/Paused`` through
   ``pause``/``resume``; every outcome in ``Command/Last Result``;
 - with a primary host: nothing is born before ``spBv1.0/STATE/<host>`` says online.
@@ -70,6 +71,8 @@ class Link(Protocol):
     def on_connect(self, hook: ConnectHook) -> None: ...
 
     def set_will(self, will: WillFn) -> None: ...
+
+    def next_server(self) -> None: ...
 
 
 class Station(Protocol):
@@ -176,6 +179,7 @@ class SparkplugNode:
             "bdSeq": self.bd_seq,
             "Node Control/Rebirth": False,
             "Node Control/Reload": False,
+            "Node Control/Next Server": False,
             "Node Info/Version": self.version,
             "Node Info/Gateway ID": self.gateway_id,
         }
@@ -217,6 +221,10 @@ class SparkplugNode:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._clean_death()
+
+    def _clean_death(self) -> None:
+        # A clean DISCONNECT sends no will: the NDEATH goes out first, on the same connection.
         if self.born and self.link.connected:
             self._send("NDEATH", self._death(), device=False, qos=1)
         self.born = self.device_born = False
@@ -389,13 +397,18 @@ class SparkplugNode:
         for metric in message.metrics if message is not None else []:
             m = self.node.find(metric)
             name = m.name if m is not None else metric.name or f"alias {metric.alias}"
-            if m is None or m.name not in ("Node Control/Rebirth", "Node Control/Reload"):
+            if m is None or not m.name.startswith("Node Control/"):
                 log.warning("Sparkplug NCMD ignored: not a node control", metric=name)
             elif get_value(metric, m.datatype) is not True:
                 continue
             elif m.name == "Node Control/Rebirth":
                 log.info("Sparkplug rebirth requested")
                 self.rebirth()
+            elif m.name == "Node Control/Next Server":
+                log.info("Sparkplug next server requested: NDEATH, then the next broker")
+                self._clean_death()
+                self.link.next_server()
+                return  # the rest of this NCMD belonged to the session just left
             else:
                 self._spawn(self._command("reload", {}, rebirth=True), "sparkplug-reload")
 

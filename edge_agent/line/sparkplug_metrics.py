@@ -99,7 +99,7 @@ class Catalogue:
         return self.by_name.get(metric.name) if metric.name else None
 
 
-NODE_CONTROLS = ("Node Control/Rebirth", "Node Control/Reload")
+NODE_CONTROLS = ("Node Control/Rebirth", "Node Control/Reload", "Node Control/Next Server")
 
 
 def node_catalogue() -> Catalogue:

@@ -53,6 +53,19 @@ class Connection:
     _last_error: str | None
     _will: WillFn | None
 
+    def next_server(self) -> None:
+        """Leave this broker with a clean DISCONNECT (no last will) and connect to the next of the
+        list, as after a lost connection; with one broker, to the same one again."""
+        self._endpoint = (self._endpoint + 1) % len(self._endpoints)
+        # Called from a message handler: paho acknowledges that message after the handler
+        # returns, so the DISCONNECT waits its turn; else the broker would redeliver the command
+        # on the next session and it would act again.
+        asyncio.get_running_loop().call_soon(self._leave)
+
+    def _leave(self) -> None:
+        if self._connected.is_set():
+            self._client.disconnect()
+
     async def _supervise(self) -> None:
         await self._link.run(self._session)
 

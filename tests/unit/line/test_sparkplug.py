@@ -18,11 +18,14 @@ import paho.mqtt.publish
 import pytest
 from esio_spb_builder.core.sparkplug_b_pb2 import DataType, Payload
 
+from edge_agent.config import load_config
 from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
+from edge_agent.sim.station import running_station as run_agent
+from edge_agent.tag.simulated import SimulatedReader
 from tests.fixtures_broker import MqttRecorder
-from tests.station_harness import DRILL, Station, running_station
+from tests.station_harness import DRILL, Station, running_station, write_config
 
 NODE = "spBv1.0/plant/{}/gw-test"
 SP = "sparkplug: {enabled: true, group_id: plant}\n"
@@ -404,3 +407,53 @@ def test_a_value_not_of_its_declared_type_is_sent_null_and_signed_values_round_t
         m = Payload().metrics.add()
         set_value(m, datatype, value)
         assert get_value(Payload.Metric.FromString(m.SerializeToString()), datatype) == value
+
+
+async def test_next_server_with_one_broker_dies_cleanly_and_is_born_again(
+    station: Station, spb: Host, broker: EmbeddedBroker
+) -> None:
+    (nbirth,) = await spb.wait("NBIRTH")
+    control = by_name(nbirth)["Node Control/Next Server"]
+    assert control.datatype == DataType.Boolean and control.boolean_value is False
+    await command(broker, NODE.format("NCMD"), [(control.alias, DataType.Boolean, True)])
+    (ndeath,) = await spb.wait("NDEATH")
+    births = await spb.wait("NBIRTH", 2)
+    bd_seq = by_name(nbirth)["bdSeq"].long_value
+    assert by_name(ndeath)["bdSeq"].long_value == bd_seq
+    assert by_name(births[1])["bdSeq"].long_value == (bd_seq + 1) % 256
+    kinds = [kind for kind, _ in spb.messages()]
+    assert kinds.index("NDEATH") < len(kinds) - 1 - kinds[::-1].index("NBIRTH")
+    # The command acts once: it is acknowledged before the node leaves, so never redelivered.
+    await asyncio.sleep(1)
+    assert len(spb.messages("NBIRTH")) == 2 and len(spb.messages("NDEATH")) == 1
+
+
+async def test_next_server_moves_the_node_to_the_next_broker_of_the_list(
+    tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker, spb: Host
+) -> None:
+    second = EmbeddedBroker()
+    await second.start()
+    other = Host(MqttRecorder(second.host, second.port, "spBv1.0/#"))
+    try:
+        await other.recorder.ready()
+        path = write_config(tmp_path, reference_plc.port, broker.port, extra=SP + ALLOW)
+        uris = f"uris: [mqtt://127.0.0.1:{broker.port}, mqtt://127.0.0.1:{second.port}]"
+        path.write_text(path.read_text().replace(f"host: 127.0.0.1, port: {broker.port}", uris))
+        async with run_agent(load_config(path), reader=SimulatedReader()):
+            (nbirth,) = await spb.wait("NBIRTH")
+            await spb.wait("DBIRTH")
+            assert other.messages() == []  # the first broker of the list
+            alias = by_name(nbirth)["Node Control/Next Server"].alias
+            await command(broker, NODE.format("NCMD"), [(alias, DataType.Boolean, True)])
+            (born,) = await other.wait("NBIRTH")
+            await other.wait("DBIRTH")
+            # The first broker saw the node's own NDEATH (a clean disconnect sends no will).
+            (ndeath,) = await spb.wait("NDEATH")
+            bd_seq = by_name(nbirth)["bdSeq"].long_value
+            assert by_name(ndeath)["bdSeq"].long_value == bd_seq
+            assert by_name(born)["bdSeq"].long_value == (bd_seq + 1) % 256
+            assert [kind for kind, _ in spb.messages()][-1] == "NDEATH"
+    finally:
+        other.recorder.close()
+        await second.stop()
+        second.close()
