@@ -11,12 +11,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .cli_tag import add_keygen
 from .errors import ConfigError
 from .instructions.signing import (
     KeyFileError,
     KeyRing,
     check_key_id,
-    generate_keypair,
     load_private_key,
     load_public_key,
 )
@@ -46,15 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     commands = profile.add_subparsers(dest="profile_command", metavar="COMMAND", required=True)
 
-    keygen = commands.add_parser(
-        "keygen",
+    add_keygen(
+        commands,
+        _run,
         help="generate an Ed25519 certification key pair",
         description="Write ID.key (private, mode 0600; keep it with whoever certifies machines) "
         "and ID.pub (for stations' profile_keys). Never overwrites a key. Exit 0, or 2.",
+        keep="keep it with whoever certifies machines, mode 0600",
+        give="give it to stations: profile_keys: {{{id}: ...}}",
     )
-    keygen.add_argument("--key-id", required=True, help="1-16 characters of A-Z a-z 0-9 _ . -")
-    keygen.add_argument("--out", required=True, type=Path, help="directory for ID.key and ID.pub")
-    keygen.set_defaults(func=_run(_keygen))
 
     sign = commands.add_parser(
         "sign",
@@ -99,13 +99,6 @@ def _run(handler: Handler) -> Handler:
         return 2
 
     return run
-
-
-def _keygen(args: argparse.Namespace) -> int:
-    private_path, public_path = generate_keypair(check_key_id(args.key_id), args.out)
-    print(f"private key {private_path} (keep it with whoever certifies machines, mode 0600)")
-    print(f"public key  {public_path} (give it to stations: profile_keys: {{{args.key_id}: ...}})")
-    return 0
 
 
 def _sign(args: argparse.Namespace) -> int:

@@ -56,15 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     commands = tag.add_subparsers(dest="tag_command", metavar="COMMAND", required=True)
 
-    keygen = commands.add_parser(
-        "keygen",
+    add_keygen(
+        commands,
+        _run,
         help="generate an Ed25519 signing key pair",
         description="Write ID.key (private, mode 0600: keep it on the MES) and ID.pub (give it to "
         "stations: trusted_keys in their config). Never overwrites a key.",
+        keep="keep it on the MES, mode 0600",
+        give="give it to stations: --trust {id}={pub}",
     )
-    keygen.add_argument("--key-id", required=True, help="1-16 characters of A-Z a-z 0-9 _ . -")
-    keygen.add_argument("--out", required=True, type=Path, help="directory for ID.key and ID.pub")
-    keygen.set_defaults(func=_run(_keygen))
 
     encode = commands.add_parser(
         "encode",
@@ -141,12 +141,28 @@ def _parse_uid(text: str) -> bytes:
     return uid
 
 
-def _keygen(args: argparse.Namespace) -> int:
-    check_key_id(args.key_id)
-    private_path, public_path = generate_keypair(args.key_id, args.out)
-    print(f"private key {private_path} (keep it on the MES, mode 0600)")
-    print(f"public key  {public_path} (give it to stations: --trust {args.key_id}={public_path})")
-    return 0
+def add_keygen(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    run: Callable[[Handler], Handler],
+    *,
+    help: str,
+    description: str,
+    keep: str,
+    give: str,
+) -> None:
+    """``keygen``: an Ed25519 key pair in ID.key and ID.pub; ``keep`` and ``give`` say where each
+    half goes (``give`` may name ``{id}`` and ``{pub}``). Shared by ``tag`` and ``profile``."""
+    keygen = commands.add_parser("keygen", help=help, description=description)
+    keygen.add_argument("--key-id", required=True, help="1-16 characters of A-Z a-z 0-9 _ . -")
+    keygen.add_argument("--out", required=True, type=Path, help="directory for ID.key and ID.pub")
+
+    def make(args: argparse.Namespace) -> int:
+        private_path, public_path = generate_keypair(check_key_id(args.key_id), args.out)
+        print(f"private key {private_path} ({keep})")
+        print(f"public key  {public_path} ({give.format(id=args.key_id, pub=public_path)})")
+        return 0
+
+    keygen.set_defaults(func=run(make))
 
 
 def _encode(args: argparse.Namespace) -> int:
