@@ -21,6 +21,7 @@ from pymodbus.simulator.simutils import SimUtils
 from ..machine import codec
 from ..machine.modbus import ModbusPoint
 from ..machine.profile import Profile, ReadError, SetPoint, WaitFor
+from .reference_plc import listen
 
 #: Per profile: result point <- parameter point copied at the cycle's start, and the cycle counter.
 ECHO: dict[str, tuple[dict[str, str], str | None, dict[str, Any]]] = {
@@ -105,12 +106,8 @@ class ProfileMachine:
         simdata = (table("coil"), table("discrete"), table("holding"), table("input"))
         device = SimDevice(id=0, simdata=simdata, action=self._action)
         server = ModbusTcpServer(device, address=(host, port))
-        await server.serve_forever(background=True)
-        sockets = getattr(server.transport, "sockets", None)
-        if not sockets:
-            raise RuntimeError(f"machine {self.profile.name} could not listen on {host}:{port}")
+        self.host, self.port = await listen(server, f"machine {self.profile.name} on {host}:{port}")
         self._server = server
-        self.host, self.port = host, int(sockets[0].getsockname()[1])
         return self.host, self.port
 
     async def stop(self) -> None:

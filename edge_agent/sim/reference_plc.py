@@ -103,12 +103,8 @@ class ReferencePlc:
             address=(host, self.port if port is None else port),
             trace_pdu=self._trace_pdu,
         )
-        await server.serve_forever(background=True)
-        sockets = getattr(server.transport, "sockets", None)
-        if not sockets:
-            raise RuntimeError(f"the reference PLC could not listen on {host}:{port}")
+        self.host, self.port = await listen(server, f"the reference PLC on {host}:{port}")
         self._server = server
-        self.host, self.port = host, int(sockets[0].getsockname()[1])
         return self.host, self.port
 
     async def stop(self) -> None:
@@ -241,6 +237,16 @@ class ReferencePlc:
         if self._done_timer is not None:
             self._done_timer.cancel()
             self._done_timer = None
+
+
+async def listen(server: ModbusTcpServer, what: str) -> tuple[str, int]:
+    """Start ``server`` in the background; the address it listens on (port 0: the one it got)."""
+    await server.serve_forever(background=True)
+    sockets = getattr(server.transport, "sockets", None)
+    if not sockets:
+        raise RuntimeError(f"{what} could not listen")
+    host, port = sockets[0].getsockname()[:2]
+    return str(host), int(port)
 
 
 async def _serve(host: str, port: int, done_delay: float) -> None:
