@@ -68,6 +68,9 @@ class EmbeddedBroker:
             conf = Path(self._dir.name) / "mosquitto.conf"
             conf.write_text(
                 f"listener {self.port} {self.host}\nallow_anonymous true\n"
+                # mosquitto drops QoS 1 messages past 1 000 queued for a slow subscriber; a burst
+                # of replayed reports must reach the demo's and the tests' listeners whole.
+                "max_queued_messages 0\n"
                 + (
                     f"persistence true\npersistence_location {self._dir.name}/\n"
                     if self.persistent
