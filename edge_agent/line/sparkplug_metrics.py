@@ -24,7 +24,8 @@ from typing import Any
 import structlog
 from esio_spb_builder.core import sparkplug_b_pb2 as pb
 
-from ..machine.profile import CallMethod, PointType, Profile
+from ..machine.profile import PointType, Profile
+from ..machine.steps import CallMethod
 
 log = structlog.get_logger("sparkplug")
 

@@ -30,7 +30,8 @@ import structlog
 
 from ..errors import MachineError
 from ..machine.driver import MachineDriver, PushingDriver
-from ..machine.profile import Profile, TelemetryGroup
+from ..machine.profile import Profile
+from ..machine.profile_schema import TelemetryGroup
 from ..messages import event, iso, jsonable
 from ..supervisor import Spawn, plain_spawn
 

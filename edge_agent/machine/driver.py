@@ -13,7 +13,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ..errors import ConfigError, ConfigProblem
-from .profile import BasePoint, Profile, WritePoint
+from .profile import Profile
+from .profile_schema import BasePoint
+from .steps import WritePoint
 from .values import Accepted, Refused
 
 RawValue = Any  # driver-specific wire form: Modbus register words or bools, an OPC UA Variant, ...

@@ -50,7 +50,8 @@ from .modbus_plan import (
     plan_reads,
     plan_writes,
 )
-from .profile import BasePoint, PointType, Profile
+from .profile import PointType, Profile
+from .profile_schema import BasePoint
 
 log = structlog.get_logger("modbus")
 

@@ -1,11 +1,14 @@
-"""The safety rules a firmware profile must meet before it may drive a machine (validation stage 3).
+"""The rules a firmware profile must meet before it may drive a machine (validation stage 3).
 
-The handshake's meaning: whatever it sets is reset on the normal path and by ``on_abort``, a ``set``
-is followed by a ``wait``, results are read only after that wait. Machine memory: a writable point
-never shares a register (Modbus table and address, each register of a multi-register type) or a
-node (OPC UA) with another writable point or with any point the handshake touches, so an alias of
-the trigger under a new name is refused. Values: limits lie on the register grid, and the values
-the profile itself supplies (program numbers, defaults, constants) pass the value rules.
+Names: every point the operations, the handshake and the telemetry groups name exists (and is
+writable where it is written), limits fit the point's type, a ``wait`` can ever see its value, the
+cycle counter is a whole-number point. The handshake's meaning: whatever it sets is reset on the
+normal path and by ``on_abort``, a ``set`` is followed by a ``wait``, results are read only after
+that wait. Machine memory: a writable point never shares a register (Modbus table and address,
+each register of a multi-register type) or a node (OPC UA) with another writable point or with any
+point the handshake touches, so an alias of the trigger under a new name is refused. Values:
+limits lie on the register grid, and the values the profile itself supplies (program numbers,
+defaults, constants) pass the value rules.
 
 Every message comes from ``PROFILE_RULES`` (or ``values.VALUE_RULES``); docs/firmware-profiles.md
 lists them under "Safety rules" and a test keeps the two equal.
@@ -13,19 +16,29 @@ lists them under "Safety rules" and a test keeps the two equal.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+import difflib
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..errors import ConfigProblem
 from ..yamlfile import Lines
-from .codec import INT_RANGES
+from .codec import INT_RANGES, PointType
+from .profile_schema import BasePoint, Operation, ProfileDoc
+from .steps import (
+    CallMethod,
+    HandshakePoints,
+    HandshakeStep,
+    ReadError,
+    ReadResults,
+    ResetPoint,
+    SetPoint,
+    WaitFor,
+    WritePoint,
+)
 from .values import Refused, check_value, describe_grid, off_grid, show
 
-if TYPE_CHECKING:
-    from .profile import BasePoint, HandshakeStep, ProfileDoc
-
-#: code -> message template. The first group is checked in profile.py, the rest here.
+#: code -> message template. ``check_references`` uses those up to ``call_parameter_missing``,
+#: the safety rules the rest.
 PROFILE_RULES: dict[str, str] = {
     "unknown_point": "no point named '{point}' in points",
     "read_only_write": "point '{point}' is read-only and cannot be written",
@@ -86,46 +99,131 @@ def reporter(file: str, lines: Lines, problems: list[ConfigProblem]) -> Add:
     return add
 
 
-@dataclass(frozen=True)
-class HandshakePoints:
-    """The points the handshake and ``on_abort`` touch, by what they do with them."""
+# -- stage 3, first: every name resolves, limits fit the point's type --------------------------
 
-    set: frozenset[str]
-    reset: frozenset[str]
-    write: frozenset[str]  # `write:` steps: the program number or a constant
-    wait: frozenset[str]
-    read: frozenset[str]  # `read_error:` steps
-    program: str | None  # the point a `write:` without a value gives the program number
 
-    @classmethod
-    def of(cls, steps: Sequence[HandshakeStep]) -> HandshakePoints:
-        from .profile import ReadError, ResetPoint, SetPoint, WaitFor, WritePoint
+def check_references(doc: ProfileDoc, points: dict[str, BasePoint], add: Add) -> None:
+    """The points the profile names exist (writable where written) and their limits can be held;
+    the safety rules below need this first."""
+    for name, point in points.items():
+        check_limits(point, ("points", name), add)
+    for op_name, op in doc.operations.items():
+        _check_operation(op_name, op, points, add)
+    for section in ("handshake", "on_abort"):
+        for i, step in enumerate(getattr(doc, section)):
+            _check_step(doc, (section, i), step, points, add)
+    for group_name, group in doc.telemetry.items():
+        for point_name in group.points:
+            _resolves(points, point_name, ("telemetry", group_name, "points", point_name), add)
+    check_cycle_counter(doc, points, add)
 
-        def named(kind: type[Any], attr: str) -> frozenset[str]:
-            return frozenset(getattr(s, attr) for s in steps if isinstance(s, kind))
 
-        program = next(
-            (s.write for s in steps if isinstance(s, WritePoint) and s.value is None), None
+def _resolves(
+    points: dict[str, BasePoint], name: str, path: Path, add: Add, *, write: bool = False
+) -> bool:
+    if name not in points:
+        add(path, rule("unknown_point", point=name))
+        return False
+    if write and not points[name].writable:
+        add(path, rule("read_only_write", point=name))
+        return False
+    return True
+
+
+def check_limits(point: BasePoint, path: Path, add: Add) -> None:
+    """A point's own [min, max] is ordered and representable by its type and scaling."""
+    if point.min is not None and point.max is not None and point.min > point.max:
+        add(path, rule("min_above_max", min=point.min, max=point.max))
+    if point.type in INT_RANGES:
+        lo, hi = INT_RANGES[point.type]
+        eng = sorted((lo * point.scale + point.offset, hi * point.scale + point.offset))
+        for which, limit in (("min", point.min), ("max", point.max)):
+            if limit is not None and not eng[0] <= limit <= eng[1]:
+                message = rule(
+                    "limit_unrepresentable",
+                    which=which,
+                    limit=limit,
+                    type=point.type.value,
+                    scale=point.scale,
+                    offset=point.offset,
+                    lo=eng[0],
+                    hi=eng[1],
+                )
+                add(path, message)
+    if point.type is PointType.STRING and point.length is None:
+        add(path, rule("string_length"))
+
+
+def _check_operation(op_name: str, op: Operation, points: dict[str, BasePoint], add: Add) -> None:
+    for param, spec in op.parameters.items():
+        path: Path = ("operations", op_name, "parameters", param)
+        if not _resolves(points, spec.point, path, add, write=True):
+            continue
+        point = points[spec.point]
+        if spec.min is not None and point.min is not None and spec.min < point.min:
+            add(path, rule("parameter_min_below_point", min=spec.min, point_min=point.min))
+        if spec.max is not None and point.max is not None and spec.max > point.max:
+            add(path, rule("parameter_max_above_point", max=spec.max, point_max=point.max))
+    for i, result in enumerate(op.results):
+        _resolves(points, result, ("operations", op_name, "results", i), add)
+
+
+def _check_step(
+    doc: ProfileDoc, path: Path, step: HandshakeStep, points: dict[str, BasePoint], add: Add
+) -> None:
+    if isinstance(step, WritePoint):
+        _resolves(points, step.write, path, add, write=True)
+        missing = [n for n, op in doc.operations.items() if op.program is None]
+        if step.value is None and missing:
+            add(path, rule("program_missing", missing=missing))
+    elif isinstance(step, SetPoint):
+        _resolves(points, step.set, path, add, write=True)
+    elif isinstance(step, ResetPoint):
+        _resolves(points, step.reset, path, add, write=True)
+    elif isinstance(step, ReadError):
+        _resolves(points, step.read_error, path, add)
+    elif isinstance(step, WaitFor):
+        if _resolves(points, step.wait, path, add):
+            mismatch = _never_seen(points[step.wait].type, step.equals)
+            if mismatch is not None:
+                add(path, mismatch)
+    elif isinstance(step, CallMethod):
+        for arg in step.args:  # the handshake is shared: every operation must have it
+            lacking = [n for n, op in doc.operations.items() if arg not in op.parameters]
+            if lacking:
+                add(path, rule("call_parameter_missing", arg=arg, lacking=lacking))
+
+
+def _never_seen(type_: PointType, value: Any) -> str | None:
+    """Why ``value`` can never be read from a point of ``type_`` (a wait would always time out)."""
+    if type_ is PointType.BOOL:
+        return None if isinstance(value, bool) else rule("wait_bool", value=repr(value))
+    if type_ is PointType.STRING:
+        return None if isinstance(value, str) else rule("wait_string", value=repr(value))
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return rule("wait_number", value=repr(value), type=type_.value)
+    return None
+
+
+def check_cycle_counter(doc: ProfileDoc, points: dict[str, BasePoint], add: Add) -> None:
+    """The cycle counter is an integer point counting whole cycles."""
+    name = doc.cycle_counter
+    if name is None:
+        return
+    if name not in points:
+        close = difflib.get_close_matches(name, list(points), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        add(("cycle_counter",), f"no point named '{name}' in points{hint}")
+    elif points[name].type not in INT_RANGES:
+        add(
+            ("cycle_counter",),
+            f"point '{name}' is {points[name].type.value}: a cycle counter is an integer",
         )
-        return cls(
-            set=named(SetPoint, "set"),
-            reset=named(ResetPoint, "reset"),
-            write=named(WritePoint, "write"),
-            wait=named(WaitFor, "wait"),
-            read=named(ReadError, "read_error"),
-            program=program,
+    elif points[name].scale != 1 or points[name].offset != 0:
+        add(
+            ("cycle_counter",),
+            f"point '{name}' has a scale or offset: a cycle counter counts whole cycles",
         )
-
-    @property
-    def all(self) -> frozenset[str]:
-        return self.set | self.reset | self.write | self.wait | self.read
-
-    def role(self, point: str) -> str:
-        """What the handshake does with ``point``, for messages: "set", "wait", ..."""
-        for role in ("set", "reset", "write", "wait", "read"):
-            if point in getattr(self, role):
-                return "read_error" if role == "read" else role
-        return ""
 
 
 # -- stage 3 rules on a schema-valid profile whose names all resolve -----------------------------
@@ -185,7 +283,6 @@ def check_constants(
 ) -> None:
     """Program numbers, parameter defaults and handshake constants pass the value rules now,
     not halfway through a cycle."""
-    from .profile import WritePoint
 
     def refused(point: Any, value: Any, label: str, lo: Any, hi: Any) -> str | None:
         checked = check_value(point, value, label=label, lo=lo, hi=hi)
@@ -210,9 +307,7 @@ def check_constants(
             if spec.default is None or spec.point not in points:
                 continue
             point = points[spec.point]
-            lo = _tighter(point.min, spec.min, max)
-            hi = _tighter(point.max, spec.max, min)
-            why = refused(point, spec.default, param, lo, hi)
+            why = refused(point, spec.default, param, *spec.limits(point))
             if why:
                 add(("operations", op_name, "parameters", param, "default"), why)
 
@@ -220,13 +315,18 @@ def check_constants(
 def check_handshake(doc: ProfileDoc, add: Add) -> None:
     """A trigger goes up, the machine is waited for, results are read, the trigger comes down;
     on_abort brings it down too."""
-    from .profile import ReadError, ReadResults, ResetPoint, SetPoint, WaitFor
+    steps = doc.handshake
+    sets = {i: s.set for i, s in enumerate(steps) if isinstance(s, SetPoint)}
+    waits = [i for i, s in enumerate(steps) if isinstance(s, WaitFor)]
+    _check_resets(doc, sets, waits, add)
+    if sets:
+        _check_reads(steps, sets, waits, add)
 
+
+def _check_resets(doc: ProfileDoc, sets: dict[int, str], waits: list[int], add: Add) -> None:
     steps = doc.handshake
     aborts = {s.reset for s in doc.on_abort if isinstance(s, ResetPoint)}
-    sets = {i: s.set for i, s in enumerate(steps) if isinstance(s, SetPoint)}
     resets = {i: s.reset for i, s in enumerate(steps) if isinstance(s, ResetPoint)}
-    waits = [i for i, s in enumerate(steps) if isinstance(s, WaitFor)]
     for i, point in sets.items():
         reset_at = min((j for j, p in resets.items() if j > i and p == point), default=len(steps))
         if reset_at == len(steps):
@@ -235,8 +335,11 @@ def check_handshake(doc: ProfileDoc, add: Add) -> None:
             add(("handshake", i), rule("set_without_wait", point=point))
         if point not in aborts:
             add(("handshake", i), rule("set_not_reset_on_abort", point=point))
-    if not sets:
-        return
+
+
+def _check_reads(
+    steps: list[HandshakeStep], sets: dict[int, str], waits: list[int], add: Add
+) -> None:
     first = min(sets)
     for j, step in enumerate(steps):
         if isinstance(step, ReadResults):
@@ -297,11 +400,3 @@ def describe_cells(cells: Iterable[tuple[str, int | str]]) -> str:
         first, last = ordered[0], ordered[-1]
         parts.append(f"{area} {first}" if first == last else f"{area} {first}..{last}")
     return ", ".join(parts)
-
-
-def _tighter(a: float | None, b: float | None, pick: Any) -> float | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return float(pick(a, b))

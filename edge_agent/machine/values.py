@@ -19,7 +19,7 @@ from . import codec
 from .codec import INT_RANGES, PointType
 
 if TYPE_CHECKING:
-    from .profile import BasePoint
+    from .profile_schema import BasePoint
 
 
 class Refusal(StrEnum):

@@ -11,7 +11,8 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-from ..machine.profile import Profile, WaitFor
+from ..machine.profile import Profile
+from ..machine.steps import WaitFor
 from ..tag.reader import ScanEvent
 
 

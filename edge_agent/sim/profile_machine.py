@@ -20,7 +20,8 @@ from pymodbus.simulator.simutils import SimUtils
 
 from ..machine import codec
 from ..machine.modbus import ModbusPoint
-from ..machine.profile import Profile, ReadError, SetPoint, WaitFor
+from ..machine.profile import Profile
+from ..machine.steps import ReadError, SetPoint, WaitFor
 from .reference_plc import listen
 
 #: Per profile: result point <- parameter point copied at the cycle's start, and the cycle counter.

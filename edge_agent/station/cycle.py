@@ -42,7 +42,8 @@ from ..instructions.codec import TagContents, decode_tag, update_progress
 from ..instructions.model import ParamValue, Step, StepRecord, StepStatus
 from ..instructions.signing import KeyRing
 from ..machine.driver import MachineDriver, RawValue
-from ..machine.profile import INT_RANGES, Operation, Profile
+from ..machine.profile import INT_RANGES, Profile
+from ..machine.profile_schema import Operation
 from ..machine.values import Refusal, Refused
 from ..messages import jsonable as _jsonable
 from ..tag.reader import ScanEvent, TagReader

@@ -17,10 +17,10 @@ import structlog
 
 from ..errors import MachineError, MachineFault
 from ..machine.driver import MachineDriver, RawValue, show_value, values_equal
-from ..machine.profile import (
+from ..machine.profile_schema import Operation
+from ..machine.steps import (
     CallMethod,
     HandshakeStep,
-    Operation,
     ReadError,
     ReadResults,
     ResetPoint,

@@ -18,7 +18,8 @@ from asyncua import Client, ua
 
 from ...errors import ConfigProblem
 from ...yamlfile import load_yaml
-from ..profile import CallMethod, PointType, Profile
+from ..profile import PointType, Profile
+from ..steps import CallMethod
 from .models import DATA_TYPES, STANDARD_NAMESPACE, Address, MachineMismatch, OpcUaPoint
 
 VARIANT: dict[PointType, ua.VariantType] = {

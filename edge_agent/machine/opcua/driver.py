@@ -40,7 +40,8 @@ from ...errors import MachineError, MachineFault, MachineRefused
 from ...link import Link, LinkWaiting
 from .. import codec
 from ..driver import MachineDriver, RawValue, points_of, show_value, values_equal
-from ..profile import CallMethod, PointType, Profile, WaitFor
+from ..profile import PointType, Profile
+from ..steps import CallMethod, WaitFor
 from .address_space import VARIANT, AddressSpace, _Method, _read, _split_call, _usage
 from .models import MachineMismatch, OpcUaPoint, OpcUaSettings, parse_address
 from .security import SecureChannel

@@ -21,7 +21,8 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ...errors import ConfigProblem, MachineError
-from ..profile import BasePoint, PointType
+from ..profile import PointType
+from ..profile_schema import BasePoint
 
 __all__ = [
     "POINT_MODEL",

@@ -21,7 +21,8 @@ from edge_agent.instructions.codec import TAG_CAPACITY, decode_tag, encode_tag, 
 from edge_agent.instructions.model import Step, StepRecord, StepStatus
 from edge_agent.instructions.recipe import Recipe
 from edge_agent.instructions.signing import KeyRing, load_private_key
-from edge_agent.machine.profile import ResetPoint, WaitFor, load_profile
+from edge_agent.machine.profile import load_profile
+from edge_agent.machine.steps import ResetPoint, WaitFor
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.opcua_machine import NAMESPACE
 from edge_agent.sim.reference_plc import ReferencePlc

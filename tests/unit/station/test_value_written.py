@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.instructions.model import Step
-from edge_agent.machine.profile import Profile, ProfileDoc, load_profile
+from edge_agent.machine.profile import Profile, load_profile
+from edge_agent.machine.profile_schema import ProfileDoc
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
 from tests.fixtures_broker import MqttRecorder
