@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
 from .metrics import Writer, resident_bytes
 
 if TYPE_CHECKING:
-    from .run import Service
+    from ..agent import Agent
 
 log = structlog.get_logger("health")
 
@@ -29,6 +29,27 @@ MAX_CONNECTIONS = 8
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 431: "Request Header Fields Too Large",
             503: "Service Unavailable"}  # fmt: skip
+
+
+class Links(Protocol):
+    """The links' states and reconnect counts (``service/run.py``'s ``Links``)."""
+
+    @property
+    def reconnects(self) -> dict[str, int]: ...
+
+    def sample(self) -> dict[str, bool]: ...
+
+
+class Service(Protocol):
+    """What the endpoint answers from: the running daemon (``service/run.py``'s ``Service``)."""
+
+    @property
+    def agent(self) -> Agent: ...
+
+    @property
+    def links(self) -> Links: ...
+
+    def health(self) -> tuple[bool, str]: ...
 
 
 async def serve(service: Service, host: str, port: int) -> asyncio.Server:

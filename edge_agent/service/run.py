@@ -22,6 +22,7 @@ import structlog
 
 from ..errors import EdgeAgentError
 from .heartbeat import longest_cycle
+from .http import serve
 from .systemd import notify, watchdog_interval
 
 if TYPE_CHECKING:
@@ -119,8 +120,6 @@ class Service:
     # ------------------------------------------------------------------ running
 
     async def run(self) -> None:
-        from .http import serve
-
         server = None
         listen = self.agent.config.health.listen
         if listen is not None:
