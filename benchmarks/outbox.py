@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from edge_agent.config import BrokerConfig  # noqa: E402
+from edge_agent.config_schema import BrokerConfig  # noqa: E402
 from edge_agent.log import setup_logging  # noqa: E402
 from edge_agent.sim.broker import EmbeddedBroker  # noqa: E402
 from edge_agent.uplink.mqtt import MqttUplink  # noqa: E402

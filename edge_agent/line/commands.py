@@ -29,7 +29,7 @@ from typing import Annotated, Any, Protocol, TypeVar, get_args
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from ..config import CommandName, CommandsConfig
+from ..config_schema import CommandName, CommandsConfig
 from ..errors import ConfigError, MachineError
 from ..machine.driver import MachineDriver
 from ..machine.profile import Profile

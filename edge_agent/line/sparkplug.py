@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import structlog
 from google.protobuf.message import DecodeError
 
-from ..config import SparkplugConfig
+from ..config_schema import SparkplugConfig
 from ..machine.profile import Profile
 from ..uplink.mqtt import ConnectHook, MessageHandler, WillFn
 from ..uplink.outbox import Keep, Outbox

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from ..config import ThingsBoardConfig
+from ..config_schema import ThingsBoardConfig
 from ..uplink.mqtt import ConnectHook, MessageHandler, dumps
 from ..uplink.outbox import Keep, OutMessage
 from .commands import Commands

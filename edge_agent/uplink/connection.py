@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ..config import BrokerConfig
+from ..config_schema import BrokerConfig
 from ..link import Link, LinkDown
 
 log = structlog.get_logger("uplink")

@@ -30,7 +30,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ..config import BrokerConfig
+from ..config_schema import BrokerConfig
 from ..link import Link
 from ..supervisor import Spawn, plain_spawn
 from .connection import Connection, WillFn

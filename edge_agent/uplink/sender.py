@@ -22,7 +22,7 @@ import structlog
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from ..config import BrokerConfig
+from ..config_schema import BrokerConfig
 from ..errors import EdgeAgentError
 from ..link import Backoff
 from .outbox import Keep, MemoryOutbox, Outbox, OutMessage

@@ -7,7 +7,7 @@ from typing import Any
 
 import structlog
 
-from edge_agent.config import BrokerConfig
+from edge_agent.config_schema import BrokerConfig
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.uplink.mqtt import MqttUplink
 from tests.fixtures_broker import MqttRecorder

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.config import BrokerConfig
+from edge_agent.config_schema import BrokerConfig
 from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc

@@ -15,7 +15,7 @@ import zlib
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.config import AgentConfigDoc
+from edge_agent.config_schema import AgentConfigDoc
 from edge_agent.instructions import cbor, limits
 from edge_agent.instructions.codec import (
     PROGRESS_TYPE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from edge_agent.config import BrokerConfig
+from edge_agent.config_schema import BrokerConfig
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.uplink.mqtt import MqttUplink
 from tests.fixtures_broker import MqttRecorder

@@ -16,7 +16,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.agent import Agent
-from edge_agent.config import BrokerConfig, load_config
+from edge_agent.config import load_config
+from edge_agent.config_schema import BrokerConfig
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
 from edge_agent.tag.simulated import SimulatedReader

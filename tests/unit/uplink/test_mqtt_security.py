@@ -29,7 +29,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.config import BrokerConfig, TlsConfig, load_config
+from edge_agent.config import load_config
+from edge_agent.config_schema import BrokerConfig, TlsConfig
 from edge_agent.errors import ConfigError
 from edge_agent.sim.broker import EmbeddedBroker, free_port, wait_listening
 from edge_agent.uplink.mqtt import MqttUplink

@@ -21,7 +21,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edge_agent.config import BrokerConfig
+from edge_agent.config_schema import BrokerConfig
 from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc as Plc
@@ -39,7 +39,7 @@ CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from edge_agent.config import BrokerConfig
+    from edge_agent.config_schema import BrokerConfig
     from edge_agent.uplink.mqtt import MqttUplink
     from edge_agent.uplink.outbox_sqlite import SqliteOutbox
 
