@@ -132,3 +132,27 @@ def test_no_private_name_is_imported_across_packages() -> None:
             if private and _top(module) != _top(target):
                 wrong.append(f"{module} imports {target}.{name}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles() -> None:
+    """No module reaches itself through imports of any kind: lazy ones and type-only ones too,
+    so a newcomer can read the package bottom-up."""
+    graph = {
+        m: {t for t, _ in _imports(m, p) if t in MODULES and t != m} for m, p in MODULES.items()
+    }
+    cycles = []
+    done: set[str] = set()
+
+    def visit(module: str, trail: list[str]) -> None:
+        if module in trail:
+            cycles.append(" -> ".join([*trail[trail.index(module) :], module]))
+            return
+        if module in done:
+            return
+        for target in sorted(graph[module]):
+            visit(target, [*trail, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert not cycles, "\n".join(cycles)
