@@ -269,11 +269,13 @@ class Chaos:
         for name, params in RETAINED.items():
             body = {"correlation_id": f"retained-{name}", "params": params}
             await line.publish(name, json.dumps(body).encode(), retain=True)
-        ignored_before = self.log.read_text().count("retained message ignored")
+        ignored_before = self.ignored()
         self.daemon = start_daemon(self.config, self.log)
         for n in range(restarts):
+            await self.received_retained(ignored_before + (n + 1) * len(RETAINED))
             await self.flow(random.uniform(1.5, 2.5))
             await self.restart_daemon(signal.SIGKILL if n % 2 else signal.SIGTERM)
+            await self.received_retained(ignored_before + (n + 2) * len(RETAINED))
             await self.flow(random.uniform(1.5, 2.5))
             await self.restart_broker()
         await self.flow(3)
@@ -281,8 +283,19 @@ class Chaos:
             await line.publish(name, b"", retain=True)
         return {
             "replies": sum(line.replied(f"retained-{name}") for name in RETAINED),
-            "ignored": self.log.read_text().count("retained message ignored") - ignored_before,
+            "ignored": self.ignored() - ignored_before,
         }
+
+    def ignored(self) -> int:
+        """Retained commands the daemon said it ignored (once per topic and run)."""
+        return self.log.read_text().count("retained message ignored")
+
+    async def received_retained(self, logged: int, timeout: float = 30) -> None:
+        """Until this run of the daemon has received them all (parts flowing meanwhile): a
+        restart before that would prove nothing."""
+        end = time.monotonic() + timeout
+        while self.ignored() < logged and time.monotonic() < end:
+            await self.flow(0.1)
 
     async def measured_flow(self, seconds: float, subscriber: Subscriber) -> list[float]:
         """Parts flowing for ``seconds``; the total times (ms) of the ok cycles reported."""

@@ -71,17 +71,24 @@ async def test_a_component_that_cannot_recover_ends_the_daemon_with_exit_1(
     daemon = start_daemon(config, log)
     started = time.monotonic()
     fed = 0
+    waiting: dict[Path, tuple[bytes, float]] = {}  # on the reader: what was put there, when
     try:
-        # Parts keep coming, as on a line: each report queued wakes the sender again.
+        # Parts keep coming, as on a line: each report queued wakes the sender again. A part
+        # leaves once written back (or after 10 s: a busy machine may be slow to start).
         while daemon.poll() is None and time.monotonic() - started < EXIT_BOUND:
-            for done in tags.glob("*.ndef"):
-                done.unlink()
-            uid = f"04C0FFEE{fed:06X}"
-            part = tags / f"{uid}.part"
-            part.write_bytes(tag_message(key, keyring, bytes.fromhex(uid), fed))
-            part.rename(tags / f"{uid}.ndef")
-            fed += 1
-            await asyncio.sleep(0.5)
+            for path, (message, since) in list(waiting.items()):
+                if path.read_bytes() != message or time.monotonic() - since > 10:
+                    path.unlink()
+                    del waiting[path]
+            if len(waiting) < 2:
+                uid = f"04C0FFEE{fed:06X}"
+                message = tag_message(key, keyring, bytes.fromhex(uid), fed)
+                part = tags / f"{uid}.part"
+                part.write_bytes(message)
+                part.rename(tags / f"{uid}.ndef")  # the reader never sees half a file
+                waiting[tags / f"{uid}.ndef"] = (message, time.monotonic())
+                fed += 1
+            await asyncio.sleep(0.25)
         await asyncio.to_thread(daemon.wait, 30)
     finally:
         if daemon.poll() is None:
