@@ -293,6 +293,12 @@ class MqttUplink(Sender, Connection, PahoLoop):
         self._stopping = True
         self._link.stop()
         if self.connected:
+            if not delivered:
+                # Still queued behind a backlog or a sender that failed: without this the retained
+                # status would go on saying online, as the clean DISCONNECT sends no last will.
+                self._client.publish(
+                    self.topic("status"), dumps(offline_status), qos=1, retain=True
+                )
             self._client.disconnect()  # a clean DISCONNECT: the broker does not send the last will
             await asyncio.sleep(0)
         for task in self._tasks:
