@@ -102,12 +102,15 @@ class Agent:
         self.sparkplug = outputs.sparkplug(config, self.uplink, self.control, self.commands)
         only_own = self.sparkplug is not None and not config.sparkplug.json_topics
         self.json_topics = outputs.JsonTopics(self.uplink, only_own=only_own)
+        json_topics = [self.json_topics]
         self.outputs = outputs.Outputs(
             [
-                self.json_topics,
+                *([] if only_own else json_topics),
                 outputs.CycleCounts(self.metrics.observe),  # once per report: never when held
                 *([outputs.Mirror(self.sparkplug)] if self.sparkplug is not None else []),
                 *([outputs.Mirror(self.thingsboard)] if self.thingsboard is not None else []),
+                # Without its topics, last: a held report is dropped once Sparkplug stored it.
+                *(json_topics if only_own else []),
             ]
         )
 

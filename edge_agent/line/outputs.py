@@ -47,6 +47,8 @@ class JsonLink(Protocol):
 
     def hold(self, suffix: str, key: str, payload: bytes) -> None: ...
 
+    def unhold(self, key: str) -> None: ...
+
 
 class Mirrored(Protocol):
     def mirror(self, suffix: str, payload: dict[str, Any]) -> None: ...
@@ -72,6 +74,8 @@ class JsonTopics:
 
     def cycle(self, report: CycleReport, release: bool) -> None:
         if self.only_own:
+            if release:  # held here all the same (write-ahead): dropped, or it stays forever
+                self.link.unhold(report.id)
             return
         body = report.to_json()  # encoded once; the outbox adds its seq
         self.link.publish_encoded(

@@ -104,6 +104,15 @@ class Sender:
             self._outbox_failed(str(err))
             raise
 
+    def unhold(self, key: str) -> None:
+        """Drop the report held under ``key`` unsent: its final version went to another output.
+        Never raises; a copy the outbox could not drop is sent at the next start."""
+        try:
+            self.outbox.unhold(key)
+        except EdgeAgentError as err:
+            log.error("a held cycle report could not be dropped", report=key, error=str(err))
+            self._outbox_failed(str(err))
+
     @property
     def recording(self) -> bool:
         """False while the outbox cannot write: no part may be taken."""

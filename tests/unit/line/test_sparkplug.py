@@ -375,6 +375,24 @@ async def test_reload_on_ncmd_rebirths_and_json_topics_off_keeps_only_status_and
         json_view.close()
 
 
+async def test_json_topics_off_keeps_no_held_report_once_the_cycle_is_final(
+    tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker, spb: Host
+) -> None:
+    # The report is held ahead in the JSON outbox even when Sparkplug replaces the JSON topics;
+    # kept after its cycle, every one was sent at the next start as it stood when held.
+    state = tmp_path / "state"
+    extra = "sparkplug: {enabled: true, group_id: plant, json_topics: false}\n"
+    extra += f"state_dir: {json.dumps(str(state))}\n"
+    async with running_station(tmp_path, reference_plc.port, broker.port, extra=extra) as s:
+        await spb.wait("DBIRTH")
+        for n in range(3):
+            tag = s.tag([Step("drill", DRILL)], uid=bytes([4, 9, 9, 9, 9, 9, n]))
+            assert (await s.cycle(tag)).status == "ok"
+        await spb.wait_metric("Cycle/Status")
+        assert s.agent.uplink.outbox.held() == []
+        assert s.agent.sparkplug is not None and len(s.agent.sparkplug.store) == 0
+
+
 async def test_garbage_commands_are_ignored_and_the_node_answers_on(
     station: Station, spb: Host, broker: EmbeddedBroker
 ) -> None:
