@@ -29,7 +29,8 @@ from .machine.driver import MachineDriver
 from .machine.profile import Profile
 from .service.heartbeat import Heartbeat
 from .service.metrics import CycleMetrics
-from .station.cycle import CycleReport, StationCycle, WriteAhead
+from .station.cycle import StationCycle, WriteAhead
+from .station.report import CycleReport
 from .supervisor import Supervisor
 from .tag.reader import ScanEvent, ScanKind, TagReader
 from .tag.registry import create_reader
@@ -57,9 +58,10 @@ class Agent:
         wiring = StationWiring(
             reader=self.reader,
             publish=self._publish,
+            report=lambda report: self.outputs.cycle(report),
             write_ahead=WriteAhead(
-                hold=lambda report: self.uplink.hold("cycles", report),
-                release=lambda report: self._publish("cycles", report, 1, release=True),
+                hold=lambda report, stopped: self.json_topics.hold(report, stopped),
+                release=lambda report: self.outputs.cycle(report, release=True),
             ),
             spawn=self.supervisor.spawn,
         )
@@ -99,22 +101,24 @@ class Agent:
         )
         self.sparkplug = outputs.sparkplug(config, self.uplink, self.control, self.commands)
         only_own = self.sparkplug is not None and not config.sparkplug.json_topics
+        self.json_topics = outputs.JsonTopics(self.uplink, only_own=only_own)
+        json_topics = [self.json_topics]
         self.outputs = outputs.Outputs(
             [
-                outputs.JsonTopics(self.uplink, only_own=only_own),
+                *([] if only_own else json_topics),
                 outputs.CycleCounts(self.metrics.observe),  # once per report: never when held
                 *([outputs.Mirror(self.sparkplug)] if self.sparkplug is not None else []),
                 *([outputs.Mirror(self.thingsboard)] if self.thingsboard is not None else []),
+                # Without its topics, last: a held report is dropped once Sparkplug stored it.
+                *(json_topics if only_own else []),
             ]
         )
 
     def _health_changed(self) -> None:
         self.uplink.refresh_status()
 
-    def _publish(
-        self, suffix: str, payload: dict[str, Any], qos: int, *, release: bool = False
-    ) -> None:
-        self.outputs.publish(suffix, payload, qos, release=release)
+    def _publish(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
+        self.outputs.publish(suffix, payload, qos)
 
     def _respond(self, topic: str, reply: dict[str, Any], correlation: bytes | None) -> None:
         # MQTT 5 response topic: the reply as is, with the request's correlation data.
@@ -258,7 +262,7 @@ class Agent:
 
     async def _refuse(self, event: ScanEvent, reason: Reason, error: str) -> None:
         report = await self.control.active.refusal(event, reason, error)
-        self._publish("cycles", report.as_message(), 1)
+        self.outputs.cycle(report)
         self._reported(report)
 
     async def shutdown(self, events: asyncio.Task[None]) -> None:

@@ -20,7 +20,7 @@ from edge_agent.instructions.recipe import Recipe
 from edge_agent.instructions.signing import KeyRing, generate_keypair, load_private_key
 from edge_agent.sim.station import running_station as run_agent
 from edge_agent.sim.station import station_config
-from edge_agent.station.cycle import CycleReport
+from edge_agent.station.report import CycleReport
 from edge_agent.tag.simulated import SimulatedReader, SimulatedTag
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,7 +20,8 @@ from ..instructions.signing import KeyRing
 from ..machine import registry
 from ..machine.driver import MachineDriver
 from ..machine.profile import Profile
-from ..station.cycle import CycleReport, StationCycle, WriteAhead
+from ..station.cycle import StationCycle, WriteAhead
+from ..station.report import CycleReport
 from ..supervisor import Spawn
 from ..tag.reader import ScanEvent, TagReader
 from .adjustments import Adjustments
@@ -38,6 +39,8 @@ class StationWiring:
 
     reader: TagReader
     publish: Publish
+    #: A final cycle report, to every output.
+    report: Callable[[CycleReport], object]
     write_ahead: WriteAhead
     spawn: Spawn
 
@@ -79,7 +82,7 @@ class ActiveStation:
             driver=driver,
             keyring=keyring,
             reader=wiring.reader,
-            publish=lambda report: publish("cycles", report, 1),
+            publish=wiring.report,
             write_back=config.cycle.write_back,
             adjust=adjustments.apply if config.commands.adjustments else None,
             state_dir=config.state_dir,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
@@ -77,7 +77,7 @@ class Rule(BaseModel):
                 return a
         return "program"
 
-    def matches(self, operation: str, part: dict[str, Any]) -> bool:
+    def matches(self, operation: str, part: Mapping[str, Any]) -> bool:
         if self.operation is not None and self.operation != operation:
             return False
         for key in ("material_lot", "variant"):
@@ -180,7 +180,7 @@ class Adjustments:
         return problems
 
     def apply(
-        self, step: Step, part: dict[str, Any]
+        self, step: Step, part: Mapping[str, Any]
     ) -> tuple[Step, int | None, dict[str, Any] | None]:
         """``step`` with the active set applied, the program number replacing the operation's
         (or None) and the record for the report. The cycle checks the values afterwards."""

@@ -1,17 +1,18 @@
 """Where the agent's messages go: every output gets each one and decides what it sends.
 
-An agent message is a topic suffix (``cycles``, ``events``, ``telemetry/<group>``, ``status``,
-``reply/<id>``) and a JSON payload. The outputs: the JSON topics on the uplink (the line's
-contract, and the outbox that keeps them), the cycle metrics, a Sparkplug B node and ThingsBoard's
-gateway API, the last two on the same connection. A cycle report committed ahead (write-ahead)
-comes through once more when it is final, with ``release``: the JSON output then replaces the
-held copy in the outbox, and the metrics count the report only then, once.
+A cycle report comes as the typed ``CycleReport`` (``station/report.py``); every other agent
+message (``events``, ``telemetry/<group>``, ``status``, ``reply/<id>``) as a topic suffix and a
+JSON payload. The outputs: the JSON topics on the uplink (the line's contract, and the outbox that
+keeps them), the cycle metrics, a Sparkplug B node and ThingsBoard's gateway API, the last two on
+the same connection; each chooses its topic, retention and encoding. A cycle report committed
+ahead (write-ahead, into the JSON topics' outbox) comes through once, when it is final, with
+``release``: the JSON output then replaces the held copy, and the metrics count the report once.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -19,8 +20,9 @@ import structlog
 
 from .. import __version__, messages
 from ..config import AgentConfig
+from ..station.report import CycleReport, IfStopped
 from ..uplink.mqtt import MqttUplink
-from ..uplink.outbox import Keep, MemoryOutbox, Outbox
+from ..uplink.outbox import Keep, MemoryOutbox, Outbox, Payload
 from .commands import Commands
 from .thingsboard import AdjustmentSink, ThingsBoard
 
@@ -31,17 +33,31 @@ log = structlog.get_logger("agent")
 
 
 class Output(Protocol):
-    def send(self, suffix: str, payload: dict[str, Any], qos: int, release: bool) -> None: ...
+    def send(self, suffix: str, payload: dict[str, Any], qos: int) -> None: ...
+
+    def cycle(self, report: CycleReport, release: bool) -> None: ...
 
 
 class JsonLink(Protocol):
-    def publish(
-        self, suffix: str, payload: dict[str, Any], *, qos: int = 1, release: str | None = None
+    def publish(self, suffix: str, payload: dict[str, Any], *, qos: int = 1) -> object: ...
+
+    def publish_encoded(
+        self, suffix: str, payload: Payload, *, keep: Keep, release: str | None = None
     ) -> object: ...
+
+    def hold(self, suffix: str, key: str, payload: bytes) -> None: ...
+
+    def unhold(self, key: str) -> None: ...
 
 
 class Mirrored(Protocol):
     def mirror(self, suffix: str, payload: dict[str, Any]) -> None: ...
+
+    def cycle(self, report: CycleReport) -> None: ...
+
+
+#: The JSON topic of cycle reports.
+CYCLES = "cycles"
 
 
 @dataclass(frozen=True)
@@ -51,21 +67,40 @@ class JsonTopics:
     link: JsonLink
     only_own: bool = False
 
-    def send(self, suffix: str, payload: dict[str, Any], qos: int, release: bool) -> None:
+    def send(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
         if self.only_own and suffix != "status" and not suffix.startswith("reply/"):
             return
-        self.link.publish(suffix, payload, qos=qos, release=payload["id"] if release else None)
+        self.link.publish(suffix, payload, qos=qos)
+
+    def cycle(self, report: CycleReport, release: bool) -> None:
+        if self.only_own:
+            if release:  # held here all the same (write-ahead): dropped, or it stays forever
+                self.link.unhold(report.id)
+            return
+        body = report.to_json()  # encoded once; the outbox adds its seq
+        self.link.publish_encoded(
+            CYCLES,
+            lambda seq: b'%s,"seq":%d}' % (body[:-1], seq),
+            keep=Keep.RECORD,  # never dropped
+            release=report.id if release else None,
+        )
+
+    def hold(self, report: CycleReport, stopped: IfStopped) -> None:
+        """Write ahead: the report as ``stopped`` says, stored unsent until its release."""
+        self.link.hold(CYCLES, report.id, report.to_json(stopped=stopped))
 
 
 @dataclass(frozen=True)
 class CycleCounts:
     """Each cycle report, counted once: a held one is not sent here, its release is."""
 
-    observe: Callable[[Mapping[str, Any]], None]
+    observe: Callable[[CycleReport], None]
 
-    def send(self, suffix: str, payload: dict[str, Any], qos: int, release: bool) -> None:
-        if suffix == "cycles":
-            self.observe(payload)
+    def send(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
+        pass
+
+    def cycle(self, report: CycleReport, release: bool) -> None:
+        self.observe(report)
 
 
 @dataclass(frozen=True)
@@ -74,21 +109,27 @@ class Mirror:
 
     target: Mirrored
 
-    def send(self, suffix: str, payload: dict[str, Any], qos: int, release: bool) -> None:
+    def send(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
         self.target.mirror(suffix, payload)
+
+    def cycle(self, report: CycleReport, release: bool) -> None:
+        self.target.cycle(report)
 
 
 class Outputs:
-    """All outputs, in order; ``publish`` is the agent's one way out."""
+    """All outputs, in order; ``publish`` and ``cycle`` are the agent's one way out."""
 
     def __init__(self, outputs: list[Output]) -> None:
         self.outputs = outputs
 
-    def publish(
-        self, suffix: str, payload: dict[str, Any], qos: int, *, release: bool = False
-    ) -> None:
+    def publish(self, suffix: str, payload: dict[str, Any], qos: int) -> None:
         for output in self.outputs:
-            output.send(suffix, payload, qos, release)
+            output.send(suffix, payload, qos)
+
+    def cycle(self, report: CycleReport, *, release: bool = False) -> None:
+        """A final cycle report; ``release``: it replaces the copy held ahead."""
+        for output in self.outputs:
+            output.cycle(report, release)
 
 
 def open_outbox(config: AgentConfig, alarm: DropAlarm) -> Outbox:

@@ -33,6 +33,7 @@ from google.protobuf.message import DecodeError
 
 from ..config_schema import SparkplugConfig
 from ..machine.profile import Profile
+from ..station.report import CycleReport
 from ..uplink.mqtt import ConnectHook, MessageHandler, WillFn
 from ..uplink.outbox import Keep, Outbox
 from .commands import Commands, handshake_points
@@ -83,7 +84,8 @@ class Station(Protocol):
 
 
 class SparkplugNode:
-    """``start()`` before the uplink connects; ``mirror()`` each agent message; ``stop()``."""
+    """``start()`` before the uplink connects; ``mirror()`` each agent message, ``cycle()`` each
+    cycle report; ``stop()``."""
 
     def __init__(
         self,
@@ -262,12 +264,18 @@ class SparkplugNode:
         except Exception:
             log.exception("Sparkplug message not sent", suffix=suffix)
 
+    def cycle(self, report: CycleReport) -> None:
+        """A cycle report under ``Cycle/``, stored until it is handed over. Never raises."""
+        try:
+            self._check_profile()
+            self._cycle(report)
+        except Exception:
+            log.exception("Sparkplug cycle not sent", cycle=report.id)
+
     def _mirror(self, suffix: str, payload: dict[str, Any]) -> None:
         self._check_profile()
         if suffix.startswith("telemetry/"):
             self._telemetry(payload)
-        elif suffix == "cycles":
-            self._cycle(payload)
         elif suffix == "events" and payload.get("event") == "telemetry_stale":
             self.stale.add(str(payload.get("group")))
             self._device_death()
@@ -305,17 +313,17 @@ class SparkplugNode:
             )
         return self._send("DDATA", payload)
 
-    def _cycle(self, report: dict[str, Any]) -> None:
+    def _cycle(self, report: CycleReport) -> None:
         values = {k: v for k, v in cycle_values(report).items() if k in self.device.by_name}
         # Every Cycle/ metric, null when this cycle has none: no value of an earlier cycle remains.
         record = {n: None for n in self.device.by_name if n.startswith("Cycle/")} | values
         held = not self.publishable or len(self.store) > 0
-        body = {"time": iso_ms(report.get("time")), "values": record, "held": held}
+        body = {"time": report.epoch_ms, "values": record, "held": held}
         if self.store.put(STORE_TOPIC, json.dumps(body).encode(), 0, False, Keep.RECORD) is None:
             # Full of cycles the broker has not taken: the JSON report is the record of this one.
             log.error(
                 "Sparkplug store full: this cycle is not sent as Sparkplug",
-                cycle=report.get("id"),
+                cycle=report.id,
                 held=len(self.store),
             )
         self.flush()

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from esio_spb_builder.core import sparkplug_b_pb2 as pb
 
 from ..machine.profile import PointType, Profile
 from ..machine.steps import CallMethod
+from ..station.report import CycleReport
 
 log = structlog.get_logger("sparkplug")
 
@@ -38,26 +40,29 @@ DURATIONS = (
     *("machine_write", "machine_cycle", "machine_read"),
 )
 
-#: Cycle report fields published as String metrics: metric name -> path into the report.
-CYCLE_TEXT: dict[str, tuple[str, ...]] = {
-    "Cycle/ID": ("id",),
-    "Cycle/Status": ("status",),
-    "Cycle/Reason": ("reason",),
-    "Cycle/Error": ("error",),
-    "Cycle/Tag UID": ("tag_uid",),
-    "Cycle/Part ID": ("part", "id"),
-    "Cycle/Product": ("part", "product"),
-    "Cycle/Variant": ("part", "variant"),
-    "Cycle/Order": ("part", "order"),
-    "Cycle/Material Lot": ("part", "material_lot"),
-    "Cycle/Operation": ("step", "operation"),
-    "Cycle/Machine State": ("machine_state",),
-    "Cycle/Tag Write": ("tag_write",),
-    "Cycle/Profile/Name": ("profile", "name"),
-    "Cycle/Profile/Version": ("profile", "version"),
-    "Cycle/Profile/Hash": ("profile", "hash"),
+#: Cycle report fields published as String metrics: metric name -> its value in a report.
+CYCLE_TEXT: dict[str, Callable[[CycleReport], str | None]] = {
+    "Cycle/ID": lambda r: r.id,
+    "Cycle/Status": lambda r: r.status.value,
+    "Cycle/Reason": lambda r: r.reason.value if r.reason is not None else None,
+    "Cycle/Error": lambda r: r.error,
+    "Cycle/Tag UID": lambda r: r.tag_uid,
+    "Cycle/Part ID": lambda r: r.part.get("id"),
+    "Cycle/Product": lambda r: r.part.get("product"),
+    "Cycle/Variant": lambda r: r.part.get("variant"),
+    "Cycle/Order": lambda r: r.part.get("order"),
+    "Cycle/Material Lot": lambda r: r.part.get("material_lot"),
+    "Cycle/Operation": lambda r: r.step["operation"] if r.step is not None else None,
+    "Cycle/Machine State": lambda r: r.machine_state,
+    "Cycle/Tag Write": lambda r: r.tag_write,
+    "Cycle/Profile/Name": lambda r: r.profile.get("name"),
+    "Cycle/Profile/Version": lambda r: r.profile.get("version"),
+    "Cycle/Profile/Hash": lambda r: r.profile.get("hash"),
 }
-CYCLE_INT = {"Cycle/Step/Index": ("step", "index"), "Cycle/Step/Count": ("step", "count")}
+CYCLE_INT: dict[str, Callable[[CycleReport], int | None]] = {
+    "Cycle/Step/Index": lambda r: r.step["index"] if r.step is not None else None,
+    "Cycle/Step/Count": lambda r: r.step["count"] if r.step is not None else None,
+}
 
 _INT32 = {DataType.Int8, DataType.Int16, DataType.Int32}
 _INT32 |= {DataType.UInt8, DataType.UInt16, DataType.UInt32}
@@ -210,20 +215,15 @@ def _unit(profile: Profile, point: str) -> dict[str, tuple[int, Any]]:
     return {"engUnit": (DataType.String, p.unit)} if p is not None and p.unit else {}
 
 
-def cycle_values(report: dict[str, Any]) -> dict[str, Any]:
+def cycle_values(report: CycleReport) -> dict[str, Any]:
     """A cycle report as ``Cycle/`` metric values (None: the report has no such field)."""
-    values: dict[str, Any] = {}
-    for name, path in {**CYCLE_TEXT, **CYCLE_INT}.items():
-        value: Any = report
-        for key in path:
-            value = value.get(key) if isinstance(value, dict) else None
-        values[name] = value
-    durations = report.get("durations_ms") or {}
+    values: dict[str, Any] = {name: text(report) for name, text in CYCLE_TEXT.items()}
+    values.update((name, number(report)) for name, number in CYCLE_INT.items())
     for key in DURATIONS:
-        values[f"Cycle/Duration/{key} ms"] = durations.get(key)
-    for parameter in report.get("parameters") or []:
+        values[f"Cycle/Duration/{key} ms"] = report.durations_ms.get(key)
+    for parameter in report.parameters:
         values[f"Cycle/Parameters/{parameter.get('point')}"] = parameter.get("value")
-    for name, value in (report.get("results") or {}).items():
+    for name, value in report.results.items():
         values[f"Cycle/Results/{name}"] = value
     return values
 

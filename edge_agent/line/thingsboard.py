@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import structlog
 
 from ..config_schema import ThingsBoardConfig
+from ..station.report import CycleReport
 from ..uplink.mqtt import ConnectHook, MessageHandler, dumps
 from ..uplink.outbox import Keep, OutMessage
 from .commands import Commands
@@ -57,7 +58,8 @@ class AdjustmentSink(Protocol):
 
 
 class ThingsBoard:
-    """``start()`` before the uplink connects; ``mirror()`` each message; ``stop()`` at shutdown."""
+    """``start()`` before the uplink connects; ``mirror()`` each message, ``cycle()`` each cycle
+    report; ``stop()`` at shutdown."""
 
     def __init__(
         self,
@@ -98,12 +100,15 @@ class ThingsBoard:
             values = dict(payload.get("values", {}))
             if payload.get("full") or payload.get("quality") != "good":
                 values[f"{payload['group']}.quality"] = payload.get("quality")
-            self._telemetry(payload["time"], values, Keep.TELEMETRY)
-        elif suffix == "cycles" and self.config.cycles:
-            self._telemetry(payload["time"], cycle_values(payload), Keep.RECORD)
+            ts = int(datetime.fromisoformat(payload["time"]).timestamp() * 1000)
+            self._telemetry(ts, values, Keep.TELEMETRY)
 
-    def _telemetry(self, time: str, values: dict[str, Any], keep: Keep) -> None:
-        ts = int(datetime.fromisoformat(time).timestamp() * 1000)
+    def cycle(self, report: CycleReport) -> None:
+        """A cycle report as ``cycle.*`` device telemetry (``cycles: true``), never dropped."""
+        if self.config.cycles:
+            self._telemetry(report.epoch_ms, cycle_values(report), Keep.RECORD)
+
+    def _telemetry(self, ts: int, values: dict[str, Any], keep: Keep) -> None:
         self._send(TELEMETRY, {self.device: [{"ts": ts, "values": values}]}, keep)
 
     def _send(self, topic: str, body: dict[str, Any], keep: Keep = Keep.EVENT) -> None:
@@ -168,25 +173,24 @@ class ThingsBoard:
             log.info("ThingsBoard shared attributes received (not used)", keys=others)
 
 
-def cycle_values(report: dict[str, Any]) -> dict[str, Any]:
+def cycle_values(report: CycleReport) -> dict[str, Any]:
     """A cycle report as flat ThingsBoard telemetry keys (the full report stays on ``cycles``)."""
-    part = report.get("part") or {}
-    step = report.get("step") or {}
+    part = report.part
     values: dict[str, Any] = {
-        "cycle.id": report.get("id"),
-        "cycle.status": report.get("status"),
-        "cycle.reason": report.get("reason"),
-        "cycle.error": report.get("error"),
-        "cycle.tag_uid": report.get("tag_uid"),
+        "cycle.id": report.id,
+        "cycle.status": report.status.value,
+        "cycle.reason": report.reason.value if report.reason is not None else None,
+        "cycle.error": report.error,
+        "cycle.tag_uid": report.tag_uid,
         "cycle.part_id": part.get("id"),
         "cycle.order": part.get("order"),
         "cycle.material_lot": part.get("material_lot"),
-        "cycle.operation": step.get("operation"),
-        "cycle.duration_ms": (report.get("durations_ms") or {}).get("total"),
-        "cycle.profile_version": (report.get("profile") or {}).get("version"),
-        "cycle.adjustments_version": (report.get("adjustments") or {}).get("version"),
+        "cycle.operation": report.step["operation"] if report.step is not None else None,
+        "cycle.duration_ms": report.durations_ms.get("total"),
+        "cycle.profile_version": report.profile.get("version"),
+        "cycle.adjustments_version": (report.adjustments or {}).get("version"),
     }
-    for name, value in (report.get("results") or {}).items():
+    for name, value in report.results.items():
         values[f"cycle.result.{name}"] = value
     return {k: v for k, v in values.items() if v is not None}
 

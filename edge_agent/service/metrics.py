@@ -10,7 +10,8 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+
+from ..station.report import CycleReport
 
 #: Upper bounds (seconds) of the duration histograms: a tag read in a millisecond up to a press
 #: cycle of a minute.
@@ -40,12 +41,10 @@ class CycleMetrics:
         self.cycles: dict[tuple[str, str], int] = {}
         self.durations: dict[str, Histogram] = {}
 
-    def observe(self, report: Mapping[str, Any]) -> None:
-        key = (str(report.get("status")), str(report.get("reason") or ""))
+    def observe(self, report: CycleReport) -> None:
+        key = (report.status.value, report.reason.value if report.reason is not None else "")
         self.cycles[key] = self.cycles.get(key, 0) + 1
-        for phase, ms in (report.get("durations_ms") or {}).items():
-            if isinstance(ms, bool) or not isinstance(ms, int | float):
-                continue
+        for phase, ms in report.durations_ms.items():
             if phase in self.durations or len(self.durations) < 32:  # phases are a fixed few
                 self.durations.setdefault(phase, Histogram()).observe(ms / 1000)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..agent import Agent
 from ..config import AgentConfig
-from ..station.cycle import CycleReport
+from ..station.report import CycleReport
 from ..tag.reader import TagReader
 
 

@@ -21,10 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,59 +40,32 @@ from ..instructions.codec import TagContents, decode_tag, update_progress
 from ..instructions.model import ParamValue, Step, StepRecord, StepStatus
 from ..instructions.signing import KeyRing
 from ..machine.driver import MachineDriver, RawValue
-from ..machine.profile import INT_RANGES, Profile
-from ..machine.profile_schema import Operation
+from ..machine.profile import Profile
 from ..machine.values import Refusal, Refused
 from ..messages import jsonable as _jsonable
 from ..tag.reader import ScanEvent, TagReader
-from .handshake import IdleRule, idle_rule, run_abort, run_handshake
-from .journal import AbortJournal
+from .handshake import run_handshake
+from .idle import IdleGuard
+from .report import CycleReport, IfStopped, Part, Status
 
 log = structlog.get_logger("cycle")
 
-Publish = Callable[[dict[str, Any]], object]
+#: Where a report that was not held ahead goes: to every output.
+Publish = Callable[[CycleReport], object]
 #: The line's live adjustments (``line/adjustments.py``): step, part ->
 #: (adjusted step, program number replacing the operation's or None, record for the report).
-Adjust = Callable[[Step, dict[str, Any]], tuple[Step, int | None, dict[str, Any] | None]]
+Adjust = Callable[[Step, Part], tuple[Step, int | None, dict[str, Any] | None]]
 
 
 @dataclass(frozen=True)
 class WriteAhead:
     """Where the cycle commits its report ahead of the machine and the tag (the outbox)."""
 
-    #: Commit the report as given, unsent; raises EdgeAgentError when it cannot be stored.
-    hold: Callable[[dict[str, Any]], object]
+    #: Commit the report as it reads with ``IfStopped``, unsent; raises EdgeAgentError when it
+    #: cannot be stored.
+    hold: Callable[[CycleReport, IfStopped], object]
     #: The final report, replacing the held one.
-    release: Callable[[dict[str, Any]], object]
-
-
-@dataclass
-class CycleReport:
-    """Everything the line needs to know about one cycle. Serialised by ``as_message()``."""
-
-    gateway_id: str
-    station: str
-    tag_uid: str
-    status: str = "rejected"  # ok | rejected | failed
-    reason: Reason | None = None  # stable code for rejected/failed (docs/mqtt.md)
-    error: str | None = None  # the message for a person
-    part: dict[str, Any] = field(default_factory=dict)
-    step: dict[str, Any] | None = None
-    parameters: list[dict[str, Any]] = field(default_factory=list)
-    results: dict[str, Any] = field(default_factory=dict)
-    durations_ms: dict[str, float] = field(default_factory=dict)
-    key_id: str | None = None
-    tag_write: str = "skipped"  # ok | skipped | failed: <why>
-    machine_state: str = (
-        "untouched"  # untouched | cycle complete | aborted (trigger reset) | abort failed: ...
-    )
-    profile: dict[str, str] = field(default_factory=dict)
-    adjustments: dict[str, Any] | None = None  # version applied and each change; None: no set
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    time: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
-
-    def as_message(self) -> dict[str, Any]:
-        return {"schema": "edge-agent/cycle/1", **self.__dict__}
+    release: Callable[[CycleReport], object]
 
 
 class StationCycle:
@@ -127,18 +98,11 @@ class StationCycle:
         self.write_ahead = write_ahead
         self._held = False  # this cycle's report is committed ahead: the final one replaces it
         self.busy = False
-        # Marked before a trigger is set, cleared when the machine is idle again; survives a crash.
-        self._journal = AbortJournal(state_dir)
-        # The driver and session in which the machine was last shown idle: a new session (start,
-        # reconnect, a reloaded driver) runs the abort steps before its first part.
-        self._verified: tuple[MachineDriver, int] | None = None
-        self._rule: tuple[Profile, IdleRule] | None = None
+        self.idle = IdleGuard(profile, driver, state_dir)
 
     def take_over(self, previous: StationCycle) -> None:
-        """Go on where ``previous`` (the cycle of the station this one replaces) left off: its
-        abort journal, and its proof that the machine is idle, which holds if the driver is the
-        same one in the same session."""
-        self._journal, self._verified = previous._journal, previous._verified
+        """Go on where ``previous`` (the cycle of the station this one replaces) left off."""
+        self.idle.take_over(previous.idle)
 
     async def run(self, event: ScanEvent) -> CycleReport:
         """One full cycle for the tag of ``event``. Never raises, except CancelledError."""
@@ -151,7 +115,7 @@ class StationCycle:
             await self._cycle(event, report, started)
         except Exception as err:
             # A defect, not a machine or tag problem: still a report, then the supervisor's turn.
-            report.status, report.reason = "failed", Reason.INTERNAL_ERROR
+            report.status, report.reason = Status.FAILED, Reason.INTERNAL_ERROR
             report.error = f"unexpected error in the station cycle: {err}"
             if self._held and report.machine_state == "untouched":
                 report.machine_state = "unknown: the cycle stopped on an unexpected error"
@@ -159,15 +123,14 @@ class StationCycle:
         finally:
             self.busy = False
             report.durations_ms["total"] = _ms(started)
-            message = report.as_message()
             if self._held and self.write_ahead is not None:
-                self.write_ahead.release(message)
+                self.write_ahead.release(report)
             else:
-                self.publish(message)
+                self.publish(report)
             _log_report(report)
         return report
 
-    def _hold(self, report: CycleReport, **if_we_die_now: Any) -> bool:
+    def _hold(self, report: CycleReport, if_we_die_now: IfStopped) -> bool:
         """Write ahead: commit the report as it must read if the agent dies from here on.
 
         False when it cannot be committed: the caller then touches neither machine nor tag.
@@ -175,7 +138,7 @@ class StationCycle:
         if self.write_ahead is None:
             return True
         try:
-            self.write_ahead.hold({**report.as_message(), **if_we_die_now})
+            self.write_ahead.hold(report, if_we_die_now)
         except EdgeAgentError as err:
             log.error("report cannot be recorded ahead", tag=report.tag_uid, error=str(err))
             return False
@@ -210,43 +173,47 @@ class StationCycle:
             encoded, report.parameters = self.prepare(step, report.tag_uid, index)
             report.durations_ms["verify"] = _ms(t0)
         except PartRejected as err:
-            report.status, report.reason, report.error = "rejected", err.reason, str(err)
+            report.status, report.reason, report.error = Status.REJECTED, err.reason, str(err)
             return
         except TagIOError as err:
-            report.status, report.reason, report.error = "failed", Reason.TAG_READ_FAILED, str(err)
+            report.status, report.reason = Status.FAILED, Reason.TAG_READ_FAILED
+            report.error = str(err)
             return
 
         operation = self.profile.operations[step.operation]
         if program is not None:
             operation = operation.model_copy(update={"program": program})
-        if not await self._machine_reachable(report):
+        try:
+            await self.idle.reachable(report.tag_uid)
+        except PartRejected as err:
+            report.status, report.reason, report.error = Status.REJECTED, err.reason, str(err)
             return
-        if not self._hold(report, **_INTERRUPTED):  # committed before anything is written
+        if not self._hold(report, _INTERRUPTED):  # committed before anything is written
             report.reason = Reason.NOT_RECORDING
             report.error = (
                 "cycle reports cannot be stored (outbox): part not taken, machine untouched"
             )
             return
-        rule, counter = self._idle_rule(), self.profile.cycle_counter
+        counter = self.profile.cycle_counter
         try:
             # A trigger left high, or a done already true, would let the handshake report a cycle
             # the machine never ran for this part: the machine is shown idle first.
-            counted = await self._make_idle(operation, rule, counter, report)
+            counted = await self.idle.make_idle(operation, counter, report)
         except PartRejected as err:
-            report.status, report.reason, report.error = "rejected", err.reason, str(err)
+            report.status, report.reason, report.error = Status.REJECTED, err.reason, str(err)
             return
         except MachineError as err:
-            report.status, report.reason = "failed", _machine_reason(err)
+            report.status, report.reason = Status.FAILED, _machine_reason(err)
             report.error = f"could not check that the machine is idle before starting: {err}"
             return
         except asyncio.CancelledError:
-            report.status, report.reason = "failed", Reason.SHUTDOWN
+            report.status, report.reason = Status.FAILED, Reason.SHUTDOWN
             report.error = (
                 "agent stopped before the cycle started; the part's values were not written"
             )
             raise
         try:
-            self._journal.mark(step.operation, operation.program)  # durable before the trigger
+            self.idle.journal.mark(step.operation, operation.program)  # durable before the trigger
             outcome = await run_handshake(
                 self.driver,
                 self.profile.handshake,
@@ -256,20 +223,18 @@ class StationCycle:
                 counter=counter,
             )
             if counter is not None:
-                self._check_counter(counter, counted, outcome.counter)
+                self.idle.check_counter(counter, counted, outcome.counter)
         except (MachineError, ValueError) as err:
-            report.status, report.reason, report.error = "failed", _machine_reason(err), str(err)
-            report.machine_state = await self._abort(operation)
+            report.status, report.reason = Status.FAILED, _machine_reason(err)
+            report.error = str(err)
+            report.machine_state = await self.idle.abort(operation)
             await self._write_progress(contents, index, StepStatus.FAILED, report)
             return
         except asyncio.CancelledError:
             # Shutdown reached us mid-handshake: leave the machine idle, report, then stop.
-            report.status, report.reason, report.error = (
-                "failed",
-                Reason.SHUTDOWN,
-                "agent stopped during the cycle",
-            )
-            abort = asyncio.ensure_future(self._abort(operation))
+            report.status, report.reason = Status.FAILED, Reason.SHUTDOWN
+            report.error = "agent stopped during the cycle"
+            abort = asyncio.ensure_future(self.idle.abort(operation))
             while not abort.done():  # a repeated cancel must not cut the abort short
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.shield(abort)
@@ -281,13 +246,13 @@ class StationCycle:
             machine_cycle=round(outcome.machine_ms, 3),
             machine_read=round(outcome.read_ms, 3),
         )
-        if rule.resets_all:
-            self._journal.clear()
+        if self.idle.rule.resets_all:
+            self.idle.journal.clear()
         report.results = {k: _jsonable(v) for k, v in outcome.results.items()}
-        report.status, report.machine_state = "ok", "cycle complete"
+        report.status, report.machine_state = Status.OK, "cycle complete"
         await self._write_progress(contents, index, StepStatus.OK, report)
 
-    async def identify(self, uid: bytes) -> tuple[dict[str, Any], str]:
+    async def identify(self, uid: bytes) -> tuple[Part, str]:
         """The part on the tag and the key that signed it: read and verified, nothing written,
         the machine not touched. Raises TagIOError or PartRejected."""
         contents = decode_tag(await self.reader.read_ndef(uid), uid, self.keyring)
@@ -384,103 +349,14 @@ class StationCycle:
             )
         return encoded, listed
 
-    async def _machine_reachable(self, report: CycleReport) -> bool:
-        """Connect now if there is no session, whatever the backoff says: a part is waiting.
-
-        Unreachable: the part is refused, the machine untouched and the tag unchanged.
-        """
-        if self.driver.connected:
-            return True
-        self.driver.attempt_now()
-        try:
-            await self.driver.connect()
-        except MachineError as err:
-            report.status, report.reason = "rejected", Reason.MACHINE_UNAVAILABLE
-            report.error = (
-                f"tag {report.tag_uid}: the machine cannot be reached ({err}); "
-                "nothing was sent to it and the tag is unchanged: present the part again "
-                "when the machine is back"
-            )
-            return False
-        return True
-
     # ------------------------------------------------------------------ after the machine
-
-    async def _abort(self, operation: Operation) -> str:
-        problems = await run_abort(self.driver, self.profile.on_abort, operation)
-        if problems:
-            return "abort failed: " + "; ".join(problems)
-        self._journal.clear()
-        return "aborted (trigger reset)"
-
-    # ------------------------------------------------------------------ idle before the trigger
-
-    def _idle_rule(self) -> IdleRule:
-        if self._rule is None or self._rule[0] is not self.profile:
-            self._rule = (self.profile, idle_rule(self.profile.handshake))
-        return self._rule[1]
-
-    async def _make_idle(
-        self, operation: Operation, rule: IdleRule, counter: str | None, report: CycleReport
-    ) -> Any:
-        """Show the machine idle (trigger false, nothing the handshake waits for already true),
-        running the abort steps first when a new session or a journalled abort asks for it, or
-        when it is not idle. Returns the cycle counter, read in the same request where possible.
-        PartRejected(machine_not_idle) when it stays busy; MachineError when it cannot be read.
-        """
-        driver = self.driver
-        if not driver.connected:
-            await driver.connect()  # first, so that a new session is seen as one
-        points = [*rule.points, counter] if counter else rule.points
-        aborted: str | None = None
-        if self._journal.pending is not None or self._verified != (driver, driver.sessions):
-            aborted = report.machine_state = await self._abort(self._owed(operation))
-        values = await driver.read(points) if points else {}
-        problems = rule.problems(values)
-        if problems and aborted is None:
-            aborted = report.machine_state = await self._abort(operation)
-            values = await driver.read(points)
-            problems = rule.problems(values)
-        if problems:
-            self._verified = None
-            report.machine_state = "not idle"
-            done = "its abort steps ran" if aborted == "aborted (trigger reset)" else aborted
-            raise PartRejected(
-                Reason.MACHINE_NOT_IDLE,
-                f"machine {driver.device} is not idle, so the part was not started ({done}): "
-                + "; ".join(problems),
-            )
-        self._verified = (driver, driver.sessions)
-        self._journal.clear()
-        report.machine_state = "untouched"  # by this part, so far
-        return values.get(counter) if counter else None
-
-    def _owed(self, current: Operation) -> Operation:
-        """The operation whose abort is owed: the journal's, when the profile still has it."""
-        pending = self._journal.pending
-        if pending is None or pending.operation not in self.profile.operations:
-            return current
-        owed = self.profile.operations[pending.operation]
-        return owed.model_copy(update={"program": pending.program})
-
-    def _check_counter(self, name: str, before: Any, after: Any) -> None:
-        lo, hi = INT_RANGES[self.profile.points[name].type]
-        span = hi - lo + 1
-        if (after - before) % span == 1:
-            return
-        expected = lo + (before + 1 - lo) % span
-        raise MachineFault(
-            f"cycle counter {name} went from {before} to {after} (expected {expected}): the "
-            "machine did not count exactly one cycle for this part",
-            device=self.driver.device,
-        )
 
     async def _write_progress(
         self, contents: TagContents, index: int, status: StepStatus, report: CycleReport
     ) -> None:
         if not self.write_back:
             return
-        if not self._hold(report, tag_write="unknown: the agent stopped during the tag write-back"):
+        if not self._hold(report, _TAG_WRITE_UNKNOWN):
             report.tag_write = "failed: not written, the report could not be stored first"
             return
         t0 = time.perf_counter()
@@ -502,12 +378,14 @@ class StationCycle:
 
 
 #: The report as committed before the machine is touched: what stands if the agent dies mid-cycle.
-_INTERRUPTED: dict[str, Any] = {
-    "status": "failed",
-    "reason": Reason.INTERRUPTED,
-    "error": "the agent stopped during the cycle (crash or power loss); the machine may have run it",
-    "machine_state": "unknown: the agent stopped during the cycle",
-}
+_INTERRUPTED = IfStopped(
+    status=Status.FAILED,
+    reason=Reason.INTERRUPTED,
+    error="the agent stopped during the cycle (crash or power loss); the machine may have run it",
+    machine_state="unknown: the agent stopped during the cycle",
+)
+#: And before the tag is written back: the cycle's outcome stands, the tag's is not known.
+_TAG_WRITE_UNKNOWN = IfStopped(tag_write="unknown: the agent stopped during the tag write-back")
 
 
 def _machine_reason(err: Exception) -> Reason:
@@ -521,7 +399,7 @@ def _machine_reason(err: Exception) -> Reason:
     return Reason.MACHINE_ERROR  # connection or protocol
 
 
-def _part(contents: TagContents) -> dict[str, Any]:
+def _part(contents: TagContents) -> Part:
     t = contents.traveler
     return {
         "id": t.part_id,
@@ -544,9 +422,9 @@ def _log_report(report: CycleReport) -> None:
         and f"{report.step['index'] + 1}/{report.step['count']} {report.step['operation']}",
         "ms": report.durations_ms.get("total"),
     }
-    if report.status == "ok":
+    if report.status is Status.OK:
         log.info("cycle ok", **fields, tag_write=report.tag_write)
-    elif report.status == "rejected":
+    elif report.status is Status.REJECTED:
         log.warning("part rejected", **fields, reason=report.reason, error=report.error)
     else:
         log.error(

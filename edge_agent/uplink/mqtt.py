@@ -34,7 +34,7 @@ from ..config_schema import BrokerConfig
 from ..link import Link
 from ..supervisor import Spawn, plain_spawn
 from .connection import Connection, WillFn
-from .outbox import Keep, Outbox, OutMessage
+from .outbox import Keep, Outbox, OutMessage, Payload
 from .paho_loop import PahoLoop, guarded
 from .payload import classify, dumps, with_seq
 from .sender import PROPERTIES_MAX, Sender
@@ -193,6 +193,13 @@ class MqttUplink(Sender, Connection, PahoLoop):
         body = {"id": uuid.uuid4().hex, **payload}
         keep = classify(suffix) if keep is None else keep
         return self._put(self.topic(suffix), with_seq(body), qos, retain, keep, release)
+
+    def publish_encoded(
+        self, suffix: str, payload: Payload, *, keep: Keep, qos: int = 1, release: str | None = None
+    ) -> OutMessage | None:
+        """Queue a message its producer encoded with its own ``id``, like ``publish()``; a
+        callable ``payload`` is given the ``seq``."""
+        return self._put(self.topic(suffix), payload, qos, False, keep, release)
 
     def subscribe(self, suffix: str, handler: MessageHandler, *, qos: int = 1) -> str:
         """Deliver messages on ``<prefix>/<gateway_id>/<suffix>`` (wildcards allowed) to ``handler``.

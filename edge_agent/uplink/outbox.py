@@ -78,6 +78,10 @@ class Outbox(Protocol):
         """What a previous run held and never released: (key, topic, payload, qos, keep)."""
         ...
 
+    def unhold(self, key: str) -> None:
+        """Drop what ``hold`` stored under ``key`` unsent: its final version went elsewhere."""
+        ...
+
     def __len__(self) -> int: ...
 
     def newest_by_topic(self) -> dict[str, int]:
@@ -161,6 +165,9 @@ class MemoryOutbox:
 
     def held(self) -> list[tuple[str, str, bytes, int, Keep]]:
         return []
+
+    def unhold(self, key: str) -> None:
+        self._held.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._messages)

@@ -201,6 +201,12 @@ class SqliteOutbox:
         rows = self._db.execute("SELECT key, topic, payload, qos, keep FROM held ORDER BY rowid")
         return [(k, t, bytes(p), q, Keep(c)) for k, t, p, q, c in rows]
 
+    def unhold(self, key: str) -> None:
+        # Not fsynced, like a release: a drop lost to a power cut sends the held version later.
+        with self._tx("drop a held report", durable=False):
+            self._db.execute("DELETE FROM held WHERE key = ?", (key,))
+        self._holding.discard(key)
+
     def oldest(self, limit: int, after: int = 0) -> list[OutMessage]:
         try:
             rows = self._db.execute(

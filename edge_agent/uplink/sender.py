@@ -91,18 +91,27 @@ class Sender:
         #: Told when the outbox stops (error text) or resumes (None) being writable.
         self.on_outbox_change: Callable[[str | None], None] | None = None
 
-    def hold(self, suffix: str, payload: dict[str, Any]) -> None:
-        """Write ahead: commit ``payload`` (keyed by its ``id``) without sending it.
+    def hold(self, suffix: str, key: str, payload: bytes) -> None:
+        """Write ahead: commit ``payload`` (encoded, with its ``id`` ``key``) without sending it.
 
-        A later ``publish(..., release=id)`` replaces it; if the process dies first, the next start
-        sends it as it stands. Raises OutboxError when the outbox cannot write: the caller must
-        then not touch the machine or the tag.
+        A later ``publish_encoded(..., release=key)`` replaces it; if the process dies first, the
+        next start sends it as it stands. Raises OutboxError when the outbox cannot write: the
+        caller must then not touch the machine or the tag.
         """
         try:
-            self.outbox.hold(payload["id"], self.topic(suffix), dumps(payload), 1)
+            self.outbox.hold(key, self.topic(suffix), payload, 1)
         except EdgeAgentError as err:
             self._outbox_failed(str(err))
             raise
+
+    def unhold(self, key: str) -> None:
+        """Drop the report held under ``key`` unsent: its final version went to another output.
+        Never raises; a copy the outbox could not drop is sent at the next start."""
+        try:
+            self.outbox.unhold(key)
+        except EdgeAgentError as err:
+            log.error("a held cycle report could not be dropped", report=key, error=str(err))
+            self._outbox_failed(str(err))
 
     @property
     def recording(self) -> bool:

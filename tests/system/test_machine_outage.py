@@ -16,7 +16,7 @@ from pathlib import Path
 from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
-from edge_agent.station.cycle import CycleReport
+from edge_agent.station.report import CycleReport
 from tests.fixtures_broker import MqttRecorder
 from tests.fixtures_opcua import OpcUaMachineProcess, machine_yaml, opcua_station
 from tests.station_harness import DRILL, Station, running_station

@@ -15,7 +15,7 @@ from edge_agent.instructions.model import Step
 from edge_agent.machine.opcua.security import thumbprint
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.opcua_machine import NAMESPACE
-from edge_agent.station.cycle import CycleReport
+from edge_agent.station.report import CycleReport
 from tests.fixtures_broker import MqttRecorder
 from tests.fixtures_opcua import (
     OPCUA_PROFILE,

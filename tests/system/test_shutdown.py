@@ -10,7 +10,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
-from edge_agent.station.cycle import CycleReport
+from edge_agent.station.report import CycleReport
 from edge_agent.tag.simulated import SimulatedReader
 from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import DRILL, PRESS, Station, write_config

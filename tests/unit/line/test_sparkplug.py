@@ -10,7 +10,6 @@ import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +169,7 @@ async def test_births_declare_every_metric_and_a_cycle_arrives_with_its_time(
     report = await station.cycle(station.tag([Step("drill", DRILL)]))
     assert report.status == "ok"
     status = (await spb.wait_metric("Cycle/Status"))[-1]
-    stamp = int(datetime.fromisoformat(report.time).timestamp() * 1000)
+    stamp = int(report.time.timestamp() * 1000)
     assert status["value"] == "ok" and status["timestamp"] == stamp
     assert not status["historical"]
     cycle = {d["name"]: d for d in spb.data() if d["name"].startswith("Cycle/")}
@@ -316,7 +315,7 @@ async def test_primary_host_offline_holds_cycles_and_replays_them_historical(
         await host_state(True, 2)
         await spb.wait("NBIRTH")
         status = await spb.wait_metric("Cycle/Status")
-        stamp = int(datetime.fromisoformat(report.time).timestamp() * 1000)
+        stamp = int(report.time.timestamp() * 1000)
         assert status[0]["historical"] and status[0]["timestamp"] == stamp
         await host_state(False, 3)
         await asyncio.sleep(0.3)
@@ -374,6 +373,24 @@ async def test_reload_on_ncmd_rebirths_and_json_topics_off_keeps_only_status_and
         assert not any(t.endswith(("/cycles", "/events")) or "/telemetry/" in t for t in topics)
     finally:
         json_view.close()
+
+
+async def test_json_topics_off_keeps_no_held_report_once_the_cycle_is_final(
+    tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker, spb: Host
+) -> None:
+    # The report is held ahead in the JSON outbox even when Sparkplug replaces the JSON topics;
+    # kept after its cycle, every one was sent at the next start as it stood when held.
+    state = tmp_path / "state"
+    extra = "sparkplug: {enabled: true, group_id: plant, json_topics: false}\n"
+    extra += f"state_dir: {json.dumps(str(state))}\n"
+    async with running_station(tmp_path, reference_plc.port, broker.port, extra=extra) as s:
+        await spb.wait("DBIRTH")
+        for n in range(3):
+            tag = s.tag([Step("drill", DRILL)], uid=bytes([4, 9, 9, 9, 9, 9, n]))
+            assert (await s.cycle(tag)).status == "ok"
+        await spb.wait_metric("Cycle/Status")
+        assert s.agent.uplink.outbox.held() == []
+        assert s.agent.sparkplug is not None and len(s.agent.sparkplug.store) == 0
 
 
 async def test_garbage_commands_are_ignored_and_the_node_answers_on(

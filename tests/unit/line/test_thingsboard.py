@@ -208,7 +208,7 @@ async def test_cycle_reports_go_as_device_telemetry(
         f"cycle.result.{k}" for k in report.results
     }
     assert "cycle.reason" not in values  # None values are left out
-    assert entry["ts"] == int(datetime.fromisoformat(report.time).timestamp() * 1000)
+    assert entry["ts"] == int(report.time.timestamp() * 1000)
 
 
 async def test_a_shared_attribute_carries_the_adjustment_set(

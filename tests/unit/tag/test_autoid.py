@@ -17,7 +17,7 @@ from edge_agent.instructions.signing import KeyRing, load_private_key
 from edge_agent.sim.autoid_reader import AutoIdReaderSim, SimulatedRfidTag
 from edge_agent.sim.broker import EmbeddedBroker
 from edge_agent.sim.reference_plc import ReferencePlc
-from edge_agent.station.cycle import CycleReport
+from edge_agent.station.report import CycleReport
 from edge_agent.tag.autoid import AutoIdReader
 from edge_agent.tag.reader import ScanKind
 from tests.station_harness import DRILL, PRESS, Station, write_config
