@@ -187,7 +187,8 @@ async def test_a_late_reply_does_not_shift_the_following_reads(
     ntag_sim.present(image(message))
     await next_event(nfc_reader, ScanKind.ARRIVED)
     await nfc_reader.read_ndef(UID)  # the copy read at arrival
-    # One READ reply arrives after nfcpy gave up and retried: two replies for one command. Taking
-    # the spare as the next command's reply would shift every later page of the message.
+    # One READ reply arrives after nfcpy's 5 ms timeout. A reader that sends the READ again gets
+    # two replies for one command, the spare landing after its next command: taking it as that
+    # command's reply would shift every later page of the message.
     ntag_sim.late_reads = 1
     assert await nfc_reader.read_ndef(UID) == message
