@@ -12,6 +12,9 @@ presented the simulator answers the reader's SENSF_REQ with RFOFF so its sense r
 instead of after nfcpy's 1 s timeout.
 A presented tag stays in the field until ``remove()``: the command that arrives after it gets no
 answer, as from a tag that has left. A write can be torn after N more blocks (tests).
+
+``FelicaSimulator`` runs the emulation (``FelicaRadio``) in a process of its own, so it answers
+within the response time its PMm announces however busy the reader's process is (``tagproc``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ntag import bind_udp
+from .tagproc import Remote, RemoteLog, SimulatorProcess
 
 BLOCK = 16
 SYSTEM_CODE = bytes.fromhex("12FC")  # NFC Forum Type 3 NDEF
@@ -88,9 +92,19 @@ class FelicaImage:
         self._set_attributes(length=int.from_bytes(attr[11:14], "big"), rwflag=0)
 
 
+class FelicaSimulator(SimulatorProcess[FelicaImage]):
+    """Presents one Type 3 tag (or none) from its own process (``tagproc``): ``device`` is for
+    the reader."""
+
+    radio = "edge_agent.sim.felica:FelicaRadio"
+    # After this many more blocks written the tag leaves the field (that Update unanswered).
+    tear_after_blocks: Remote[int | None] = Remote()
+    blocks_written: RemoteLog[int] = RemoteLog()
+
+
 @dataclass
-class FelicaSimulator:
-    """Presents one Type 3 tag (or none) through nfcpy's emulation. ``device`` is for the reader."""
+class FelicaRadio:
+    """Presents one Type 3 tag (or none) through nfcpy's emulation, in the simulator's process."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -122,7 +136,7 @@ class FelicaSimulator:
         if self._thread is not None:
             self._thread.join(timeout=3)
 
-    def __enter__(self) -> FelicaSimulator:
+    def __enter__(self) -> FelicaRadio:
         self.start()
         return self
 
