@@ -40,7 +40,6 @@ KINDS = {
 SENS_RES = bytes([0x44, 0x00])
 SAK_CASCADE, SAK_DONE = 0x04, 0x00
 ACK, NAK = b"\x0a", b"\x00"
-LATE = 0.006  # seconds: a late reply misses nfcpy's 5 ms READ timeout, not its 3 x 5 ms budget
 
 
 def bind_udp(host: str, port: int = 0) -> socket.socket:
@@ -212,6 +211,8 @@ class UdpTagRadio(Generic[TagT]):
     tear_after_bytes: int | None = None
     # Tests: after this many more commands (after anticollision) the tag leaves the field.
     leave_after_commands: int | None = None
+    late_by: float = 0.0  # Tests: seconds a late reply comes late (NtagRadio.late_reads)
+    delay: float = 0.0  # Tests: seconds every reply takes, as from a host busy elsewhere
     _sock: socket.socket | None = None
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -263,7 +264,7 @@ class UdpTagRadio(Generic[TagT]):
         """The tag lost power (field off, newly presented): drop per-session state."""
 
     def _late(self, datagram: bytes) -> bool:
-        """Tests: whether the reply to ``datagram`` comes ``LATE``."""
+        """Tests: whether the reply to ``datagram`` comes ``late_by`` seconds late."""
         return False
 
     def _command(self, tag: TagT, data: bytes) -> bytes | None:
@@ -285,8 +286,10 @@ class UdpTagRadio(Generic[TagT]):
                 reply = self._frame(datagram)
                 late = self._late(datagram)
             replies, spare = [*spare, (reply, addr)] if reply is not None else spare, []
-            if late:  # past the reader's first timeout; frames meanwhile wait their turn
-                time.sleep(LATE)
+            pause = self.late_by if late else self.delay  # frames meanwhile wait their turn
+            if pause:
+                time.sleep(pause)
+            if late:  # past the reader's first wait for it
                 spare = self._copies(sock, datagram)
             try:
                 for data, to in replies:
@@ -350,8 +353,8 @@ class UdpTagRadio(Generic[TagT]):
 class NtagRadio(UdpTagRadio[NtagImage]):
     """The NTAG21x's radio, run in the simulator's process (``NtagSimulator``)."""
 
-    # Tests: this many more READ replies come LATE: after nfcpy's 5 ms READ timeout, so it
-    # retries, and well before it gives up (3 x 5 ms).
+    # Tests: this many more READ replies come ``late_by`` seconds late: after the reader's first
+    # wait for them, before it gives up.
     late_reads: int = 0
     pages_written: list[int] = field(default_factory=list)
     _authenticated: bool = False  # PWD_AUTH succeeded since the tag was selected
@@ -438,11 +441,13 @@ class UdpTagSimulator(SimulatorProcess[TagT]):
     tear_after_bytes: Remote[int | None] = Remote()
     # After this many more commands (after anticollision) the tag leaves the field.
     leave_after_commands: Remote[int | None] = Remote()
+    delay: Remote[float] = Remote()  # seconds every reply takes
 
 
 class NtagSimulator(UdpTagSimulator[NtagImage]):
     """Serves one NTAG21x (or none) on a UDP port from its own process (``tagproc``)."""
 
     radio = "edge_agent.sim.ntag:NtagRadio"
-    late_reads: Remote[int] = Remote()  # this many more READ replies come late
+    late_reads: Remote[int] = Remote()  # this many more READ replies come ``late_by`` late
+    late_by: Remote[float] = Remote()
     pages_written: RemoteLog[int] = RemoteLog()

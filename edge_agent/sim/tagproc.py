@@ -65,7 +65,11 @@ class SimulatorProcess(Generic[TagT]):
         process.start()
         theirs.close()
         self._process, self._conn = process, ours
-        self.port = self._answer("start")
+        try:
+            self.port = self._answer("start")
+        except RuntimeError:
+            self.stop()
+            raise
         return self.device
 
     def stop(self) -> None:

@@ -44,6 +44,11 @@ log = structlog.get_logger("reader.nfc")
 
 Opener = Callable[[str], Any]  # device path -> an open nfc.ContactlessFrontend
 
+# Seconds a udp "reader chip" waits for a reply at least. A chip times the air interface, so a
+# host busy elsewhere never makes a tag late; over udp the host's scheduler is the air, and on a
+# loaded machine a loopback round trip to an idle process took up to 140 ms (p99 12 ms).
+UDP_REPLY_WAIT = 0.25
+
 
 def open_frontend(device: str) -> Any:
     import nfc
@@ -62,8 +67,12 @@ def _one_reply_per_command(device: Any) -> None:
     the spare is taken as the reply to the next command, shifting every later READ by one (seen
     on a loaded machine). Dropping what is queued before each command is not enough: the spare
     can land just after the next command went out. So a retry is not sent again: it waits on
-    for the reply to the copy already sent, one reply per command, nfcpy's time budget unchanged
-    (Type 2 READ: 3 x 5 ms). Whatever is still queued before a new command or a sense is stale.
+    for the reply to the copy already sent, one reply per command. Whatever is still queued
+    before a new command or a sense is stale.
+
+    nfcpy's timeouts are air-interface times (a Type 2 READ 5 ms, GET_VERSION 10 ms); a real
+    reader keeps them whatever the host does. Here each wait is at least ``UDP_REPLY_WAIT``, so a
+    tag is taken for gone only when it does not answer, not when the machine is busy.
     """
     import nfc.clf
 
@@ -81,7 +90,7 @@ def _one_reply_per_command(device: Any) -> None:
             drain()
         unanswered[0] = None
         try:
-            return send(target, None if retry else data, timeout)
+            return send(target, None if retry else data, max(timeout, UDP_REPLY_WAIT))
         except nfc.clf.TimeoutError:
             unanswered[0] = data
             raise
