@@ -222,8 +222,8 @@ def _run(conn: Connection, radio_path: str, host: str, port: int) -> None:
     radio = getattr(importlib.import_module(module), name)(host=host, port=port)
     try:
         radio.start()
-    except OSError as err:
-        conn.send(("error", f"cannot listen on udp:{host}:{port}: {err}", None, False))
+    except Exception as err:  # no free port, nfcpy missing: the parent raises it
+        conn.send(("error", f"cannot start on udp:{host}:{port}: {err}", None, False))
         return
     conn.send(("ok", radio.port, None, False))
     held: Any = None  # the image last presented, until the parent has its final state
