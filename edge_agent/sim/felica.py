@@ -13,8 +13,8 @@ instead of after nfcpy's 1 s timeout.
 A presented tag stays in the field until ``remove()``: a command that arrives after it gets an
 empty frame, a reception error as from a tag leaving mid-frame. A write can be torn after N more blocks (tests).
 
-``FelicaSimulator`` runs the emulation (``FelicaRadio``) in a process of its own, so it answers
-within the response time its PMm announces however busy the reader's process is (``tagproc``).
+``FelicaSimulator`` runs the emulation (``FelicaRadio``) in a process of its own, woken as soon
+as the reader sends however busy the reader's process is (``tagproc``).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ One socket stays bound for the simulator's lifetime: an emulator built on nfcpy'
 re-binds per listen and races the reader (field-notes.md). A tag can be presented, removed, or
 torn away after a given number of written bytes, which is how the tear test cuts a write short.
 
-``NtagSimulator`` runs the radio (``NtagRadio``) in a process of its own, so it answers within
-nfcpy's 5 ms READ timeout however busy the reader's process is (``tagproc``).
+``NtagSimulator`` runs the radio (``NtagRadio``) in a process of its own, woken as soon as the
+reader sends however busy the reader's process is (``tagproc``).
 """
 
 from __future__ import annotations

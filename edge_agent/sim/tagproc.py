@@ -1,12 +1,11 @@
 """Tag simulators in a process of their own: a busy reader process cannot make a tag answer late.
 
-Over nfcpy's ``udp`` driver the host's clock stands in for the reader chip's: a Type 2 READ gets
-5 ms, GET_VERSION 10 ms, and the tag must have answered by then. A simulator thread inside the
-reader's process waits for the GIL and for the CPU with everything else that process runs (the
-event loop, the station, the test), so on a loaded machine it answers late and the reader takes
-the tag for gone. In a process of its own, asleep in ``recvfrom`` until a frame comes, the
-simulator is woken by the kernel as soon as the reader sends and answers within the timeout even
-with every core busy. The protocol timeouts stay nfcpy's, as on real hardware.
+A simulator thread inside the reader's process waits for the GIL and for the CPU with everything
+else that process runs (the event loop, the station, the test), so on a loaded machine it answered
+later than nfcpy's air-interface timeouts (a Type 2 READ 5 ms) and the reader took the tag for
+gone. In a process of its own, asleep in ``recvfrom`` until a frame comes, the simulator is woken
+by the kernel as soon as the reader sends. What the host's scheduler still adds on a loaded
+machine, the reader's udp transport waits out (``UDP_REPLY_WAIT`` in ``tag/nfc/reader.py``).
 
 The parent holds a proxy with the simulator's interface: ``present`` / ``remove`` a tag, the
 test hooks (``Remote`` attributes), the logs of what was written (``RemoteLog``). Each call is one
