@@ -176,6 +176,7 @@ async def bench_type3(parts: int) -> None:
                 t4 = time.perf_counter()
                 again = await reader.read_ndef(idm)
                 t5 = time.perf_counter()
+                sim.sync()  # ``tag`` gets the simulator's copy (it runs in its own process)
                 assert again == new and tag.ndef_message() == new
                 arrival.append((t1 - t0) * 1e3)
                 verify.append((t3 - t2) * 1e3)
@@ -228,6 +229,7 @@ async def bench_type4(parts: int) -> None:
                 t3 = time.perf_counter()
                 again = await reader.read_ndef(uid)
                 t4 = time.perf_counter()
+                sim.sync()  # ``tag`` gets the simulator's copy (it runs in its own process)
                 assert again == new and tag.ndef_message() == new
                 arrival.append((t1 - t0) * 1e3)
                 write.append((t3 - t2) * 1e3)
@@ -246,12 +248,13 @@ async def bench_type4(parts: int) -> None:
         sim.updates.clear()
         with TagSession(sim.device, targets=("106A",)) as session:
             session.tag.ndef.octets = new
-        nfcpy_bytes = sum(length for _, length in sim.updates)
+        nfcpy_updates = sim.updates
+        nfcpy_bytes = sum(length for _, length in nfcpy_updates)
     print(
         f"{'Type4':<8} {len(message):>4} B  arrival {fmt(arrival)}  read {fmt(read)}"
         f"  write-back {fmt(write)}  cycle {fmt(cycle)}  bytes {statistics.median(written):.0f}"
         f" in {statistics.median(apdus):.0f} UPDATE BINARY"
-        f" (nfcpy NDEF write: {nfcpy_bytes} in {len(sim.updates)} UPDATE BINARY, NLEN zeroed first)"
+        f" (nfcpy NDEF write: {nfcpy_bytes} in {len(nfcpy_updates)} UPDATE BINARY, NLEN zeroed first)"
     )
 
 

@@ -1,4 +1,4 @@
-"""NFC fixtures: the NTAG simulator on a loopback UDP port and our reader talking to it through nfcpy."""
+"""NFC fixtures: the NTAG simulator (its own process) on a loopback UDP port, our reader on it via nfcpy."""
 
 from __future__ import annotations
 

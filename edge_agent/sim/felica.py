@@ -10,8 +10,11 @@ The port stays bound for the simulator's lifetime (nfcpy's udp device is given t
 instead of re-binding per listen, which loses the reader's SENSF_REQ in the gap). While no tag is
 presented the simulator answers the reader's SENSF_REQ with RFOFF so its sense returns at once
 instead of after nfcpy's 1 s timeout.
-A presented tag stays in the field until ``remove()``: the command that arrives after it gets no
-answer, as from a tag that has left. A write can be torn after N more blocks (tests).
+A presented tag stays in the field until ``remove()``: a command that arrives after it gets an
+empty frame, a reception error as from a tag leaving mid-frame. A write can be torn after N more blocks (tests).
+
+``FelicaSimulator`` runs the emulation (``FelicaRadio``) in a process of its own, woken as soon
+as the reader sends however busy the reader's process is (``tagproc``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ntag import bind_udp
+from .tagproc import Remote, RemoteLog, SimulatorProcess
 
 BLOCK = 16
 SYSTEM_CODE = bytes.fromhex("12FC")  # NFC Forum Type 3 NDEF
@@ -88,9 +92,19 @@ class FelicaImage:
         self._set_attributes(length=int.from_bytes(attr[11:14], "big"), rwflag=0)
 
 
+class FelicaSimulator(SimulatorProcess[FelicaImage]):
+    """Presents one Type 3 tag (or none) from its own process (``tagproc``): ``device`` is for
+    the reader."""
+
+    radio = "edge_agent.sim.felica:FelicaRadio"
+    # After this many more blocks written the tag leaves the field (that Update unanswered).
+    tear_after_blocks: Remote[int | None] = Remote()
+    blocks_written: RemoteLog[int] = RemoteLog()
+
+
 @dataclass
-class FelicaSimulator:
-    """Presents one Type 3 tag (or none) through nfcpy's emulation. ``device`` is for the reader."""
+class FelicaRadio:
+    """Presents one Type 3 tag (or none) through nfcpy's emulation, in the simulator's process."""
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -122,7 +136,7 @@ class FelicaSimulator:
         if self._thread is not None:
             self._thread.join(timeout=3)
 
-    def __enter__(self) -> FelicaSimulator:
+    def __enter__(self) -> FelicaRadio:
         self.start()
         return self
 
@@ -190,12 +204,17 @@ class FelicaSimulator:
             if not select.select([sock], [], [], 0.05)[0]:  # present() and stop() wake it
                 continue
             datagram, addr = sock.recvfrom(1024)
-            # Only the reader's sense (a wildcard SENSF_REQ) gets RFOFF; a tag command, the
-            # presence check's polling included, goes unanswered as from a tag that left:
-            # nfcpy 1.0.4's Type 3 retry loop fails with UnboundLocalError when every retry
-            # of a command ends in RFOFF.
-            if datagram.startswith(b"212F 0600ffff") and addr[1] != self.port:
+            # Only the reader's sense (a wildcard SENSF_REQ) gets RFOFF: nfcpy 1.0.4's Type 3
+            # retry loop fails with UnboundLocalError when every retry of a command ends in
+            # RFOFF. A tag command, the presence check's polling included, gets an empty frame,
+            # a reception error as from a tag leaving mid-frame, so the reader need not wait
+            # for the silence of a tag that is gone.
+            if addr[1] == self.port:
+                continue
+            if datagram.startswith(b"212F 0600ffff"):
                 sock.sendto(b"RFOFF", addr)
+            elif datagram.startswith(b"212F "):
+                sock.sendto(b"212F", addr)
 
     def _serve(self, emulation: Any, tag: FelicaImage) -> bool:
         def read(block: int, _rb: int, _re: int) -> bytes | None:

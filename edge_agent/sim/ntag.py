@@ -10,18 +10,24 @@ backend - runs for real.
 One socket stays bound for the simulator's lifetime: an emulator built on nfcpy's own listen loop
 re-binds per listen and races the reader (field-notes.md). A tag can be presented, removed, or
 torn away after a given number of written bytes, which is how the tear test cuts a write short.
+
+``NtagSimulator`` runs the radio (``NtagRadio``) in a process of its own, woken as soon as the
+reader sends however busy the reader's process is (``tagproc``).
 """
 
 from __future__ import annotations
 
 import functools
 import operator
+import select
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Self, TypeVar
+
+from .tagproc import Remote, RemoteLog, SimulatorProcess
 
 PAGE = 4
 
@@ -190,10 +196,11 @@ def anticollision(
 
 
 @dataclass
-class UdpTagSimulator(Generic[TagT]):
+class UdpTagRadio(Generic[TagT]):
     """The radio of a simulated Type A tag: one bound UDP socket, frames ``"106A <hex>"``.
 
-    Subclasses answer the frames in ``_command``; ``device`` is the path to give nfcpy.
+    Subclasses answer the frames in ``_command``. It runs in the simulator's own process
+    (``tagproc``); ``UdpTagSimulator`` is what callers use.
     """
 
     host: str = "127.0.0.1"
@@ -204,6 +211,8 @@ class UdpTagSimulator(Generic[TagT]):
     tear_after_bytes: int | None = None
     # Tests: after this many more commands (after anticollision) the tag leaves the field.
     leave_after_commands: int | None = None
+    late_by: float = 0.0  # Tests: seconds a late reply comes late (NtagRadio.late_reads)
+    delay: float = 0.0  # Tests: seconds every reply takes, as from a host busy elsewhere
     _sock: socket.socket | None = None
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -255,7 +264,7 @@ class UdpTagSimulator(Generic[TagT]):
         """The tag lost power (field off, newly presented): drop per-session state."""
 
     def _late(self, datagram: bytes) -> bool:
-        """Tests: whether the reply to ``datagram`` comes late."""
+        """Tests: whether the reply to ``datagram`` comes ``late_by`` seconds late."""
         return False
 
     def _command(self, tag: TagT, data: bytes) -> bytes | None:
@@ -265,6 +274,7 @@ class UdpTagSimulator(Generic[TagT]):
     def _serve(self) -> None:
         sock = self._sock
         assert sock is not None
+        spare: list[tuple[bytes, tuple[str, int]]] = []
         while self._sock is not None:
             try:
                 datagram, addr = sock.recvfrom(1024)
@@ -275,13 +285,36 @@ class UdpTagSimulator(Generic[TagT]):
             with self._lock:
                 reply = self._frame(datagram)
                 late = self._late(datagram)
-            if late:
-                time.sleep(0.007)
+            replies, spare = [*spare, (reply, addr)] if reply is not None else spare, []
+            pause = self.late_by if late else self.delay  # frames meanwhile wait their turn
+            if pause:
+                time.sleep(pause)
+            if late:  # past the reader's first wait for it
+                spare = self._copies(sock, datagram)
+            try:
+                for data, to in replies:
+                    sock.sendto(data, to)
+            except OSError:
+                return
+
+    def _copies(self, sock: socket.socket, command: bytes) -> list[tuple[bytes, tuple[str, int]]]:
+        """Replies to copies of ``command`` the reader sent again while its reply was late.
+
+        A second reply for one command: it goes out with the reply to the reader's next command
+        (just after that command, as on a loaded machine), where only a reader that waits for
+        one reply per command is not misled.
+        """
+        copies = []
+        while select.select([sock], [], [], 0)[0]:
+            head, addr = sock.recvfrom(1024, socket.MSG_PEEK)
+            if head != command:
+                break
+            sock.recvfrom(1024)
+            with self._lock:
+                reply = self._frame(head)
             if reply is not None:
-                try:
-                    sock.sendto(reply, addr)
-                except OSError:
-                    return
+                copies.append((reply, addr))
+        return copies
 
     def _frame(self, datagram: bytes) -> bytes | None:
         if datagram.startswith(b"RFOFF"):
@@ -317,11 +350,11 @@ class UdpTagSimulator(Generic[TagT]):
 
 
 @dataclass
-class NtagSimulator(UdpTagSimulator[NtagImage]):
-    """Serves one NTAG21x (or none) on a UDP port. ``device`` is the path to give nfcpy."""
+class NtagRadio(UdpTagRadio[NtagImage]):
+    """The NTAG21x's radio, run in the simulator's process (``NtagSimulator``)."""
 
-    # Tests: this many more READ replies come 7 ms late: after nfcpy's 5 ms READ timeout, so it
-    # retries, and well before it gives up (3 x 5 ms).
+    # Tests: this many more READ replies come ``late_by`` seconds late: after the reader's first
+    # wait for them, before it gives up.
     late_reads: int = 0
     pages_written: list[int] = field(default_factory=list)
     _authenticated: bool = False  # PWD_AUTH succeeded since the tag was selected
@@ -398,3 +431,23 @@ class NtagSimulator(UdpTagSimulator[NtagImage]):
         tag.memory[offset : offset + PAGE] = value
         self.pages_written.append(page)
         return ACK
+
+
+class UdpTagSimulator(SimulatorProcess[TagT]):
+    """A Type A tag simulator in its own process, with the test hooks every radio here has."""
+
+    # After this many more bytes written the tag leaves the field; the unit being written when
+    # it happens keeps only its first bytes, like a real torn write.
+    tear_after_bytes: Remote[int | None] = Remote()
+    # After this many more commands (after anticollision) the tag leaves the field.
+    leave_after_commands: Remote[int | None] = Remote()
+    delay: Remote[float] = Remote()  # seconds every reply takes
+
+
+class NtagSimulator(UdpTagSimulator[NtagImage]):
+    """Serves one NTAG21x (or none) on a UDP port from its own process (``tagproc``)."""
+
+    radio = "edge_agent.sim.ntag:NtagRadio"
+    late_reads: Remote[int] = Remote()  # this many more READ replies come ``late_by`` late
+    late_by: Remote[float] = Remote()
+    pages_written: RemoteLog[int] = RemoteLog()

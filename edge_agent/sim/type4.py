@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ntag import UdpTagSimulator, anticollision
+from .ntag import UdpTagRadio, UdpTagSimulator, anticollision
+from .tagproc import Remote, RemoteLog
 
 NDEF_AID = bytes.fromhex("D2760000850101")
 CC_FILE, NDEF_FILE = b"\xe1\x03", b"\xe1\x04"
@@ -69,9 +70,17 @@ class Type4Image:
         self.read_only = True
 
 
-@dataclass
 class Type4Simulator(UdpTagSimulator[Type4Image]):
-    """Serves one Type 4 tag (or none) on a UDP port. ``device`` is the path to give nfcpy."""
+    """Serves one Type 4 tag (or none) on a UDP port from its own process (``tagproc``)."""
+
+    radio = "edge_agent.sim.type4:Type4Radio"
+    lose_answers: Remote[int] = Remote()  # this many more I-block answers are lost
+    updates: RemoteLog[tuple[int, int]] = RemoteLog()  # (offset, length) of each UPDATE BINARY
+
+
+@dataclass
+class Type4Radio(UdpTagRadio[Type4Image]):
+    """The Type 4 tag's radio, run in the simulator's process."""
 
     # Tests: (offset, length) of every UPDATE BINARY that reached the NDEF file.
     updates: list[tuple[int, int]] = field(default_factory=list)

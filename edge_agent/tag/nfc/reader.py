@@ -44,34 +44,68 @@ log = structlog.get_logger("reader.nfc")
 
 Opener = Callable[[str], Any]  # device path -> an open nfc.ContactlessFrontend
 
+# Seconds a udp "reader chip" waits for a reply at least. A chip times the air interface, so a
+# host busy elsewhere never makes a tag late; over udp the host's scheduler is the air, and on a
+# loaded machine a loopback round trip to an idle process took up to 140 ms (p99 12 ms).
+UDP_REPLY_WAIT = 0.25
+
 
 def open_frontend(device: str) -> Any:
     import nfc
 
     clf = nfc.ContactlessFrontend(device)
     if device.startswith("udp"):
-        _drop_stale_replies(clf.device)
+        _one_reply_per_command(clf.device)
     return clf
 
 
-def _drop_stale_replies(device: Any) -> None:
+def _one_reply_per_command(device: Any) -> None:
     """Make nfcpy's udp transport as synchronous as a reader chip.
 
-    The udp driver pairs replies with commands by order only: a reply that arrives after its command
-    timed out and was retried stays queued and is taken as the reply to the next command, shifting
-    every later READ by one (seen on a loaded machine). A reader chip never does that. Before each
-    command, whatever is still queued is stale and dropped.
+    The udp driver pairs replies with commands by order only. When a command times out, nfcpy
+    sends it again; a late reply to the first copy then comes with the reply to the second, and
+    the spare is taken as the reply to the next command, shifting every later READ by one (seen
+    on a loaded machine). Dropping what is queued before each command is not enough: the spare
+    can land just after the next command went out. So a retry is not sent again: it waits on
+    for the reply to the copy already sent, one reply per command. Whatever is still queued
+    before a new command or a sense is stale.
+
+    nfcpy's timeouts are air-interface times (a Type 2 READ 5 ms, GET_VERSION 10 ms); a real
+    reader keeps them whatever the host does. Here each wait is at least ``UDP_REPLY_WAIT``, so a
+    tag is taken for gone only when it does not answer, not when the machine is busy.
     """
+    import nfc.clf
+
     send = device.send_cmd_recv_rsp
+    unanswered: list[Any] = [None]  # the command that timed out, until it is answered
+
+    def drain() -> None:
+        sock = device.socket
+        while sock is not None and select.select([sock], [], [], 0)[0]:
+            sock.recv(1024)
 
     def send_cmd_recv_rsp(target: Any, data: Any, timeout: float) -> Any:
-        sock = device.socket
-        if sock is not None and data is not None:
-            while select.select([sock], [], [], 0)[0]:
-                sock.recv(1024)
-        return send(target, data, timeout)
+        retry = data is not None and data == unanswered[0]
+        if data is not None and not retry:
+            drain()
+        unanswered[0] = None
+        try:
+            return send(target, None if retry else data, max(timeout, UDP_REPLY_WAIT))
+        except nfc.clf.TimeoutError:
+            unanswered[0] = data
+            raise
+
+    def sensing(sense: Any) -> Any:
+        def sense_target(target: Any) -> Any:
+            unanswered[0] = None  # a new activation: nothing before it is waited for
+            drain()
+            return sense(target)
+
+        return sense_target
 
     device.send_cmd_recv_rsp = send_cmd_recv_rsp
+    for name in ("sense_tta", "sense_ttb", "sense_ttf"):
+        setattr(device, name, sensing(getattr(device, name)))
 
 
 @dataclass

@@ -12,6 +12,7 @@ from edge_agent.instructions.codec import decode_tag, update_progress
 from edge_agent.instructions.model import StepRecord, StepStatus
 from edge_agent.sim.ntag import NtagImage, NtagSimulator
 from edge_agent.tag.nfc import NfcReader
+from edge_agent.tag.nfc.reader import UDP_REPLY_WAIT
 from edge_agent.tag.reader import ScanKind
 from tests.fixtures_nfc import KEYRING, STEPS, UID, image, next_event, traveler
 
@@ -187,7 +188,33 @@ async def test_a_late_reply_does_not_shift_the_following_reads(
     ntag_sim.present(image(message))
     await next_event(nfc_reader, ScanKind.ARRIVED)
     await nfc_reader.read_ndef(UID)  # the copy read at arrival
-    # One READ reply arrives after nfcpy gave up and retried: two replies for one command. Taking
-    # the spare as the next command's reply would shift every later page of the message.
+    # One READ reply arrives after the reader's first wait for it. A reader that sends the READ
+    # again gets two replies for one command, the spare landing after its next command: taking
+    # it as that command's reply would shift every later page of the message.
+    ntag_sim.late_by = 1.4 * UDP_REPLY_WAIT
     ntag_sim.late_reads = 1
     assert await nfc_reader.read_ndef(UID) == message
+
+
+async def test_a_tag_answering_late_on_a_busy_host_is_still_read_and_written(
+    ntag_sim: NtagSimulator, nfc_reader: NfcReader
+) -> None:
+    old = traveler(done=1)
+    contents = decode_tag(old, UID, KEYRING)
+    new = update_progress(
+        contents, contents.progress.with_record(1, StepRecord(StepStatus.OK, "st-20", 9), 3)
+    )
+    # Every reply 20 ms late: past nfcpy's air-interface timeouts (READ 3 x 5 ms, GET_VERSION
+    # 10 ms), as a loaded host delivers them over udp. Neither taken for a plain Type2Tag (the
+    # NTAG probe timing out) nor for gone.
+    ntag_sim.delay = 0.02
+    ntag_sim.present(image(old))
+    arrived = await next_event(nfc_reader, ScanKind.ARRIVED)
+    assert (arrived.tag_type, arrived.capacity) == ("NTAG215", 492)
+    assert await nfc_reader.read_ndef(UID) == old
+    await nfc_reader.write_ndef(UID, new, previous=old)
+    assert await nfc_reader.read_ndef(UID) == new
+    ntag_sim.remove()
+    # The next event is this leaving: the reader never took the tag for gone meanwhile.
+    left = await asyncio.wait_for(nfc_reader._events.get(), 5)
+    assert left is not None and (left.kind, left.uid) == (ScanKind.LEFT, UID)

@@ -11,11 +11,11 @@ import asyncio
 import errno
 from typing import Any
 
-import nfc
 import structlog.testing
 
 from edge_agent.sim.ntag import NtagSimulator
 from edge_agent.tag.nfc import NfcReader
+from edge_agent.tag.nfc.reader import open_frontend
 from edge_agent.tag.reader import ScanKind
 from tests.fixtures_nfc import UID, image, next_event, traveler
 
@@ -32,7 +32,7 @@ class UsbPort:
         self.open_attempts += 1
         if not self.plugged:
             raise OSError(errno.ENODEV, f"no reader on {path}")
-        clf = nfc.ContactlessFrontend(self.device)
+        clf = open_frontend(self.device)  # nfcpy's udp device, as the reader opens it
         for name in ("sense_tta", "send_cmd_recv_rsp"):
             real = getattr(clf.device, name)
 
@@ -96,7 +96,7 @@ async def test_an_unexpected_error_in_the_reader_thread_reopens_the_reader(
     opened: list[Any] = []
 
     def opener(path: str) -> Any:
-        clf = nfc.ContactlessFrontend(ntag_sim.device)
+        clf = open_frontend(ntag_sim.device)
         if not opened:  # the first session hits a bug in the driver layer
             clf.device.sense_tta = lambda target: {"": None}["no such key"]  # a KeyError
         opened.append(clf)

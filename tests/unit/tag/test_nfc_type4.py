@@ -72,6 +72,7 @@ async def test_type4_progress_write_updates_only_changed_bytes(
     await next_event(t4_reader, ScanKind.ARRIVED)
     await t4_reader.write_ndef(UID, new, previous=await t4_reader.read_ndef(UID))
     changed = [2 + i for i in range(len(new)) if new[i] != old[i]]
+    t4_sim.sync()  # ``tag`` gets the simulator's copy, as the reader left it
     written = [offset + i for offset, length in t4_sim.updates for i in range(length)]
     assert written == changed == t4_reader.last_write_pages
     assert all(offset >= 2 for offset, _ in t4_sim.updates)  # NLEN untouched
@@ -86,6 +87,7 @@ async def test_type4_message_of_another_length_goes_through_nfcpy(
     await next_event(t4_reader, ScanKind.ARRIVED)
     shorter = b"\xd1\x01\x04T\x02enok"
     await t4_reader.write_ndef(UID, shorter)
+    t4_sim.sync()
     assert tag.ndef_message() == shorter and t4_reader.last_write_pages == []
     assert await t4_reader.read_ndef(UID) == shorter
 
@@ -100,6 +102,7 @@ async def test_type4_read_only_tag_write_fails(
     message = await t4_reader.read_ndef(UID)
     with pytest.raises(TagIOError, match=r"04C1D2E3F40516 .*read-only"):
         await t4_reader.write_ndef(UID, progressed(message, 0), previous=message)
+    t4_sim.sync()
     assert t4_sim.updates == [] and tag.ndef_message() == message
 
 
@@ -164,13 +167,14 @@ async def test_station_runs_a_cycle_on_a_type4_tag_and_writes_progress_back(
             sim.present(tag)
             report = await asyncio.wait_for(station.reports.get(), 10)
             keyring = station.keyring
+        updates = sim.updates
     assert (report.status, report.tag_write, report.step and report.step["index"]) == (
         "ok",
         "ok",
         0,
     )
     assert report.tag_uid == UID.hex().upper()
-    assert sim.updates and all(offset >= 2 for offset, _ in sim.updates)  # tear-safe path
+    assert updates and all(offset >= 2 for offset, _ in updates)  # tear-safe path
     progress = decode_tag(tag.ndef_message(), UID, keyring).progress
     assert progress.done(0) and not progress.done(1)
 
@@ -187,6 +191,7 @@ async def test_type4_lost_answers_are_recovered_by_iso_dep_and_the_write_is_appl
     previous = await t4_reader.read_ndef(UID)
     t4_sim.lose_answers = lost  # the SELECT and the first UPDATE BINARY answers
     await t4_reader.write_ndef(UID, new, previous=previous)
+    t4_sim.sync()
     assert t4_sim.lose_answers == 0 and tag.ndef_message() == new
     changed = [2 + i for i in range(len(new)) if new[i] != old[i]]
     assert [offset + i for offset, length in t4_sim.updates for i in range(length)] == changed
