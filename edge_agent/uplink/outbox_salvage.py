@@ -95,7 +95,9 @@ def held_quarantine(row: tuple[object, ...], why: str) -> tuple[object, ...]:
 def integrity(db: sqlite3.Connection) -> str | None:
     """None when SQLite finds the file sound, else its first complaint (reads every page)."""
     first = db.execute("PRAGMA quick_check(1)").fetchone()
-    return None if first is not None and first[0] == "ok" else str(first[0] if first else "?")
+    if first is not None and first[0] == "ok":
+        return None
+    return str(first[0] if first else "no answer").replace("*** in database main ***\n", "")
 
 
 def aside_name(path: Path, why: str) -> Path:
