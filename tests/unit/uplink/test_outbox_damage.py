@@ -14,11 +14,15 @@ from typing import Any
 import pytest
 
 from edge_agent.config_schema import BrokerConfig
+from edge_agent.instructions.model import Step
 from edge_agent.sim.broker import EmbeddedBroker
+from edge_agent.sim.reference_plc import ReferencePlc
 from edge_agent.uplink.mqtt import MqttUplink
 from edge_agent.uplink.outbox import Keep
 from edge_agent.uplink.outbox_sqlite import OutboxError, SqliteOutbox
 from tests.fixtures_broker import MqttRecorder
+from tests.station_harness import DRILL, running_station
+from tests.unit.test_supervisor import until
 
 PAGE = 4096
 
@@ -220,3 +224,37 @@ def test_a_file_replaced_under_the_agent_is_kept_aside_and_ours_made_anew(tmp_pa
     box.close()
     [aside] = tmp_path.glob("outbox.sqlite3.replaced-*")
     assert aside.read_bytes() == b"an old backup"
+
+
+async def test_an_outbox_deleted_under_the_station_refuses_parts_untouched_and_loses_nothing(
+    tmp_path: Path, reference_plc: ReferencePlc, broker: EmbeddedBroker
+) -> None:
+    state = tmp_path / "state"
+    extra = f"state_dir: {json.dumps(str(state))}\n"
+    async with running_station(tmp_path, reference_plc.port, broker.port, extra=extra) as st:
+        routing = [Step("drill", DRILL, "st-10"), Step("drill", DRILL, "st-20")]
+        uids = [bytes([4, n, n, n, n, n, n]) for n in range(1, 4)]
+        await broker.stop()  # the first report stays in the outbox file, only there
+        assert (await st.cycle(st.tag(routing, uid=uids[0], done=1))).status == "ok"
+        for name in ("outbox.sqlite3", "outbox.sqlite3-wal"):
+            (state / name).unlink()  # a careless clean-up
+
+        refused = await st.cycle(st.tag(routing, uid=uids[1], done=1))
+        assert (refused.status, refused.reason, refused.machine_state) == (
+            "rejected",
+            "not_recording",
+            "untouched",
+        )
+        assert reference_plc.cycles == 1  # the machine was not moved for a part not recorded
+        assert "deleted while the agent ran" in st.agent.status()["problems"][0]["error"]
+        await until(lambda: st.agent.accepting_parts, 15, "taking parts again")
+        assert (state / "outbox.sqlite3").exists()
+        assert (await st.cycle(st.tag(routing, uid=uids[2], done=1))).status == "ok"
+        # All three reports wait in the new file, the first copied from the deleted one.
+        waiting = st.agent.uplink.outbox.oldest(100)
+        reports = [json.loads(m.payload) for m in waiting if m.topic.endswith("/cycles")]
+        assert [r["tag_uid"] for r in reports] == [uid.hex().upper() for uid in uids]
+        told = [json.loads(m.payload)["event"] for m in waiting if m.topic.endswith("/events")]
+        assert told == ["outbox_failed", "outbox_recovered"]
+        await broker.start()
+        await until(lambda: not st.agent.uplink.backlog, 15, "the backlog delivered")
