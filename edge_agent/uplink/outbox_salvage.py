@@ -131,6 +131,46 @@ class Copied:
     seq: int = 0  # the sequence number the copy continues from
 
 
+def salvage(aside: Path, dst: sqlite3.Connection) -> dict[str, int]:
+    """Copy what can be read from the damaged file ``aside`` into ``dst``; the counts."""
+    old = sqlite3.connect(aside, isolation_level=None)
+    try:
+        copied = copy_rows(old, dst)
+    finally:
+        old.close()
+    return {
+        "salvaged": copied.messages,
+        "held": copied.held,
+        "quarantined": copied.quarantined,
+        "unreadable": copied.unreadable,
+    }
+
+
+def copy_over(db: sqlite3.Connection, path: Path) -> None:
+    """Put a copy of the whole database open as ``db`` (its file deleted or replaced) at
+    ``path``; a file found there is kept as ``<name>.replaced-<UTC time>``.
+
+    Copied through the open handle (WAL included) into a file of another name, then renamed:
+    the new file has no WAL yet, so closing ``db`` after this, which deletes "<path>-wal" by
+    name, deletes only the old file's.
+    """
+    copy = path.with_name(path.name + ".new")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        copy.unlink(missing_ok=True)
+        target = sqlite3.connect(copy)
+        try:
+            db.backup(target)
+        finally:
+            target.close()
+        if path.exists():  # not ours: kept for a person
+            path.rename(aside_name(path, "replaced"))
+        copy.rename(path)
+    except BaseException:
+        copy.unlink(missing_ok=True)
+        raise
+
+
 def _ids(src: sqlite3.Connection, sql: str) -> Iterator[int]:
     """Row ids from ``sql`` (its one parameter: the id to start after), stepping over damaged
     pages: after an error the scan starts again further on, 1, 2, 4, ... ids later."""

@@ -256,8 +256,7 @@ class SqliteOutbox:
         return out
 
     def oldest(self, limit: int, after: int = 0) -> list[OutMessage]:
-        try:
-            self._check_file()
+        try:  # a deleted file still reads through the open handle: found at the next write
             rows = self._db.execute(
                 f"SELECT id, {salvage.MESSAGE_COLUMNS} FROM messages WHERE id > ? ORDER BY id LIMIT ?",
                 (after, limit),
@@ -458,17 +457,7 @@ class SqliteOutbox:
             self._db.close()
         aside = salvage.move_aside(self.path, "corrupt")
         self._db = _open(self.path)
-        old = sqlite3.connect(aside, isolation_level=None)
-        try:
-            copied = salvage.copy_rows(old, self._db)
-        finally:
-            old.close()
-        counts = {
-            "salvaged": copied.messages,
-            "held": copied.held,
-            "quarantined": copied.quarantined,
-            "unreadable": copied.unreadable,
-        }
+        counts = salvage.salvage(aside, self._db)
         log.error(
             "outbox file damaged: moved aside, every readable message copied into a new one",
             path=str(self.path),
@@ -486,46 +475,23 @@ class SqliteOutbox:
             if now == self._file:
                 return
             self._gone = "deleted" if now is None else "replaced by another file"
-            log.error(
-                f"outbox file {self._gone} while the agent runs; making it anew",
-                path=str(self.path),
-            )
+            log.error(f"outbox file {self._gone} while the agent runs", path=str(self.path))
             raise OutboxError(f"{self.path}: the outbox file was {self._gone} while the agent ran")
-        # Copied whole through the handle still open on the old file (WAL included), into a
-        # file of its own name first: closing the old handle deletes "<path>-wal" by name.
-        copy = self.path.with_name(self.path.name + ".new")
-        if not self._copied:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                copy.unlink(missing_ok=True)
-                target = sqlite3.connect(copy)
-                try:
-                    self._db.backup(target)
-                finally:
-                    target.close()
-                if _identity(self.path) is not None:  # not ours: kept for a person
-                    self.path.rename(salvage.aside_name(self.path, "replaced"))
-            except (sqlite3.Error, OSError) as err:
-                copy.unlink(missing_ok=True)
-                raise OutboxError(f"{self.path}: cannot copy the outbox anew: {err}") from err
-            self._db.close()  # checkpoints into the old file, wherever it is now
-            self._copied = True
         try:
-            if copy.exists():
-                copy.rename(self.path)
+            if not self._copied:
+                salvage.copy_over(self._db, self.path)
+                self._db.close()  # checkpoints into the old file; deletes "<path>-wal" by name
+                # Should it still be there: the old file's, copied already, never to be replayed
+                # into the new one.
+                self.path.with_name(self.path.name + "-wal").unlink(missing_ok=True)
+                self._copied = True
             self._db = _open(self.path)
         except (sqlite3.Error, OSError) as err:
-            raise OutboxError(f"{self.path}: cannot open the outbox anew: {err}") from err
-        self._copied = False
-        self._durable = True
+            raise OutboxError(f"{self.path}: cannot make the outbox file anew: {err}") from err
+        self._copied, self._durable = False, True
         self._file, was, self._gone = _identity(self.path), self._gone, None
         self._recount()
-        log.warning(
-            "outbox file made anew; every message it held copied over",
-            path=str(self.path),
-            was=was,
-            backlog=len(self),
-        )
+        log.warning("outbox file made anew, every message copied", was=was, backlog=len(self))
 
     def _refused(self, message: OutMessage) -> None:
         self.dropped += 1
