@@ -87,13 +87,6 @@ class Outbox(Protocol):
 
     def __len__(self) -> int: ...
 
-    #: Stored rows set aside because they cannot be sent as they are (kept, never sent).
-    quarantined: int
-
-    def take_notices(self) -> list[dict[str, Any]]:
-        """Events for the line since the last call (``outbox_quarantined``, ``outbox_salvaged``)."""
-        ...
-
     def newest_by_topic(self) -> dict[str, int]:
         """Each topic with a waiting message -> the id of its newest one."""
         ...
@@ -105,6 +98,13 @@ class Outbox(Protocol):
 
     def oldest_created(self) -> float | None:
         """Unix time the oldest waiting message was put, None when empty."""
+        ...
+
+    #: Stored rows set aside because they cannot be sent as they are (kept, never sent).
+    quarantined: int
+
+    def take_notices(self) -> list[dict[str, Any]]:
+        """Events for the line since the last call (``outbox_quarantined``, ``outbox_salvaged``)."""
         ...
 
     def close(self) -> None: ...
@@ -177,9 +177,6 @@ class MemoryOutbox:
     def held(self) -> list[tuple[str, str, bytes, int, Keep]]:
         return []
 
-    def take_notices(self) -> list[dict[str, Any]]:
-        return []
-
     def __len__(self) -> int:
         return len(self._messages)
 
@@ -192,6 +189,9 @@ class MemoryOutbox:
 
     def oldest_created(self) -> float | None:
         return next(iter(self._messages.values())).created if self._messages else None
+
+    def take_notices(self) -> list[dict[str, Any]]:
+        return []
 
     def close(self) -> None:
         pass
