@@ -256,24 +256,31 @@ class SqliteOutbox:
         return out
 
     def oldest(self, limit: int, after: int = 0) -> list[OutMessage]:
-        try:  # a deleted file still reads through the open handle: found at the next write
-            rows = self._db.execute(
-                f"SELECT id, {salvage.MESSAGE_COLUMNS} FROM messages WHERE id > ? ORDER BY id LIMIT ?",
-                (after, limit),
-            ).fetchall()
-        except sqlite3.Error as err:
-            raise self._error("read the outbox", err) from err
         out: list[OutMessage] = []
-        for i, raw, kind, payload, qos, retain, keep, created in rows:
-            try:
-                topic = salvage.checked_topic(raw, kind)
-                body = salvage.check_row(payload, qos)
-                out.append(
-                    OutMessage(i, topic, body, qos, bool(retain), Keep(keep), float(created))
-                )
-            except (ValueError, TypeError, OverflowError) as err:
-                row = (i, raw, payload, qos, retain, keep, created, None, str(err))
-                self._quarantine("DELETE FROM messages WHERE id = ?", i, row)
+        # A row set aside is made up by reading on: a short batch means nothing older is left.
+        while len(out) < limit:
+            want = limit - len(out)
+            try:  # a deleted file still reads through the open handle: found at the next write
+                rows = self._db.execute(
+                    f"SELECT id, {salvage.MESSAGE_COLUMNS} FROM messages"
+                    " WHERE id > ? ORDER BY id LIMIT ?",
+                    (after, want),
+                ).fetchall()
+            except sqlite3.Error as err:
+                raise self._error("read the outbox", err) from err
+            for i, raw, kind, payload, qos, retain, keep, created in rows:
+                after = i
+                try:
+                    topic = salvage.checked_topic(raw, kind)
+                    body = salvage.check_row(payload, qos)
+                    out.append(
+                        OutMessage(i, topic, body, qos, bool(retain), Keep(keep), float(created))
+                    )
+                except (ValueError, TypeError, OverflowError) as err:
+                    row = (i, raw, payload, qos, retain, keep, created, None, str(err))
+                    self._quarantine("DELETE FROM messages WHERE id = ?", i, row)
+            if len(rows) < want:
+                break
         return out
 
     def ack(self, message_id: int) -> None:
