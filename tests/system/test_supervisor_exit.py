@@ -25,6 +25,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from edge_agent.instructions.signing import KeyRing, load_private_key
 from edge_agent.sim.broker import EmbeddedBroker, free_port
@@ -174,9 +175,13 @@ async def test_an_outbox_damaged_under_the_daemon_ends_it_with_exit_1_and_a_rest
         def notes() -> set[str]:
             return {e["id"] for e in recorder.json("gw-test/events") if e.get("event") == "note"}
 
+        def salvage_events() -> list[dict[str, Any]]:
+            return [e for e in recorder.json("events") if e.get("event") == "outbox_salvaged"]
+
         await until(lambda: notes() >= readable, 60, "the readable events of the earlier run")
         assert notes() == readable
-        [salvaged] = [e for e in recorder.json("events") if e.get("event") == "outbox_salvaged"]
+        await until(salvage_events, 30, "the outbox_salvaged event")  # queued after them
+        [salvaged] = salvage_events()
         # Also the reports and events the first run queued meanwhile: none is lost.
         assert salvaged["salvaged"] >= FILLER + 2 and salvaged["unreadable"] == 1, salvaged
         assert list(outbox.parent.glob("outbox.sqlite3.corrupt-*"))  # kept for a person
