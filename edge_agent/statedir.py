@@ -4,7 +4,8 @@
 process id and config file into it, so that a second agent on the same directory is refused at
 start with the name of the one that holds it, instead of failing inside the outbox. ``check-config``
 asks the same question without keeping the lock. The outbox file is opened too: one held by another
-process (a demo, an agent started without ``run``) or one that is not SQLite is named before start.
+process (a demo, an agent started without ``run``) is named before start; a damaged one is not
+refused (the outbox moves it aside and salvages it at open), ``check-config`` says so in a note.
 The kernel drops the lock when the process ends, however it ends: a lock is never stale.
 """
 
@@ -100,8 +101,11 @@ def check(config: AgentConfig) -> tuple[list[ConfigProblem], str | None]:
             )
             return [], note
         return [_problem(config, _held(config.state_dir, holder))], None
-    problem = _outbox_problem(config.state_dir / OUTBOX_FILE)
-    return ([_problem(config, problem)] if problem else []), None
+    outbox = config.state_dir / OUTBOX_FILE
+    problem = _outbox_problem(outbox)
+    if problem is not None:
+        return [_problem(config, problem)], None
+    return [], _outbox_damage(outbox)
 
 
 def _problem(config: AgentConfig, message: str) -> ConfigProblem:
@@ -146,11 +150,28 @@ def _outbox_problem(path: Path) -> str | None:
                 "with 'run', e.g. a demo); two agents cannot share a state directory"
             )
         return f"cannot open the outbox {path}: {err}"
-    except sqlite3.DatabaseError as err:
-        return (
-            f"the outbox {path} is not a readable SQLite file ({err}); "
-            "move it aside to start with an empty outbox"
-        )
+    except sqlite3.DatabaseError:
+        return None  # damaged: the outbox salvages it at open (_outbox_damage says so)
     finally:
         db.close()
     return None
+
+
+def _outbox_damage(path: Path) -> str | None:
+    """A note when the outbox file is damaged: ``run`` moves it aside and salvages it."""
+    if not path.is_file():
+        return None
+    db = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        found = db.execute("PRAGMA quick_check(1)").fetchone()
+        damage = None if found and found[0] == "ok" else str(found[0] if found else "?")
+    except sqlite3.DatabaseError as err:
+        damage = str(err)
+    finally:
+        db.close()
+    if damage is None:
+        return None
+    return (
+        f"the outbox {path} is damaged ({damage.splitlines()[-1]}): run will move it aside as "
+        f"{path.name}.corrupt-<UTC time> and copy every readable message into a new outbox"
+    )

@@ -157,6 +157,9 @@ def metrics(service: Service) -> bytes:
     w.family("edge_agent_outbox_backlog_messages", "gauge",
              "Messages waiting for the broker's acknowledgement.",
              [({}, agent.uplink.backlog)])  # fmt: skip
+    w.family("edge_agent_outbox_quarantined_messages", "gauge",
+             "Stored messages set aside because they cannot be sent as they are (kept, never sent).",
+             [({}, agent.uplink.outbox.quarantined)])  # fmt: skip
     w.family("edge_agent_outbox_oldest_age_seconds", "gauge",
              "Age of the oldest message waiting (0 when none).",
              [({}, agent.uplink.oldest_age)])  # fmt: skip

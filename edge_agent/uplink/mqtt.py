@@ -368,6 +368,8 @@ class MqttUplink(Sender, Connection, PahoLoop):
             "backlog": len(self.outbox),
             "oldest_age_s": self.oldest_age,
         }
+        if self.outbox.quarantined:  # stored rows that cannot be sent: a person should look
+            status["outbox_quarantined"] = self.outbox.quarantined
         self._client.publish(self.topic("status"), dumps(status), qos=1, retain=True)
         self._status_at, self._status_backlog = time.monotonic(), status["backlog"]
         # Thresholds count again from what is waiting now: a backlog that grows anew is reported.

@@ -18,7 +18,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from typing import Any, Protocol
+
+from ..errors import EdgeAgentError
 
 
 class Keep(IntEnum):
@@ -27,6 +29,11 @@ class Keep(IntEnum):
     TELEMETRY = 0
     EVENT = 1
     RECORD = 2  # never dropped
+
+
+class OutboxCorrupt(EdgeAgentError):
+    """The outbox's file is malformed: no retry in this process mends it; a restart (which
+    salvages what can be read) does. Raised by the disk outbox, let through by the sender."""
 
 
 #: A payload, or a function that renders it from the message's sequence number.
@@ -97,6 +104,13 @@ class Outbox(Protocol):
         """Unix time the oldest waiting message was put, None when empty."""
         ...
 
+    #: Stored rows set aside because they cannot be sent as they are (kept, never sent).
+    quarantined: int
+
+    def take_notices(self) -> list[dict[str, Any]]:
+        """Events for the line since the last call (``outbox_quarantined``, ``outbox_salvaged``)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -114,6 +128,7 @@ class MemoryOutbox:
         self._messages: OrderedDict[int, OutMessage] = OrderedDict()
         self._ids = itertools.count(1)
         self._held: dict[str, bytes] = {}  # at most the cycles in flight
+        self.quarantined = 0  # nothing here is ever read back from a file
 
     def put(
         self,
@@ -181,6 +196,9 @@ class MemoryOutbox:
 
     def oldest_created(self) -> float | None:
         return next(iter(self._messages.values())).created if self._messages else None
+
+    def take_notices(self) -> list[dict[str, Any]]:
+        return []
 
     def close(self) -> None:
         pass

@@ -16,8 +16,15 @@ again before the tag is written back; the final ``put`` replaces it in one trans
 still held at the next start is sent then (``held()``), so a crash at any instant loses no report.
 
 A write that fails (disk full, I/O error) raises OutboxError with the transaction rolled back; the
-caller keeps the message and tries again. A row that cannot be read back is moved to the
-``quarantine`` table (logged once) instead of stopping the sender at every attempt.
+caller keeps the message and tries again. So does a write after the file was deleted or replaced
+under the running agent; the next write then makes the file anew and copies every row over from
+the handle still open on the old one, so nothing committed into it is lost.
+
+Damage (``outbox_salvage.py``): a row that cannot be sent as it is stored (a topic that is not
+UTF-8 or holds a wildcard, a payload that is not bytes, ...) is moved to the ``quarantine`` table
+with the reason instead of stopping the sender at every attempt, held rows too. A file SQLite calls
+malformed at open is moved aside and what can be read is copied into a fresh one (``salvaged``);
+malformed at run time raises OutboxCorrupt, which no retry mends: the process must restart.
 
 The file is opened with an exclusive lock: a second agent on the same state directory fails at
 start instead of interleaving sequence numbers.
@@ -25,16 +32,19 @@ start instead of interleaving sequence numbers.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from ..errors import EdgeAgentError
-from .outbox import Keep, OutMessage, Payload, render
+from . import outbox_salvage as salvage
+from .outbox import Keep, OutboxCorrupt, OutMessage, Payload, render
 
 log = structlog.get_logger("outbox")
 
@@ -60,6 +70,37 @@ CREATE TABLE IF NOT EXISTS held (
 -- Rows that could not be read back as a message: kept for a person, never sent.
 CREATE TABLE IF NOT EXISTS quarantine AS SELECT * FROM messages WHERE 0;
 """
+#: Columns the quarantine table gained after its first version (added to older files at open).
+_QUARANTINE_MORE = ("held_key TEXT", "error TEXT")
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    """The outbox file, created if need be, in WAL mode, locked, with its tables."""
+    # Autocommit mode: transactions are explicit (_tx) or one statement each.
+    db = sqlite3.connect(path, isolation_level=None, timeout=1.0)
+    try:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise OutboxError(f"{path}: SQLite refused WAL mode (got {mode})")
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        db.executescript(_SCHEMA)  # the first write takes the exclusive lock
+        have = {row[1] for row in db.execute("PRAGMA table_info(quarantine)")}
+        for column in _QUARANTINE_MORE:
+            if column.split()[0] not in have:
+                db.execute(f"ALTER TABLE quarantine ADD COLUMN {column}")
+        db.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _keep(value: int) -> Keep:
@@ -78,6 +119,10 @@ class OutboxError(EdgeAgentError):
     """The outbox file cannot be opened or written: the agent must not run without it."""
 
 
+class FileCorrupt(OutboxError, OutboxCorrupt):
+    """SQLite finds the open file malformed: only a restart (which salvages it) mends that."""
+
+
 class SqliteOutbox:
     def __init__(
         self,
@@ -94,37 +139,32 @@ class SqliteOutbox:
         self.telemetry_max_age = telemetry_max_age
         self.on_drop = on_drop
         self.dropped = 0  # since start, all classes
+        self._notices: list[dict[str, Any]] = []  # for the line, taken by the sender
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Autocommit mode: transactions are explicit (_tx) or one statement each.
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=1.0)
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if mode != "wal":
-                raise OutboxError(f"{self.path}: SQLite refused WAL mode (got {mode})")
-            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            self._db.executescript(_SCHEMA)  # the first write takes the exclusive lock
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._durable = True
-            rows = self._db.execute(
-                "SELECT keep, count(*), coalesce(sum(length(payload)), 0) FROM messages GROUP BY keep"
-            )
-            self._by_class = {k: 0 for k in Keep}
-            self._bytes = {k: 0 for k in Keep}  # payload bytes per class
-            for keep, n, size in rows:
-                self._by_class[_keep(keep)] += n
-                self._bytes[_keep(keep)] += size
+            try:
+                self._db = _open(self.path)
+                damage = salvage.integrity(self._db)
+            except sqlite3.DatabaseError as err:
+                if not salvage.is_corrupt(err):
+                    raise
+                damage = str(err)
+            if damage is not None:
+                self._salvage(damage)
+            self._durable = True  # _open sets synchronous=FULL
+            self._file = _identity(self.path)
+            self._gone: str | None = None  # what happened to the file, until it is made anew
+            self._copied = False  # its rows copied, the old handle closed; not yet reopened
+            self._recount()
             seq = self._db.execute(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
             ).fetchone()
+            self.quarantined = self._db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
         except sqlite3.OperationalError as err:
             hint = " (another edge-agent uses this state directory)" if "locked" in str(err) else ""
             raise OutboxError(f"{self.path}: cannot open the outbox: {err}{hint}") from err
-        except sqlite3.DatabaseError as err:
-            # Never replaced silently: it may hold undelivered cycle reports.
-            raise OutboxError(
-                f"{self.path}: the outbox is not a readable SQLite file ({err}); "
-                "move it aside to start with an empty outbox"
-            ) from err
+        except (sqlite3.DatabaseError, OSError) as err:
+            raise OutboxError(f"{self.path}: cannot open the outbox: {err}") from err
         self._next = (seq[0] if seq else 0) + 1
         self._holding: set[str] = set()  # keys held by this run (the cycle in flight)
         self._purged = 0.0
@@ -170,7 +210,8 @@ class SqliteOutbox:
                         (seq, topic, message.payload, qos, retain, int(keep), message.created),
                     )
         except OutboxError:
-            self._recount()  # the counters moved with statements that were rolled back
+            with suppress(sqlite3.Error):
+                self._recount()  # the counters moved with statements that were rolled back
             raise
         # Told after the commit: the drop callback may itself put a message (an event).
         if purged:
@@ -198,8 +239,21 @@ class SqliteOutbox:
         self._holding.add(key)
 
     def held(self) -> list[tuple[str, str, bytes, int, Keep]]:
-        rows = self._db.execute("SELECT key, topic, payload, qos, keep FROM held ORDER BY rowid")
-        return [(k, t, bytes(p), q, Keep(c)) for k, t, p, q, c in rows]
+        try:
+            rows = self._db.execute(
+                f"SELECT rowid, {salvage.HELD_COLUMNS} FROM held ORDER BY rowid"
+            ).fetchall()
+        except sqlite3.Error as err:
+            raise self._error("read the held reports", err) from err
+        out: list[tuple[str, str, bytes, int, Keep]] = []
+        for rowid, *row in rows:
+            try:
+                key, topic, payload, qos, keep = salvage.checked_held(tuple(row))
+                out.append((key, topic, payload, qos, _keep(keep)))
+            except (ValueError, TypeError, OverflowError) as err:
+                quarantined = salvage.held_quarantine(tuple(row), str(err))
+                self._quarantine("DELETE FROM held WHERE rowid = ?", rowid, quarantined)
+        return out
 
     def unhold(self, key: str) -> None:
         # Not fsynced, like a release: a drop lost to a power cut sends the held version later.
@@ -208,64 +262,81 @@ class SqliteOutbox:
         self._holding.discard(key)
 
     def oldest(self, limit: int, after: int = 0) -> list[OutMessage]:
-        try:
-            rows = self._db.execute(
-                "SELECT id, topic, payload, qos, retain, keep, created FROM messages"
-                " WHERE id > ? ORDER BY id LIMIT ?",
-                (after, limit),
-            ).fetchall()
-        except sqlite3.Error as err:
-            raise OutboxError(f"{self.path}: cannot read the outbox: {err}") from err
         out: list[OutMessage] = []
-        for row in rows:
-            try:
-                i, t, p, q, r, k, c = row
-                if not isinstance(t, str) or q not in (0, 1, 2) or not isinstance(p, bytes):
-                    raise ValueError(f"topic {t!r}, qos {q!r}, payload of type {type(p).__name__}")
-                out.append(OutMessage(i, t, p, q, bool(r), Keep(k), float(c)))
-            except (ValueError, TypeError) as err:
-                self._quarantine(row[0], str(err))
+        # A row set aside is made up by reading on: a short batch means nothing older is left.
+        while len(out) < limit:
+            want = limit - len(out)
+            try:  # a deleted file still reads through the open handle: found at the next write
+                rows = self._db.execute(
+                    f"SELECT id, {salvage.MESSAGE_COLUMNS} FROM messages"
+                    " WHERE id > ? ORDER BY id LIMIT ?",
+                    (after, want),
+                ).fetchall()
+            except sqlite3.Error as err:
+                raise self._error("read the outbox", err) from err
+            for i, raw, kind, payload, qos, retain, keep, created in rows:
+                after = i
+                try:
+                    topic = salvage.checked_topic(raw, kind)
+                    body = salvage.check_row(payload, qos)
+                    out.append(
+                        OutMessage(i, topic, body, qos, bool(retain), Keep(keep), float(created))
+                    )
+                except (ValueError, TypeError, OverflowError) as err:
+                    row = (i, raw, payload, qos, retain, keep, created, None, str(err))
+                    self._quarantine("DELETE FROM messages WHERE id = ?", i, row)
+            if len(rows) < want:
+                break
         return out
 
     def ack(self, message_id: int) -> None:
         try:
+            self._check_file()
             self._set_durable(False)
             row = self._db.execute(
                 "DELETE FROM messages WHERE id = ? RETURNING keep, length(payload)", (message_id,)
             ).fetchone()
         except sqlite3.Error as err:
-            raise OutboxError(
-                f"{self.path}: cannot remove delivered message {message_id}: {err}"
-            ) from err
+            raise self._error(f"remove delivered message {message_id}", err) from err
         if row is not None:  # not already dropped
             self._by_class[_keep(row[0])] -= 1
             self._bytes[_keep(row[0])] -= row[1] or 0
 
-    def _quarantine(self, message_id: int, why: str) -> None:
+    def _quarantine(self, delete: str, rowid: int, row: tuple[object, ...]) -> None:
         # Never sent, never deleted: a person can look at it; the sender goes on with the next.
+        what = "held report" if row[0] is None else "message"
         log.error(
-            "outbox: a stored message cannot be read back; moved to quarantine",
+            f"outbox: a stored {what} cannot be sent as it is; moved to quarantine",
             path=str(self.path),
-            outbox_id=message_id,
-            error=why,
+            outbox_id=row[0],
+            report=row[7],
+            error=row[8],
         )
         with self._tx("quarantine a message", durable=True):
-            self._db.execute(
-                "INSERT INTO quarantine SELECT * FROM messages WHERE id = ?", (message_id,)
-            )
-            row = self._db.execute(
-                "DELETE FROM messages WHERE id = ? RETURNING keep, length(payload)", (message_id,)
-            ).fetchone()
-        if row is not None:
-            self._by_class[_keep(row[0])] -= 1
-            self._bytes[_keep(row[0])] -= row[1] or 0
+            salvage.quarantine(self._db, row)
+            gone = self._db.execute(delete + " RETURNING keep, length(payload)", (rowid,))
+            found = gone.fetchone()
+        if found is not None and row[0] is not None:
+            self._by_class[_keep(found[0])] -= 1
+            self._bytes[_keep(found[0])] -= found[1] or 0
+        self.quarantined += 1
+        self._notice("outbox_quarantined", outbox_id=row[0], report=row[7], error=row[8])
+
+    def take_notices(self) -> list[dict[str, Any]]:
+        notices, self._notices = self._notices, []
+        return notices
+
+    def _notice(self, event: str, **fields: Any) -> None:
+        if len(self._notices) < 100:  # one event each; past that, the count in the status
+            self._notices.append({"event": event, **fields})
 
     def __len__(self) -> int:
         return sum(self._by_class.values())
 
     def newest_by_topic(self) -> dict[str, int]:
-        rows = self._db.execute("SELECT topic, max(id) FROM messages GROUP BY topic")
-        return {topic: newest for topic, newest in rows}
+        rows = self._db.execute("SELECT CAST(topic AS BLOB), max(id) FROM messages GROUP BY 1")
+        # A topic that does not decode is never sent: oldest() quarantines its rows.
+        return {t.decode("utf-8", "replace"): newest for t, newest in rows if isinstance(t, bytes)}
 
     @property
     def full(self) -> bool:
@@ -300,6 +371,7 @@ class SqliteOutbox:
         """One transaction; a failed write (disk full, I/O error) is rolled back and raised as
         OutboxError saying what could not be done."""
         try:
+            self._check_file()
             self._set_durable(durable)
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -311,7 +383,12 @@ class SqliteOutbox:
                         self._db.execute("ROLLBACK")
                 raise
         except sqlite3.Error as err:
-            raise OutboxError(f"{self.path}: cannot {what}: {err}") from err
+            raise self._error(what, err) from err
+
+    def _error(self, what: str, err: sqlite3.Error) -> OutboxError:
+        if salvage.is_corrupt(err):
+            return FileCorrupt(f"{self.path}: cannot {what}: {err}; a restart salvages the file")
+        return OutboxError(f"{self.path}: cannot {what}: {err}")
 
     def _set_durable(self, durable: bool) -> None:
         if durable != self._durable:
@@ -376,15 +453,58 @@ class SqliteOutbox:
             self.on_drop(count, Keep.TELEMETRY)
 
     def _recount(self) -> None:
-        with suppress(sqlite3.Error):
-            rows = self._db.execute(
-                "SELECT keep, count(*), coalesce(sum(length(payload)), 0) FROM messages GROUP BY keep"
-            ).fetchall()
-            self._by_class = {k: 0 for k in Keep}
-            self._bytes = {k: 0 for k in Keep}
-            for keep, n, size in rows:
-                self._by_class[_keep(keep)] += n
-                self._bytes[_keep(keep)] += size
+        rows = self._db.execute(
+            "SELECT keep, count(*), coalesce(sum(length(payload)), 0) FROM messages GROUP BY keep"
+        ).fetchall()
+        self._by_class = {k: 0 for k in Keep}
+        self._bytes = {k: 0 for k in Keep}  # payload bytes per class
+        for keep, n, size in rows:
+            self._by_class[_keep(keep)] += n
+            self._bytes[_keep(keep)] += size
+
+    # ----------------------------------------------------------------- damage, deletion
+
+    def _salvage(self, damage: str) -> None:
+        """The file is malformed: move it aside, copy what is readable into a fresh one."""
+        with suppress(AttributeError, sqlite3.Error):
+            self._db.close()
+        aside = salvage.move_aside(self.path, "corrupt")
+        self._db = _open(self.path)
+        counts = salvage.salvage(aside, self._db)
+        log.error(
+            "outbox file damaged: moved aside, every readable message copied into a new one",
+            path=str(self.path),
+            moved_to=str(aside),
+            damage=damage,
+            **counts,
+        )
+        self._notice("outbox_salvaged", damage=damage, moved_to=str(aside), **counts)
+
+    def _check_file(self) -> None:
+        """Raise OutboxError once the file was deleted or replaced under the running agent;
+        at the next call, make it anew with every row the open handle still reads."""
+        if self._gone is None:
+            now = _identity(self.path)
+            if now == self._file:
+                return
+            self._gone = "deleted" if now is None else "replaced by another file"
+            log.error(f"outbox file {self._gone} while the agent runs", path=str(self.path))
+            raise OutboxError(f"{self.path}: the outbox file was {self._gone} while the agent ran")
+        try:
+            if not self._copied:
+                salvage.copy_over(self._db, self.path)
+                self._db.close()  # checkpoints into the old file; deletes "<path>-wal" by name
+                # Should it still be there: the old file's, copied already, never to be replayed
+                # into the new one.
+                self.path.with_name(self.path.name + "-wal").unlink(missing_ok=True)
+                self._copied = True
+            self._db = _open(self.path)
+        except (sqlite3.Error, OSError) as err:
+            raise OutboxError(f"{self.path}: cannot make the outbox file anew: {err}") from err
+        self._copied, self._durable = False, True
+        self._file, was, self._gone = _identity(self.path), self._gone, None
+        self._recount()
+        log.warning("outbox file made anew, every message copied", was=was, backlog=len(self))
 
     def _refused(self, message: OutMessage) -> None:
         self.dropped += 1

@@ -25,7 +25,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from ..config_schema import BrokerConfig
 from ..errors import EdgeAgentError
 from ..link import Backoff
-from .outbox import Keep, MemoryOutbox, Outbox, OutMessage
+from .outbox import Keep, MemoryOutbox, Outbox, OutboxCorrupt, OutMessage
 from .paho_loop import guarded
 from .payload import dumps, now_iso, with_seq
 
@@ -191,6 +191,8 @@ class Sender:
             await asyncio.sleep(backoff.remaining() or backoff.minimum)
             try:
                 self._retry_pending()
+            except OutboxCorrupt:
+                raise  # no retry mends a malformed file: the supervisor ends the process
             except EdgeAgentError as err:
                 backoff.failed(str(err))
                 continue
@@ -223,6 +225,22 @@ class Sender:
                 reason=body.get("reason"),
             )
             self._put(topic, with_seq(body), qos, False, keep, key)
+        self._tell_outbox_notices()
+
+    def _tell_outbox_notices(self) -> None:
+        # Rows the outbox set aside or salvaged: the line hears of each as an event.
+        for notice in self.outbox.take_notices():
+            fields = {k: v for k, v in notice.items() if v is not None}
+            fields["quarantined_total"] = self.outbox.quarantined
+            self.publish(
+                "events",
+                {
+                    "schema": "edge-agent/event/1",
+                    "gateway_id": self.gateway_id,
+                    "time": now_iso(),
+                    **fields,
+                },
+            )
 
     @property
     def oldest_age(self) -> float:
@@ -265,6 +283,7 @@ class Sender:
                 self._send_replay(room)
             else:
                 self._send_in_order(room)
+            self._tell_outbox_notices()
 
     def _send_replay(self, room: int) -> None:
         """Replay what was queued before this connection, oldest first, paced by PUBACKs.

@@ -111,14 +111,6 @@ def test_second_agent_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
     box.close()
 
 
-def test_a_file_that_is_not_an_outbox_is_not_replaced(tmp_path: Path) -> None:
-    path = tmp_path / "o.db"
-    path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(OutboxError, match="move it aside"):
-        SqliteOutbox(path)
-    assert path.read_bytes().startswith(b"this is not sqlite")
-
-
 def test_the_file_is_in_wal_mode(tmp_path: Path) -> None:
     SqliteOutbox(tmp_path / "o.db").close()
     db = sqlite3.connect(tmp_path / "o.db")
