@@ -19,8 +19,7 @@ import contextlib
 import functools
 import os
 import socket
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, Self
 
 import structlog
@@ -36,10 +35,10 @@ from . import codec
 from .driver import (
     MachineDriver,
     RawValue,
+    Wait,
     check_profile_constants,
+    point_named,
     points_of,
-    show_value,
-    values_equal,
 )
 from .modbus_plan import (
     BIT_TABLES,
@@ -178,24 +177,7 @@ _READ_FUNCTION: dict[Table, str] = {
     "discrete": "read_discrete_inputs",
 }
 
-_Call = Callable[[AsyncModbusTcpClient, Request, Any, int], Awaitable[ModbusPDU]]
-#: Each function by name, as a call on pymodbus's client: (client, request, payload, unit id).
-_CALL: dict[str, _Call] = {
-    "read_holding_registers": lambda c, r, _, u: c.read_holding_registers(
-        r.address, count=r.count, device_id=u
-    ),
-    "read_input_registers": lambda c, r, _, u: c.read_input_registers(
-        r.address, count=r.count, device_id=u
-    ),
-    "read_coils": lambda c, r, _, u: c.read_coils(r.address, count=r.count, device_id=u),
-    "read_discrete_inputs": lambda c, r, _, u: c.read_discrete_inputs(
-        r.address, count=r.count, device_id=u
-    ),
-    "write_registers": lambda c, r, p, u: c.write_registers(r.address, p, device_id=u),
-    "write_coils": lambda c, r, p, u: c.write_coils(r.address, p, device_id=u),
-    "write_coil": lambda c, r, p, u: c.write_coil(r.address, p[0], device_id=u),
-}
-
+_EXCEPTION_NAMES = {c.value: c.name for c in ExcCodes}
 # The device is there but busy: worth another try later, unlike e.g. ILLEGAL_ADDRESS.
 _TRANSIENT_CODES = {
     ExcCodes.ACKNOWLEDGE,
@@ -297,10 +279,7 @@ class ModbusDriver(MachineDriver):
     # -- encoding -----------------------------------------------------------------------------
 
     def _point(self, name: str) -> ModbusPoint:
-        try:
-            return self._points[name]
-        except KeyError:
-            raise ValueError(f"{name}: no such point in profile {self.profile.name}") from None
+        return point_named(self._points, name, self.profile)
 
     def encode(self, point: str, value: Any) -> RawValue:
         p = self._point(point)
@@ -376,19 +355,11 @@ class ModbusDriver(MachineDriver):
         return {n: out[n] for n in points}  # each name once, in the order first asked
 
     async def wait_until(self, point: str, expected: Any, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = (await self.read([point]))[point]
-            if values_equal(value, expected):
+        wait = Wait(self.device, point, expected, timeout)
+        while True:  # Modbus has no notifications: poll
+            if wait.met((await self.read([point]))[point]):
                 return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise MachineFault(
-                    f"{point} did not become {show_value(expected)} within {float(timeout)} s "
-                    f"(last value {show_value(value)})",
-                    device=self.device,
-                )
-            await asyncio.sleep(min(self.settings.poll_interval, remaining))
+            await asyncio.sleep(min(self.settings.poll_interval, wait.remaining()))
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -417,8 +388,14 @@ class ModbusDriver(MachineDriver):
 
         lost.add_done_callback(on_lost)
         failure: BaseException | None = None
+        response: ModbusPDU
         try:
-            response = await _CALL[function](client, req, payload, self.settings.unit_id)
+            call = getattr(client, function)  # pymodbus's methods carry the functions' names
+            if payload is None:
+                response = await call(req.address, count=req.count, device_id=self.settings.unit_id)
+            else:
+                value = payload[0] if function == "write_coil" else payload
+                response = await call(req.address, value, device_id=self.settings.unit_id)
         except (asyncio.CancelledError, ModbusException) as err:
             failure = err
         finally:
@@ -428,10 +405,7 @@ class ModbusDriver(MachineDriver):
             await self._fail(self._where(function, req), failure, cut=cut, task=current)
         if response.isError():
             code = response.exception_code
-            try:
-                label = ExcCodes(code).name
-            except ValueError:
-                label = "UNKNOWN_EXCEPTION"
+            label = _EXCEPTION_NAMES.get(code, "UNKNOWN_EXCEPTION")
             message = f"{self._where(function, req)}: device answered {label} (Modbus exception code {code})"
             if code in _TRANSIENT_CODES:
                 raise MachineError(message, device=self.device, retryable=True)
