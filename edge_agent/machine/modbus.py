@@ -168,8 +168,7 @@ def create(settings: ModbusSettings | Mapping[str, Any], profile: Profile) -> Mo
     return driver
 
 
-_MAX_PLANS = 256  # point sets whose requests are kept planned
-
+_MAX_PLANS = 256  # point sets whose requests are kept planned (a read command may name any)
 _READ_FUNCTION: dict[Table, str] = {
     "holding": "read_holding_registers",
     "input": "read_input_registers",
@@ -273,8 +272,7 @@ class ModbusDriver(MachineDriver):
 
     async def close(self) -> None:
         self._link.stop()
-        with contextlib.suppress(Exception):  # never raises, whatever state the client is in
-            await self._drop()
+        await self._drop()  # never raises, whatever state the client is in
 
     # -- encoding -----------------------------------------------------------------------------
 
@@ -291,8 +289,7 @@ class ModbusDriver(MachineDriver):
         return bool(raw) if isinstance(raw, bool) else [int(w) for w in raw]
 
     def _planned(self, key: tuple[Any, ...], plan: Callable[[], list[Request]]) -> list[Request]:
-        # A station asks for the same point sets every cycle: plan each set once. Commands may ask
-        # for any set: the cache is bounded.
+        # Each point set is planned once (a station asks for the same ones every cycle), within a bound.
         requests = self._plans.get(key)
         if requests is None:
             if len(self._plans) >= _MAX_PLANS:
