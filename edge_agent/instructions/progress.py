@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Sequence
 
@@ -99,6 +100,7 @@ def slot_payload(cbor: bytes, size: int) -> bytes:
     return zlib.crc32(data).to_bytes(CRC_SIZE, "big") + data
 
 
+@functools.lru_cache(maxsize=64)  # every tag read asks it for its traveler's step count
 def full_progress_size(step_count: int, station_chars: int = SIZING_STATION_CHARS) -> int:
     """Slot payload bytes needed for a record on every step, worst-case seq and times."""
     worst = StepRecord(StepStatus.FAILED, "x" * station_chars, MAX_TIME)

@@ -16,6 +16,7 @@ gives the shortest decimal that encodes to the same raw number, so encode(decode
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -170,10 +171,13 @@ def to_raw(fmt: Format, value: Any, name: str) -> int | float:
     """The raw number for an engineering value (integers rounded half away from zero)."""
     number = _number(value, name, fmt.type)
     if fmt.type in INT_RANGES:
-        # Decimal arithmetic on the numbers as written: 12.35 / 0.1 is 123.5 (in binary floats
-        # 123.4999...), which rounds half away from zero to 124 as a person expects.
-        exact = (_dec(number) - _dec(fmt.offset)) / _dec(fmt.scale)
-        raw = int(exact.to_integral_value(rounding=ROUND_HALF_UP))
+        if type(number) is int and fmt.scale == 1.0 and fmt.offset == 0.0:
+            raw = number  # the common case, exact without Decimal
+        else:
+            # Decimal arithmetic on the numbers as written: 12.35 / 0.1 is 123.5 (in binary floats
+            # 123.4999...), which rounds half away from zero to 124 as a person expects.
+            exact = (_dec(number) - _dec_of(fmt.offset)) / _dec_of(fmt.scale)
+            raw = int(exact.to_integral_value(rounding=ROUND_HALF_UP))
         lo, hi = INT_RANGES[fmt.type]
         if not lo <= raw <= hi:
             raise ValueError(f"{name}: {value} does not fit {_describe(fmt)}")
@@ -207,6 +211,12 @@ def _dec(x: float | int) -> Decimal:
     return Decimal(x) if isinstance(x, int) else Decimal(repr(x))
 
 
+_dec_of = functools.lru_cache(maxsize=256, typed=True)(
+    _dec
+)  # a point's scale and offset: a few per profile
+
+
+@functools.lru_cache(maxsize=256, typed=True)
 def _decimals(x: float) -> int:
     exponent = Decimal(repr(x)).as_tuple().exponent
     return -exponent if isinstance(exponent, int) and exponent < 0 else 0
@@ -293,6 +303,8 @@ def _encode_string(fmt: Format, value: Any, name: str) -> list[int]:
 
 
 def _arrange(fmt: Format, data: bytes) -> list[int]:
+    if fmt.byte_order == "big" and (fmt.word_order == "big" or fmt.type is PointType.STRING):
+        return list(struct.unpack(f">{len(data) // 2}H", data))
     words = [data[i : i + 2] for i in range(0, len(data), 2)]
     if fmt.word_order == "little" and fmt.type is not PointType.STRING:
         words.reverse()
@@ -302,6 +314,11 @@ def _arrange(fmt: Format, data: bytes) -> list[int]:
 
 
 def _unarrange(fmt: Format, registers: Sequence[int], name: str) -> bytes:
+    if fmt.byte_order == "big" and (fmt.word_order == "big" or fmt.type is PointType.STRING):
+        try:
+            return struct.pack(f">{len(registers)}H", *registers)
+        except (struct.error, TypeError):
+            pass  # not 16-bit words: said below
     words = []
     for r in registers:
         if not 0 <= r <= 0xFFFF:

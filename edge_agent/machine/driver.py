@@ -8,11 +8,12 @@ profile (type, scale, limits) before the first byte goes to the machine.
 from __future__ import annotations
 
 import math
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from ..errors import ConfigError, ConfigProblem
+from ..errors import ConfigError, ConfigProblem, MachineFault
 from .profile import Profile
 from .profile_schema import BasePoint
 from .steps import WritePoint
@@ -101,6 +102,14 @@ def points_of(profile: Profile, kind: type[Point]) -> dict[str, Point]:
     return points
 
 
+def point_named(points: Mapping[str, Point], name: str, profile: Profile) -> Point:
+    """``points[name]``; ValueError naming the profile when it has no point of that name."""
+    try:
+        return points[name]
+    except KeyError:
+        raise ValueError(f"{name}: no such point in profile {profile.name}") from None
+
+
 def check_profile_constants(driver: MachineDriver, profile: Profile) -> None:
     """Encode every value the profile itself supplies (handshake values, program numbers,
     parameter defaults) now, so that a bad one stops the agent at start instead of failing a
@@ -156,3 +165,35 @@ def show_value(value: Any) -> str:
     if isinstance(value, str):
         return repr(value)
     return str(value)
+
+
+class Wait:
+    """One ``wait_until``: the value it waits for, the value last seen and the time left.
+
+    Drivers differ in how they learn a new value (Modbus polls, OPC UA is notified); the test of
+    a value and the timeout, with its message, are the same for all.
+    """
+
+    def __init__(self, device: str, point: str, expected: Any, timeout: float) -> None:
+        self.device, self.point, self.expected, self.timeout = device, point, expected, timeout
+        self.deadline = time.monotonic() + timeout
+        self.last: Any = None
+
+    def met(self, value: Any) -> bool:
+        """Is ``value``, just read or notified, the one waited for?"""
+        self.last = value
+        return values_equal(value, self.expected)
+
+    def remaining(self) -> float:
+        """Seconds left; MachineFault naming the point and the last value seen once none are."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise MachineFault(
+                f"{self.point} did not become {show_value(self.expected)} within "
+                f"{float(self.timeout)} s (last value {show_value(self.last)})",
+                device=self.device,
+            )
+        return left
+
+    def __str__(self) -> str:
+        return f"{self.point} to become {show_value(self.expected)}"

@@ -19,8 +19,7 @@ import contextlib
 import functools
 import os
 import socket
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, Self
 
 import structlog
@@ -36,10 +35,10 @@ from . import codec
 from .driver import (
     MachineDriver,
     RawValue,
+    Wait,
     check_profile_constants,
+    point_named,
     points_of,
-    show_value,
-    values_equal,
 )
 from .modbus_plan import (
     BIT_TABLES,
@@ -170,6 +169,7 @@ def create(settings: ModbusSettings | Mapping[str, Any], profile: Profile) -> Mo
     return driver
 
 
+_MAX_PLANS = 256  # point sets whose requests are kept planned (a read command may name any)
 _READ_FUNCTION: dict[Table, str] = {
     "holding": "read_holding_registers",
     "input": "read_input_registers",
@@ -177,6 +177,7 @@ _READ_FUNCTION: dict[Table, str] = {
     "discrete": "read_discrete_inputs",
 }
 
+_EXCEPTION_NAMES = {c.value: c.name for c in ExcCodes}
 # The device is there but busy: worth another try later, unlike e.g. ILLEGAL_ADDRESS.
 _TRANSIENT_CODES = {
     ExcCodes.ACKNOWLEDGE,
@@ -195,6 +196,7 @@ class ModbusDriver(MachineDriver):
         self.device = f"modbus {settings.host}:{settings.port} unit {settings.unit_id}"
         self._points = points_of(profile, ModbusPoint)
         self._formats = {n: p.register_format() for n, p in self._points.items()}
+        self._spans = {n: Span(n, p.table, p.address, p.registers) for n, p in self._points.items()}
         self._plans: dict[tuple[Any, ...], list[Request]] = {}
         self._client: AsyncModbusTcpClient | None = None
         self._lost: asyncio.Future[None] | None = None  # resolved when the peer drops us
@@ -271,16 +273,12 @@ class ModbusDriver(MachineDriver):
 
     async def close(self) -> None:
         self._link.stop()
-        with contextlib.suppress(Exception):  # never raises, whatever state the client is in
-            await self._drop()
+        await self._drop()  # never raises, whatever state the client is in
 
     # -- encoding -----------------------------------------------------------------------------
 
     def _point(self, name: str) -> ModbusPoint:
-        try:
-            return self._points[name]
-        except KeyError:
-            raise ValueError(f"{name}: no such point in profile {self.profile.name}") from None
+        return point_named(self._points, name, self.profile)
 
     def encode(self, point: str, value: Any) -> RawValue:
         p = self._point(point)
@@ -292,76 +290,56 @@ class ModbusDriver(MachineDriver):
         return bool(raw) if isinstance(raw, bool) else [int(w) for w in raw]
 
     def _planned(self, key: tuple[Any, ...], plan: Callable[[], list[Request]]) -> list[Request]:
-        # A station asks for the same point sets every cycle: plan each set once.
+        # Each point set is planned once (a station asks for the same ones every cycle), within a bound.
         requests = self._plans.get(key)
         if requests is None:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
             requests = self._plans[key] = plan()
         return requests
 
     def _span(self, name: str) -> Span:
-        p = self._point(name)
-        return Span(name, p.table, p.address, p.registers)
+        self._point(name)  # the error for an unknown name
+        return self._spans[name]
 
     # -- I/O ----------------------------------------------------------------------------------
 
     async def write(self, values: Mapping[str, RawValue]) -> None:
-        spans = []
         for name, raw in values.items():
             p = self._point(name)
             if not p.writable:
                 raise ValueError(f"{name}: {p.table} {p.address} is read-only")
-            self._check_raw(name, p, raw)
-            spans.append(self._span(name))
-        for req in self._planned(("w", *values), lambda: plan_writes(spans)):
+            _check_raw(self._spans[name], raw)
+        for req in self._planned(("w", *values), lambda: plan_writes(map(self._span, values))):
             if req.table == "coil":
                 bits = [bool(values[s.name]) for s in req.spans]
-                if len(bits) == 1:
-                    await self._execute("write_coil", req, bits)
-                else:
-                    await self._execute("write_coils", req, bits)
+                await self._execute("write_coil" if len(bits) == 1 else "write_coils", req, bits)
             else:
                 words = [w for s in req.spans for w in values[s.name]]
                 await self._execute("write_registers", req, words)
 
-    def _check_raw(self, name: str, p: ModbusPoint, raw: RawValue) -> None:
-        # The wire form comes from encode(); refuse anything else rather than guess.
-        if p.table in BIT_TABLES:
-            if not isinstance(raw, bool):
-                raise ValueError(f"{name}: wire value {raw!r} for a {p.table} must be a bool")
-            return
-        ok = (
-            isinstance(raw, list | tuple)
-            and len(raw) == p.registers
-            and all(
-                isinstance(w, int) and not isinstance(w, bool) and 0 <= w <= 0xFFFF for w in raw
-            )
-        )
-        if not ok:
-            raise ValueError(f"{name}: wire value {raw!r} is not {p.registers} register word(s)")
-
     async def read(self, points: Sequence[str], *, max_gap: int | None = None) -> dict[str, Any]:
         """``max_gap``: unused addresses a request may bridge (default: the connection's setting);
         telemetry groups pass the gap their profile declares for that memory area."""
-        names = list(dict.fromkeys(points))
         out: dict[str, Any] = {}
         gap = self.settings.max_gap if max_gap is None else max_gap
         plan = self._planned(
-            ("r", gap, *names), lambda: plan_reads([self._span(n) for n in names], max_gap=gap)
+            ("r", gap, *points),
+            lambda: plan_reads(map(self._span, dict.fromkeys(points)), max_gap=gap),
         )
         for req in plan:
             function = _READ_FUNCTION[req.table]
             response = await self._execute(function, req, None)
-            data: list[Any] = (
-                list(response.bits) if req.table in BIT_TABLES else list(response.registers)
-            )
+            bits = req.table in BIT_TABLES
+            data: Sequence[Any] = response.bits if bits else response.registers
             if len(data) < req.count:
                 raise MachineFault(
                     f"{self._where(function, req)}: short response, {len(data)} of {req.count}",
                     device=self.device,
                 )
             for span in req.spans:
-                at = req.offset(span)
-                if req.table in BIT_TABLES:
+                at = span.address - req.address
+                if bits:
                     out[span.name] = bool(data[at])
                     continue
                 try:
@@ -372,50 +350,20 @@ class ModbusDriver(MachineDriver):
                     raise MachineFault(
                         f"{self._where(function, req)}: {err}", device=self.device
                     ) from err
-        return {n: out[n] for n in names}
+        return {n: out[n] for n in points}  # each name once, in the order first asked
 
     async def wait_until(self, point: str, expected: Any, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = (await self.read([point]))[point]
-            if values_equal(value, expected):
+        wait = Wait(self.device, point, expected, timeout)
+        while True:  # Modbus has no notifications: poll
+            if wait.met((await self.read([point]))[point]):
                 return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise MachineFault(
-                    f"{point} did not become {show_value(expected)} within {float(timeout)} s "
-                    f"(last value {show_value(value)})",
-                    device=self.device,
-                )
-            await asyncio.sleep(min(self.settings.poll_interval, remaining))
+            await asyncio.sleep(min(self.settings.poll_interval, wait.remaining()))
 
     # -- requests -----------------------------------------------------------------------------
 
     def _where(self, function: str, req: Request) -> str:
         names = ", ".join(s.name for s in req.spans)
         return f"{function} address {req.address} count {req.count} ({names})"
-
-    def _request(
-        self, client: AsyncModbusTcpClient, function: str, req: Request, payload: list[Any] | None
-    ) -> Awaitable[ModbusPDU]:
-        unit = self.settings.unit_id
-        a, n = req.address, req.count
-        if function == "read_holding_registers":
-            return client.read_holding_registers(a, count=n, device_id=unit)
-        if function == "read_input_registers":
-            return client.read_input_registers(a, count=n, device_id=unit)
-        if function == "read_coils":
-            return client.read_coils(a, count=n, device_id=unit)
-        if function == "read_discrete_inputs":
-            return client.read_discrete_inputs(a, count=n, device_id=unit)
-        assert payload is not None
-        if function == "write_registers":
-            return client.write_registers(a, payload, device_id=unit)
-        if function == "write_coils":
-            return client.write_coils(a, payload, device_id=unit)
-        if function == "write_coil":
-            return client.write_coil(a, payload[0], device_id=unit)
-        raise AssertionError(function)
 
     async def _execute(self, function: str, req: Request, payload: list[Any] | None) -> ModbusPDU:
         if not self.connected:
@@ -438,8 +386,14 @@ class ModbusDriver(MachineDriver):
 
         lost.add_done_callback(on_lost)
         failure: BaseException | None = None
+        response: ModbusPDU
         try:
-            response = await self._request(client, function, req, payload)
+            call = getattr(client, function)  # pymodbus's methods carry the functions' names
+            if payload is None:
+                response = await call(req.address, count=req.count, device_id=self.settings.unit_id)
+            else:
+                value = payload[0] if function == "write_coil" else payload
+                response = await call(req.address, value, device_id=self.settings.unit_id)
         except (asyncio.CancelledError, ModbusException) as err:
             failure = err
         finally:
@@ -449,10 +403,7 @@ class ModbusDriver(MachineDriver):
             await self._fail(self._where(function, req), failure, cut=cut, task=current)
         if response.isError():
             code = response.exception_code
-            try:
-                label = ExcCodes(code).name
-            except ValueError:
-                label = "UNKNOWN_EXCEPTION"
+            label = _EXCEPTION_NAMES.get(code, "UNKNOWN_EXCEPTION")
             message = f"{self._where(function, req)}: device answered {label} (Modbus exception code {code})"
             if code in _TRANSIENT_CODES:
                 raise MachineError(message, device=self.device, retryable=True)
@@ -480,3 +431,18 @@ class ModbusDriver(MachineDriver):
         if isinstance(err, ConnectionException):
             raise MachineError(f"{where}: not connected", device=self.device) from err
         raise MachineError(f"{where}: {err}", device=self.device) from err
+
+
+def _check_raw(span: Span, raw: RawValue) -> None:
+    # The wire form comes from encode(); refuse anything else rather than guess.
+    if span.table in BIT_TABLES:
+        if not isinstance(raw, bool):
+            raise ValueError(f"{span.name}: wire value {raw!r} for a {span.table} must be a bool")
+        return
+    ok = (
+        isinstance(raw, list | tuple)
+        and len(raw) == span.count
+        and all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w <= 0xFFFF for w in raw)
+    )
+    if not ok:
+        raise ValueError(f"{span.name}: wire value {raw!r} is not {span.count} register word(s)")

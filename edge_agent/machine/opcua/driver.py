@@ -39,7 +39,7 @@ from asyncua import Client, ua
 from ...errors import MachineError, MachineFault, MachineRefused
 from ...link import Link, LinkWaiting
 from .. import codec
-from ..driver import MachineDriver, RawValue, points_of, show_value, values_equal
+from ..driver import MachineDriver, RawValue, Wait, point_named, points_of
 from ..profile import PointType, Profile
 from ..steps import CallMethod, WaitFor
 from .address_space import VARIANT, AddressSpace, _Method, _read, _split_call, _usage
@@ -203,10 +203,7 @@ class OpcUaDriver(SecureChannel, AddressSpace, Subscriptions, MachineDriver):
     # -- encoding -----------------------------------------------------------------------------
 
     def _point(self, name: str) -> OpcUaPoint:
-        try:
-            return self._points[name]
-        except KeyError:
-            raise ValueError(f"{name}: no such point in profile {self.profile.name}") from None
+        return point_named(self._points, name, self.profile)
 
     def encode(self, point: str, value: Any) -> RawValue:
         p = self._point(point)
@@ -308,25 +305,17 @@ class OpcUaDriver(SecureChannel, AddressSpace, Subscriptions, MachineDriver):
             raise ValueError(f"{point}: only points named in a 'wait' step can be waited for")
         await self._ready()
         lost = self._lost
-        deadline = time.monotonic() + timeout
+        wait = Wait(self.device, point, expected, timeout)
         seen = self._seq.get(point, 0)
         while True:
             tick = self._tick
-            value = self._values.get(point)
-            if values_equal(value, expected):
+            if wait.met(self._values.get(point)):
                 if self._seq.get(point, 0) != seen:
                     return  # notified during this wait: the server's value now
                 # Known from before the wait: a change may still be on its way, so confirm it.
-                value = (await self.read([point]))[point]
-                if values_equal(value, expected):
+                if wait.met((await self.read([point]))[point]):
                     return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise MachineFault(
-                    f"{point} did not become {show_value(expected)} within {float(timeout)} s "
-                    f"(last value {show_value(value)})",
-                    device=self.device,
-                )
+            remaining = wait.remaining()
             waiters = {asyncio.ensure_future(tick.wait()), asyncio.ensure_future(lost.wait())}
             try:
                 await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
@@ -334,10 +323,7 @@ class OpcUaDriver(SecureChannel, AddressSpace, Subscriptions, MachineDriver):
                 for w in waiters:
                     w.cancel()
             if lost.is_set():
-                raise MachineError(
-                    f"connection lost while waiting for {point} to become {show_value(expected)}",
-                    device=self.device,
-                )
+                raise MachineError(f"connection lost while waiting for {wait}", device=self.device)
 
     async def call(self, method: str, args: Sequence[RawValue]) -> list[Any]:
         """Call the method ``method`` (as the profile names it) and return its output arguments."""

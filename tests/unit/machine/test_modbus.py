@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import socket
 import time
@@ -14,6 +15,7 @@ import pytest
 import pytest_asyncio
 
 from edge_agent.errors import ConfigError, MachineError, MachineFault
+from edge_agent.machine import modbus
 from edge_agent.machine.modbus import ModbusDriver, ModbusSettings, create
 from edge_agent.machine.profile import Profile, load_profile
 from edge_agent.sim.reference_plc import ReferencePlc
@@ -210,6 +212,26 @@ async def test_read_results_merges_contiguous_points(
     assert await bridging.read(results) == values
     assert reference_plc.requests == {FC_READ_INPUT: 1}
     await bridging.close()
+
+
+async def test_requests_are_planned_once_per_point_set_within_a_bound(
+    driver: ModbusDriver, reference_plc: ReferencePlc, profile: Profile
+) -> None:
+    # A `read` command may name any points in any order: the plans kept must not grow with them.
+    reference_plc.poke("holding", 0, [1000])
+    reference_plc.poke("holding", 7, [4])
+    assert await driver.read(["tool", "spindle_speed", "tool"]) == {
+        "tool": 4,
+        "spindle_speed": 1000,
+    }
+    assert list(await driver.read(["tool", "spindle_speed", "tool"])) == ["tool", "spindle_speed"]
+    names = [
+        n for n, p in profile.points.items() if getattr(p, "table", "") in ("holding", "input")
+    ]
+    sets = list(itertools.permutations(names, 2))[: modbus._MAX_PLANS + 50]
+    for pair in sets:
+        assert list(await driver.read(pair)) == list(pair)
+    assert len(driver._plans) <= modbus._MAX_PLANS
 
 
 async def test_max_gap_bridges_unused_registers(
