@@ -11,6 +11,7 @@ registers under another name, belong to the cycle and are never written from the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -30,6 +31,9 @@ from .command_params import (
 )
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+#: Seconds a read waits for the station cycle in the machine to end before it reads beside it.
+READ_WAIT = 1.0
 
 
 class StationControl(Protocol):
@@ -109,6 +113,7 @@ class CommandHandlers:
 
     async def _read(self, params: dict[str, Any]) -> Any:
         p = parse_params(ReadParams, params)
+        await self._between_cycles()
         profile = self.station.profile
         unknown = [n for n in p.points if n not in profile.points]
         if unknown:
@@ -118,6 +123,16 @@ class CommandHandlers:
             "values": {n: jsonable(v) for n, v in values.items()},
             "time": iso(time.time()),
         }
+
+    async def _between_cycles(self) -> None:
+        """Wait (at most READ_WAIT) for the station cycle holding the machine to end: a read sent
+        into a cycle holds up the cycle's next request by a round trip, one sent as it ends
+        overlaps with the next part's tag and checks. A longer cycle is read beside."""
+        lock = self.station.machine_lock
+        if lock.locked():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(READ_WAIT), lock:
+                    pass
 
     async def _write(self, params: dict[str, Any]) -> Any:
         p = parse_params(WriteParams, params)

@@ -32,7 +32,7 @@ from ..errors import ConfigError, MachineError
 from ..messages import iso
 from .command_handlers import CommandHandlers, StationControl, handshake_points
 from .command_params import CommandError, Envelope, first_error
-from .intake import ReplyCache, nesting_exceeds, response_topic_allowed
+from .intake import ReplyCache, leading_correlation_id, nesting_exceeds, response_topic_allowed
 
 __all__ = ["COMMANDS", "CommandError", "Commands", "StationControl", "handshake_points"]
 
@@ -45,6 +45,8 @@ Publish = Callable[[str, dict[str, Any], int], object]
 #: (MQTT 5 response topic, reply, correlation data or None) -> queued
 Respond = Callable[[str, dict[str, Any], bytes | None], object]
 
+#: Commands that change nothing: logged at DEBUG when they succeed.
+_READ_ONLY = frozenset({"status", "read"})
 #: Commands that wait for the cycle in the machine (they swap the profile between cycles).
 _WAIT_FOR_CYCLE = frozenset({"reload", "push_profile", "rollback_profile"})
 #: While a cycle runs, commands are taken at most one per this many seconds: each costs the
@@ -145,6 +147,9 @@ class Commands:
     ) -> _Request | None:
         """The checks that cost nothing to the machine. None when already answered."""
         request = _Request(name, time.perf_counter(), _correlation_data(properties), answer=answer)
+        full = self._queue.qsize() >= self.config.queue
+        if full and self._refused_early(request, payload, properties):
+            return None
         try:
             self._parse(request, payload)
             topic = getattr(properties, "ResponseTopic", None)
@@ -171,20 +176,41 @@ class Commands:
         except CommandError as err:
             self._send(request, self._reply(request, error=err))
             return None
+        return None if self._answered_before(request) else request
+
+    def _refused_early(self, request: _Request, payload: bytes, properties: Any) -> bool:
+        """The queue is full: answer ``busy`` without parsing, the id read off the payload's start
+        (a flood must cost little per message). False when the message needs the full screen:
+        another answer than busy may be due (unknown, not allowed, too large, a response topic
+        to check) or its id is not where a quick look finds it."""
+        name = request.name
+        if name not in self._handlers or name not in self.allowed:
+            return False
+        if len(payload) > self.config.max_payload or getattr(properties, "ResponseTopic", None):
+            return False
+        correlation = leading_correlation_id(payload)
+        if correlation is None:
+            return False
+        request.correlation = correlation
+        if not self._answered_before(request):
+            self._busy(request)
+        return True
+
+    def _answered_before(self, request: _Request) -> bool:
         seen = self._replies.lookup(request.key)
-        if seen is not None:
-            # The same command again (a retry, a redelivery): it ran or runs once; same answer.
-            log.info(
-                "command repeated: answered from memory",
-                command=name,
-                correlation_id=request.correlation,
-            )
-            if seen.reply is not None:
-                self._send(request, {**seen.reply, "repeated": True})
-            else:
-                seen.again = True
-            return None
-        return request
+        if seen is None:
+            return False
+        # The same command again (a retry, a redelivery): it ran or runs once; same answer.
+        log.info(
+            "command repeated: answered from memory",
+            command=request.name,
+            correlation_id=request.correlation,
+        )
+        if seen.reply is not None:
+            self._send(request, {**seen.reply, "repeated": True})
+        else:
+            seen.again = True
+        return True
 
     def _parse(self, request: _Request, payload: bytes) -> None:
         limit = self.config.max_payload
@@ -222,23 +248,26 @@ class Commands:
                 )
             self._worker = asyncio.create_task(self._work(), name="commands")
         if self._queue.qsize() >= self.config.queue:
-            # A flood: each refusal must cost little; one log line a minute, not one each.
-            self._refused_busy += 1
-            now = time.monotonic()
-            if now - self._busy_logged_at >= 60:
-                log.warning(
-                    "command queue full: refusing commands",
-                    queue=self.config.queue,
-                    refused=self._refused_busy,
-                )
-                self._busy_logged_at, self._refused_busy = now, 0
-            error = CommandError(
-                "busy", f"{self.config.queue} commands are waiting (commands.queue); not queued"
-            )
-            self._send(request, self._reply(request, error=error, quiet=True))
+            self._busy(request)
             return
         self._replies.start(request.key)
         self._queue.put_nowait(request)
+
+    def _busy(self, request: _Request) -> None:
+        # A flood: each refusal must cost little; one log line a minute, not one each.
+        self._refused_busy += 1
+        now = time.monotonic()
+        if now - self._busy_logged_at >= 60:
+            log.warning(
+                "command queue full: refusing commands",
+                queue=self.config.queue,
+                refused=self._refused_busy,
+            )
+            self._busy_logged_at, self._refused_busy = now, 0
+        error = CommandError(
+            "busy", f"{self.config.queue} commands are waiting (commands.queue); not queued"
+        )
+        self._send(request, self._reply(request, error=error, quiet=True))
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Answer the commands queued or running (bounded), at shutdown."""
@@ -316,7 +345,10 @@ class Commands:
         reply["duration_ms"] = round((time.perf_counter() - request.t0) * 1000, 3)
         if quiet:
             return reply
-        level = log.info if reply["ok"] else log.warning
+        # Commands that change nothing (status, read) are routine: a line may poll with them.
+        level = log.debug if request.name in _READ_ONLY else log.info
+        if not reply["ok"]:
+            level = log.warning
         level(
             "command",
             command=request.name,
