@@ -192,6 +192,7 @@ class Commands:
         if correlation is None:
             return False
         request.correlation = correlation
+        self._ensure_worker()  # a full queue with no worker would answer busy for ever
         if not self._answered_before(request):
             self._busy(request)
         return True
@@ -241,17 +242,20 @@ class Commands:
         request.correlation, request.params = envelope.correlation_id, envelope.params
 
     def _enqueue(self, request: _Request) -> None:
+        self._ensure_worker()
+        if self._queue.qsize() >= self.config.queue:
+            self._busy(request)
+            return
+        self._replies.start(request.key)
+        self._queue.put_nowait(request)
+
+    def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
             if self._worker is not None and not self._worker.cancelled():
                 log.error(
                     "command worker ended; restarting it", error=str(self._worker.exception())
                 )
             self._worker = asyncio.create_task(self._work(), name="commands")
-        if self._queue.qsize() >= self.config.queue:
-            self._busy(request)
-            return
-        self._replies.start(request.key)
-        self._queue.put_nowait(request)
 
     def _busy(self, request: _Request) -> None:
         # A flood: each refusal must cost little; one log line a minute, not one each.

@@ -279,6 +279,36 @@ async def test_a_full_queue_answers_busy_before_parsing_and_still_answers_each_o
     assert (await station.reports.get()).status == "ok"
 
 
+async def test_a_worker_that_ended_is_started_again_by_the_next_command_into_a_full_queue(
+    station: Station, line: Line, reference_plc: ReferencePlc, recorder: MqttRecorder
+) -> None:
+    reference_plc.done_delay = 0.6
+    station.reader.present(station.tag([Step("drill", DRILL, "st-20")]))
+    await in_cycle(station)
+    await line.send("read", json.dumps({"correlation_id": "r-1", "params": {"points": ["tool"]}}))
+    await asyncio.sleep(0.1)  # the worker holds the read until the cycle ends
+    await asyncio.to_thread(
+        paho.mqtt.publish.multiple,
+        [
+            ("edge/gw-test/cmd/status", json.dumps({"correlation_id": f"q-{n}"}), 1, False)
+            for n in range(20)
+        ],
+        hostname=line.broker.host,
+        port=line.broker.port,
+    )
+    await asyncio.sleep(0.1)
+    worker = station.agent.commands._worker
+    assert worker is not None
+    worker.cancel()  # the worker ends (a bug, a stray cancel) with the queue full
+    await asyncio.sleep(0.05)
+    await line.send("status", json.dumps({"correlation_id": "after-1"}))  # refused busy, early
+    replies = await recorder.wait_for("gw-test/reply/status", 21)
+    by_id = {r["correlation_id"]: r for r in replies}
+    assert error(by_id["after-1"]) == "busy"
+    assert all(by_id[f"q-{n}"]["ok"] for n in range(20)), "the queued commands were never run"
+    assert (await station.reports.get()).status == "ok"
+
+
 async def test_a_flood_of_commands_neither_starves_cycles_nor_goes_unanswered(
     tmp_path: Path, reference_plc: ReferencePlc
 ) -> None:
