@@ -10,7 +10,9 @@ cycles (tag event -> cycle report) with no commands and N more while a separate 
 process (``--flood-nice``: on a plant it is another machine) publishes commands at ``--rate`` per
 second (QoS 1; read 50 %, status 40 %, write 10 %) and counts the replies by error code. The two
 kinds of cycles alternate in ``--rounds`` (the flood paused by SIGUSR1 in between), so other
-load on the machine weighs on both alike. Printed: cycle p50/p99 both ways, their ratio, the part
+load on the machine weighs on both alike. Printed: the load average, cycle p50/p99 both ways,
+their ratio over all cycles and each round's ratio to the unloaded round before it (with their
+median: the figure to quote, as it holds against other load that comes and goes), the part
 of a cycle spent outside Modbus round trips (the agent's own share), the agent's CPU, and what
 the flood got (sent, answered, ok, refused busy).
 """
@@ -144,7 +146,19 @@ async def cycles(station: Any, tags: list[Any], own: list[float]) -> list[float]
     return times
 
 
+def _ratios(unloaded: list[float], flooded: list[float]) -> tuple[float, float]:
+    return (
+        statistics.median(flooded) / statistics.median(unloaded),
+        pct(flooded, 0.99) / pct(unloaded, 0.99),
+    )
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 async def main(n: int, rate: int, nagle: bool, nice: int, rounds: int) -> None:
+    load0 = _load()
     from edge_agent.instructions.model import Step
     from edge_agent.log import setup_logging
     from edge_agent.sim.broker import EmbeddedBroker, free_port, wait_listening
@@ -193,9 +207,11 @@ async def main(n: int, rate: int, nagle: bool, nice: int, rounds: int) -> None:
                 # SIGUSR1), so a change in the machine's other load hits both alike.
                 unloaded: list[float] = []
                 loaded: list[float] = []
+                ratios: list[tuple[float, float]] = []  # per round: (p50, p99) flooded/unloaded
                 cpu, wall = [0.0, 0.0], [0.0, 0.0]
                 own: tuple[list[float], list[float]] = ([], [])
                 per = n // rounds
+                previous: list[float] = []
                 for r in range(rounds):
                     for flooded in (False, True):
                         flooder.send_signal(signal.SIGUSR2 if flooded else signal.SIGUSR1)
@@ -206,6 +222,9 @@ async def main(n: int, rate: int, nagle: bool, nice: int, rounds: int) -> None:
                         cpu[flooded] += time.process_time() - cpu0
                         wall[flooded] += time.perf_counter() - t0
                         (loaded if flooded else unloaded).extend(times)
+                        if flooded:
+                            ratios.append(_ratios(previous, times))
+                        previous = times
                 window = wall[1]
                 cpu_unloaded, cpu_loaded = cpu[0] / wall[0], cpu[1] / wall[1]
                 flooder.send_signal(signal.SIGTERM)
@@ -227,6 +246,7 @@ async def main(n: int, rate: int, nagle: bool, nice: int, rounds: int) -> None:
             shutil.rmtree(logdir, ignore_errors=True)
 
     print(f"broker                  mosquitto, set_tcp_nodelay {'false' if nagle else 'true'}")
+    print(f"load average            {load0} before, {_load()} after")
     print(f"cycles                  {n} unloaded, {n} under the flood (after 20 warm-up)")
     u50, u99 = statistics.median(unloaded), pct(unloaded, 0.99)
     l50, l99 = statistics.median(loaded), pct(loaded, 0.99)
@@ -236,7 +256,12 @@ async def main(n: int, rate: int, nagle: bool, nice: int, rounds: int) -> None:
     print(
         f"under {rate} commands/s   p50 {l50:.2f} ms   p99 {l99:.2f} ms   max {max(loaded):.2f} ms"
     )
-    print(f"ratio p50 / p99         {l50 / u50:.2f} / {l99 / u99:.2f}")
+    print(f"ratio p50 / p99         {l50 / u50:.2f} / {l99 / u99:.2f} (all cycles)")
+    print(
+        f"ratio per round         p50 median {statistics.median(r[0] for r in ratios):.2f}, "
+        f"p99 median {statistics.median(r[1] for r in ratios):.2f} "
+        f"({', '.join(f'{r[1]:.2f}' for r in ratios)})"
+    )
     for label, values in (("unloaded", own[0]), ("flooded ", own[1])):
         print(
             f"  outside Modbus, {label} p50 {statistics.median(values):.2f} ms   "

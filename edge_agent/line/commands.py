@@ -10,10 +10,8 @@ correlation data stands in for a missing ``correlation_id``, and a command carry
 topic within ``commands.response_topics`` is answered there too (with its correlation data),
 besides ``reply/<name>``.
 
-Writes go through the same checks as a cycle's parameters (the profile's type, scaling and safe
-limits, judged on the value the machine will hold) and are refused while a station cycle holds
-the machine; points the handshake drives (trigger, program), and any point sharing their
-registers under another name, belong to the cycle and are never written from the line.
+What each command does is in ``line/command_handlers.py``, what its message must look like in
+``line/command_params.py``; this module is the way from a message to its one reply.
 """
 
 from __future__ import annotations
@@ -22,21 +20,21 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol, TypeVar, get_args
+from typing import Any, get_args
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import ValidationError
 
 from ..config_schema import CommandName, CommandsConfig
 from ..errors import ConfigError, MachineError
-from ..machine.driver import MachineDriver
-from ..machine.profile import Profile
-from ..machine.profile_signature import ProfileRefused
-from ..machine.values import Accepted, Refusal, Refused
-from ..messages import iso, jsonable
-from .intake import ReplyCache, nesting_exceeds, response_topic_allowed
+from ..messages import iso
+from .command_handlers import CommandHandlers, StationControl, handshake_points
+from .command_params import CommandError, Envelope, first_error
+from .intake import ReplyCache, leading_correlation_id, nesting_exceeds, response_topic_allowed
+
+__all__ = ["COMMANDS", "CommandError", "Commands", "StationControl", "handshake_points"]
 
 log = structlog.get_logger("commands")
 
@@ -47,76 +45,13 @@ Publish = Callable[[str, dict[str, Any], int], object]
 #: (MQTT 5 response topic, reply, correlation data or None) -> queued
 Respond = Callable[[str, dict[str, Any], bytes | None], object]
 
+#: Commands that change nothing: logged at DEBUG when they succeed.
+_READ_ONLY = frozenset({"status", "read"})
 #: Commands that wait for the cycle in the machine (they swap the profile between cycles).
 _WAIT_FOR_CYCLE = frozenset({"reload", "push_profile", "rollback_profile"})
 #: While a cycle runs, commands are taken at most one per this many seconds: each costs the
 #: event loop ~0.3 ms (receive, run, reply), and the cycle's own awaits must not queue behind them.
 _PACE = 0.005
-
-
-class StationControl(Protocol):
-    """What commands may do to the station (line/control.py's LineControl implements it)."""
-
-    @property
-    def profile(self) -> Profile: ...
-
-    @property
-    def driver(self) -> MachineDriver: ...
-
-    #: Held by a station cycle for its whole run, and by a write command for its write.
-    machine_lock: asyncio.Lock
-
-    def line_status(self) -> dict[str, Any]: ...
-
-    def pause(self) -> dict[str, Any]: ...
-
-    def resume(self) -> dict[str, Any]: ...
-
-    async def reload(self) -> dict[str, Any]: ...
-
-    async def push_profile(
-        self, text: str, origin: str, *, signature: str | None = None, rollback: bool = False
-    ) -> dict[str, Any]: ...
-
-    async def rollback_profile(self) -> dict[str, Any]: ...
-
-
-class CommandError(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        super().__init__(message)
-
-
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NoParams(_Params):
-    pass
-
-
-class ReadParams(_Params):
-    points: list[str] = Field(min_length=1, max_length=500)
-
-
-class ProfileParams(_Params):
-    yaml: str = Field(min_length=1, max_length=1_000_000)  # the profile file's text
-    signature: str | None = Field(None, max_length=4096)  # its detached .sig file's text
-    rollback: bool = False  # return to a profile accepted before, even if its version is older
-
-
-class WriteParams(_Params):
-    values: dict[str, float | int | bool | str] = Field(min_length=1, max_length=123)
-
-
-M = TypeVar("M", bound=_Params)
-
-
-class Envelope(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    correlation_id: Annotated[str, Field(min_length=1, max_length=200)] | StrictInt
-    params: dict[str, Any] = {}
 
 
 @dataclass
@@ -169,16 +104,7 @@ class Commands:
         self._refused_busy = 0  # refused because the queue was full, since the last log line
         self._busy_logged_at = -60.0
         self.configure(config or CommandsConfig())
-        self._handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {
-            "status": self._status,
-            "read": self._read,
-            "write": self._write,
-            "pause": self._pause,
-            "resume": self._resume,
-            "reload": self._reload,
-            "push_profile": self._push_profile,
-            "rollback_profile": self._rollback_profile,
-        }
+        self._handlers = CommandHandlers(station).table
 
     def configure(self, config: CommandsConfig) -> None:
         """Take the ``commands:`` section (at start and on reload)."""
@@ -221,6 +147,9 @@ class Commands:
     ) -> _Request | None:
         """The checks that cost nothing to the machine. None when already answered."""
         request = _Request(name, time.perf_counter(), _correlation_data(properties), answer=answer)
+        full = self._queue.qsize() >= self.config.queue
+        if full and self._refused_early(request, payload, properties):
+            return None
         try:
             self._parse(request, payload)
             topic = getattr(properties, "ResponseTopic", None)
@@ -247,20 +176,42 @@ class Commands:
         except CommandError as err:
             self._send(request, self._reply(request, error=err))
             return None
+        return None if self._answered_before(request) else request
+
+    def _refused_early(self, request: _Request, payload: bytes, properties: Any) -> bool:
+        """The queue is full: answer ``busy`` without parsing, the id read off the payload's start
+        (a flood must cost little per message). False when the message needs the full screen:
+        another answer than busy may be due (unknown, not allowed, too large, a response topic
+        to check) or its id is not where a quick look finds it."""
+        name = request.name
+        if name not in self._handlers or name not in self.allowed:
+            return False
+        if len(payload) > self.config.max_payload or getattr(properties, "ResponseTopic", None):
+            return False
+        correlation = leading_correlation_id(payload)
+        if correlation is None:
+            return False
+        request.correlation = correlation
+        self._ensure_worker()  # a full queue with no worker would answer busy for ever
+        if not self._answered_before(request):
+            self._busy(request)
+        return True
+
+    def _answered_before(self, request: _Request) -> bool:
         seen = self._replies.lookup(request.key)
-        if seen is not None:
-            # The same command again (a retry, a redelivery): it ran or runs once; same answer.
-            log.info(
-                "command repeated: answered from memory",
-                command=name,
-                correlation_id=request.correlation,
-            )
-            if seen.reply is not None:
-                self._send(request, {**seen.reply, "repeated": True})
-            else:
-                seen.again = True
-            return None
-        return request
+        if seen is None:
+            return False
+        # The same command again (a retry, a redelivery): it ran or runs once; same answer.
+        log.info(
+            "command repeated: answered from memory",
+            command=request.name,
+            correlation_id=request.correlation,
+        )
+        if seen.reply is not None:
+            self._send(request, {**seen.reply, "repeated": True})
+        else:
+            seen.again = True
+        return True
 
     def _parse(self, request: _Request, payload: bytes) -> None:
         limit = self.config.max_payload
@@ -287,34 +238,40 @@ class Commands:
         try:
             envelope = Envelope.model_validate(data)
         except ValidationError as err:
-            raise CommandError("malformed", _first_error(err)) from None
+            raise CommandError("malformed", first_error(err)) from None
         request.correlation, request.params = envelope.correlation_id, envelope.params
 
     def _enqueue(self, request: _Request) -> None:
+        self._ensure_worker()
+        if self._queue.qsize() >= self.config.queue:
+            self._busy(request)
+            return
+        self._replies.start(request.key)
+        self._queue.put_nowait(request)
+
+    def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
             if self._worker is not None and not self._worker.cancelled():
                 log.error(
                     "command worker ended; restarting it", error=str(self._worker.exception())
                 )
             self._worker = asyncio.create_task(self._work(), name="commands")
-        if self._queue.qsize() >= self.config.queue:
-            # A flood: each refusal must cost little; one log line a minute, not one each.
-            self._refused_busy += 1
-            now = time.monotonic()
-            if now - self._busy_logged_at >= 60:
-                log.warning(
-                    "command queue full: refusing commands",
-                    queue=self.config.queue,
-                    refused=self._refused_busy,
-                )
-                self._busy_logged_at, self._refused_busy = now, 0
-            error = CommandError(
-                "busy", f"{self.config.queue} commands are waiting (commands.queue); not queued"
+
+    def _busy(self, request: _Request) -> None:
+        # A flood: each refusal must cost little; one log line a minute, not one each.
+        self._refused_busy += 1
+        now = time.monotonic()
+        if now - self._busy_logged_at >= 60:
+            log.warning(
+                "command queue full: refusing commands",
+                queue=self.config.queue,
+                refused=self._refused_busy,
             )
-            self._send(request, self._reply(request, error=error, quiet=True))
-            return
-        self._replies.start(request.key)
-        self._queue.put_nowait(request)
+            self._busy_logged_at, self._refused_busy = now, 0
+        error = CommandError(
+            "busy", f"{self.config.queue} commands are waiting (commands.queue); not queued"
+        )
+        self._send(request, self._reply(request, error=error, quiet=True))
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Answer the commands queued or running (bounded), at shutdown."""
@@ -392,7 +349,10 @@ class Commands:
         reply["duration_ms"] = round((time.perf_counter() - request.t0) * 1000, 3)
         if quiet:
             return reply
-        level = log.info if reply["ok"] else log.warning
+        # Commands that change nothing (status, read) are routine: a line may poll with them.
+        level = log.debug if request.name in _READ_ONLY else log.info
+        if not reply["ok"]:
+            level = log.warning
         level(
             "command",
             command=request.name,
@@ -417,131 +377,6 @@ class Commands:
                 self.respond(request.response_topic, reply, request.correlation_data)
         except Exception:
             log.exception("command reply not queued", command=request.name)
-
-    # ------------------------------------------------------------------ the commands
-
-    async def _status(self, params: dict[str, Any]) -> Any:
-        _params(NoParams, params)
-        return self.station.line_status()
-
-    async def _pause(self, params: dict[str, Any]) -> Any:
-        _params(NoParams, params)
-        return self.station.pause()
-
-    async def _resume(self, params: dict[str, Any]) -> Any:
-        _params(NoParams, params)
-        return self.station.resume()
-
-    async def _reload(self, params: dict[str, Any]) -> Any:
-        _params(NoParams, params)
-        return await self.station.reload()
-
-    async def _push_profile(self, params: dict[str, Any]) -> Any:
-        p = _params(ProfileParams, params)
-        # Errors name this origin as their file: "pushed profile:12: points.speed.type: ..."
-        try:
-            return await self.station.push_profile(
-                p.yaml, "pushed profile", signature=p.signature, rollback=p.rollback
-            )
-        except ProfileRefused as err:
-            raise CommandError("profile_refused", f"{err.reason}: {err}") from None
-
-    async def _rollback_profile(self, params: dict[str, Any]) -> Any:
-        _params(NoParams, params)
-        return await self.station.rollback_profile()
-
-    async def _read(self, params: dict[str, Any]) -> Any:
-        p = _params(ReadParams, params)
-        profile = self.station.profile
-        unknown = [n for n in p.points if n not in profile.points]
-        if unknown:
-            raise CommandError("unknown_point", _unknown(unknown, profile))
-        values = await self.station.driver.read(p.points)
-        return {
-            "values": {n: jsonable(v) for n, v in values.items()},
-            "time": iso(time.time()),
-        }
-
-    async def _write(self, params: dict[str, Any]) -> Any:
-        p = _params(WriteParams, params)
-        profile, driver = self.station.profile, self.station.driver
-        unknown = [n for n in p.values if n not in profile.points]
-        if unknown:
-            raise CommandError("unknown_point", _unknown(unknown, profile))
-        problems: list[str] = []
-        codes: set[str] = set()
-        encoded = {}
-        held: dict[str, Accepted] = {}
-        for name, value in p.values.items():
-            point = profile.points[name]
-            if not point.writable:
-                codes.add("read_only")
-                problems.append(f"{name} is read-only")
-                continue
-            owner = profile.handshake_owner(name)  # by address: an alias is the same register
-            if owner is not None:
-                codes.add("cycle_point")
-                alias = "" if owner == name else f" shares memory with '{owner}', which"
-                problems.append(f"{name}{alias} is driven by the station cycle's handshake")
-                continue
-            checked = profile.check_value(value, point=name)
-            if isinstance(checked, Refused):
-                out = checked.reason is Refusal.OUT_OF_LIMITS
-                codes.add("out_of_limits" if out else "invalid_value")
-                problems.append(checked.message)
-                continue
-            try:  # the held value: the machine receives exactly what was checked
-                encoded[name] = driver.encode(name, checked.value)
-            except ValueError as err:
-                codes.add("invalid_value")
-                problems.append(str(err))
-                continue
-            held[name] = checked
-        if problems:
-            code = codes.pop() if len(codes) == 1 else "invalid_value"
-            raise CommandError(code, "; ".join(problems) + " (nothing was written)")
-        lock = self.station.machine_lock
-        if lock.locked():
-            raise CommandError("busy", "a station cycle is running; nothing was written")
-        async with lock:
-            await driver.write(encoded)
-        return {
-            "written": {
-                n: {
-                    "value": c.value,
-                    **({"requested": c.requested} if c.rounded else {}),
-                    "raw": driver.raw_for_report(encoded[n]),
-                }
-                for n, c in held.items()
-            }
-        }
-
-
-def handshake_points(profile: Profile) -> frozenset[str]:
-    """Points the handshake touches: they belong to the station cycle."""
-    return profile.handshake_points.all
-
-
-def _params(model: type[M], params: dict[str, Any]) -> M:
-    try:
-        return model.model_validate(params)
-    except ValidationError as err:
-        raise CommandError("invalid_params", _first_error(err, "params")) from None
-
-
-def _first_error(err: ValidationError, prefix: str = "") -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in (prefix, *e["loc"]) if x != "")
-        parts.append(f"{where}: {e['msg']}" if where else e["msg"])
-    return "; ".join(parts)
-
-
-def _unknown(names: list[str], profile: Profile) -> str:
-    return (
-        f"no point named {', '.join(repr(n) for n in names)} in profile "
-        f"{profile.name} {profile.version}"
-    )
 
 
 def _correlation_data(properties: Any) -> str | None:

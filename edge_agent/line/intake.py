@@ -9,6 +9,7 @@ the event loop with its size, nesting and aliases bounded. Everything here is bo
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections import OrderedDict
@@ -50,6 +51,28 @@ def nesting_exceeds(payload: bytes, max_depth: int) -> bool:
             return False  # not balanced: not JSON, json.loads says so
         brackets = inner
     return bool(_INNERMOST.search(brackets))
+
+
+#: A payload that opens with its correlation_id: ``{"correlation_id": "..."`` or ``: 123``.
+_FIRST_ID = re.compile(
+    rb'\A\s*\{\s*"correlation_id"\s*:\s*("(?:[^"\\]|\\.){1,200}"|-?(?:0|[1-9][0-9]{0,17}))\s*[,}]'
+)
+
+
+def leading_correlation_id(payload: bytes) -> str | int | None:
+    """The correlation_id of a command whose JSON opens with it, read without parsing the rest;
+    None when it does not open so (the full parse then decides). For refusing a flood cheaply."""
+    match = _FIRST_ID.match(payload)
+    if match is None:
+        return None
+    token = match.group(1)
+    if not token.startswith(b'"'):
+        return int(token)
+    try:
+        value = json.loads(token)
+    except ValueError:  # bad escapes, control characters, not UTF-8
+        return None
+    return value if isinstance(value, str) and 1 <= len(value) <= 200 else None
 
 
 def response_topic_allowed(topic: str, filters: list[str]) -> bool:

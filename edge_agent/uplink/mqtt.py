@@ -15,6 +15,7 @@ lives on the event loop without locks:
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
 import uuid
@@ -53,6 +54,10 @@ __all__ = [
 log = structlog.get_logger("uplink")
 
 StatusFn = Callable[[], dict[str, Any]]
+
+#: paho's matcher builds a trie on every call; a gateway sees few (filter, topic) pairs, and
+#: under a flood of commands each message would build it once per subscription.
+_matches = functools.lru_cache(maxsize=4096)(mqtt.topic_matches_sub)
 #: Called on the event loop after each CONNACK (e.g. to announce devices again).
 ConnectHook = Callable[[], None]
 #: Called on the event loop with (topic, payload, MQTT 5 properties or None) for each message.
@@ -377,7 +382,7 @@ class MqttUplink(Sender, Connection, PahoLoop):
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         for topic, (_, handler) in self._subscriptions.items():
-            if mqtt.topic_matches_sub(topic, msg.topic):
+            if _matches(topic, msg.topic):
                 if msg.retain and topic in self._no_retained:
                     self._drop_retained(msg.topic)
                     continue

@@ -36,6 +36,22 @@ def guarded(callback: _F) -> _F:
     return cast(_F, run)
 
 
+#: Seconds between two writes to the broker while messages keep coming (see _flush_soon).
+FLUSH_INTERVAL = 0.005
+
+
+def _cork(sock: Any, on: bool) -> bool:
+    """TCP_CORK (Linux): hold back partial segments until uncorked. False where unsupported."""
+    option = getattr(socket, "TCP_CORK", None)
+    if option is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(on))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 class PahoLoop:
     """The socket plumbing of ``MqttUplink``: mixed into it, sharing its paho client."""
 
@@ -50,6 +66,8 @@ class PahoLoop:
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        self._flush_timer: asyncio.Handle | None = None
+        self._flushed_at = float("-inf")  # loop time of the last write
 
     async def _misc(self) -> None:
         # paho's keepalive pings and timeouts
@@ -80,10 +98,43 @@ class PahoLoop:
         self._unwatch(sock)  # paho closes the socket right after: unregister now, not later
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._in_loop(lambda: self._watch(sock, client.loop_write, write=True))
+        self._in_loop(self._flush_soon)
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._in_loop(lambda: self._unwatch(sock, read=False))
+
+    # Writing. paho sends each packet with its own send(), and on loopback or a LAN every send is
+    # a segment that wakes the broker: under a flood of commands a PUBACK and a reply each, at
+    # about as much CPU as the rest of the command. So what paho queues goes out at most once per
+    # FLUSH_INTERVAL, corked into as few segments as fit; on an idle link at once. The write
+    # waits for the selector, so a read ready at the same time goes first (it may carry the
+    # reason the broker is closing the connection, which a write into that closing would lose).
+    def _flush_soon(self) -> None:
+        if self._flush_timer is not None:
+            return  # a flush is already due
+        assert self._loop is not None
+        wait = self._flushed_at + FLUSH_INTERVAL - self._loop.time()
+        if wait <= 0:
+            self._want_write()
+        else:
+            self._flush_timer = self._loop.call_later(wait, self._want_write)
+
+    def _want_write(self) -> None:
+        self._flush_timer = None
+        sock = self._client.socket()
+        if sock is not None:
+            self._watch(sock, self._flush, write=True)
+
+    def _flush(self) -> None:
+        assert self._loop is not None
+        self._flushed_at = self._loop.time()
+        sock = self._client.socket()
+        corked = sock is not None and _cork(sock, True)
+        try:
+            self._client.loop_write()  # all written: paho unregisters, the writer is removed
+        finally:
+            if corked:
+                _cork(sock, False)
 
     def _in_loop(self, fn: Callable[[], None]) -> None:
         if self._loop is None or self._loop.is_closed():
@@ -104,6 +155,11 @@ class PahoLoop:
 
     def _unwatch(self, sock: Any, *, read: bool = True) -> None:
         assert self._loop is not None
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if read and self._client.socket() is sock and self._client.want_write():
+            self._flush()  # leaving the socket (stop): what waits, a DISCONNECT, goes now
         with contextlib.suppress(ValueError, KeyError, OSError):
             if read:
                 self._loop.remove_reader(sock)

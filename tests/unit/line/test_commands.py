@@ -171,6 +171,20 @@ async def test_write_is_refused_while_a_cycle_runs(
     assert reference_plc.snapshot()["holding"][8] == 999
 
 
+async def test_a_read_sent_during_a_cycle_goes_to_the_machine_once_the_cycle_ends(
+    station: Station, line: Line, reference_plc: ReferencePlc
+) -> None:
+    # Sent into the cycle, its request would hold up the cycle's next one by a round trip.
+    reference_plc.done_delay = 0.4
+    tag = station.tag([Step("drill", DRILL, "st-20")])
+    station.reader.present(tag)
+    await in_cycle(station)
+    reply = await line.call("read", {"points": ["tool"]})
+    assert reply["ok"] is True and reply["result"]["values"] == {"tool": DRILL["tool"]}
+    assert not station.reports.empty(), "the read was answered while the cycle still ran"
+    assert (await station.reports.get()).status == "ok"
+
+
 async def test_pause_lets_the_part_in_the_machine_finish_and_refuses_new_parts(
     station: Station, line: Line, reference_plc: ReferencePlc, recorder: MqttRecorder
 ) -> None:

@@ -25,7 +25,7 @@ from edge_agent.sim.reference_plc import ReferencePlc
 from tests.fixtures_broker import MqttRecorder
 from tests.station_harness import DRILL, PROFILE, REPO, Station, running_station, write_config
 from tests.system.test_daemon_kill import events, start_daemon
-from tests.unit.line.test_commands import ALL, Line, edit, error
+from tests.unit.line.test_commands import ALL, Line, edit, error, in_cycle
 
 WRITES = (5, 6, 15, 16)  # Modbus write function codes
 NESTED = "[" * 60_000  # crashed libyaml's C composer (SIGSEGV)
@@ -239,6 +239,74 @@ async def test_a_response_topic_outside_the_configured_ones_is_refused(
 
 
 # ------------------------------------------------------------------ a flood
+
+
+async def test_a_full_queue_answers_busy_before_parsing_and_still_answers_each_once(
+    station: Station, line: Line, reference_plc: ReferencePlc, recorder: MqttRecorder
+) -> None:
+    assert (await line.call("status"))["ok"] is True  # c-1: answered, remembered
+    reference_plc.done_delay = 0.6
+    station.reader.present(station.tag([Step("drill", DRILL, "st-20")]))
+    await in_cycle(station)
+    await line.send("read", json.dumps({"correlation_id": "r-1", "params": {"points": ["tool"]}}))
+    await asyncio.sleep(0.1)  # the worker holds the read until the cycle ends
+    topic = "edge/gw-test/cmd/"
+    queued = [(f"{topic}status", json.dumps({"correlation_id": f"q-{n}"})) for n in range(20)]
+    probes = [
+        (f"{topic}status", '{"correlation_id": "early-1"}'),
+        (f"{topic}status", '{"correlation_id": "early-2", "unknown_key": 1}'),  # not parsed
+        (f"{topic}status", '{"unknown_key": 1, "correlation_id": "late-1"}'),  # id not first
+        (f"{topic}status", '{"correlation_id": "c-1"}'),  # a repeat: its answer, not busy
+        (f"{topic}nope", '{"correlation_id": "n-1"}'),
+    ]
+    await asyncio.to_thread(
+        paho.mqtt.publish.multiple,
+        [{"topic": t, "payload": p, "qos": 1} for t, p in queued + probes],
+        hostname=line.broker.host,
+        port=line.broker.port,
+    )
+    replies = await recorder.wait_for("gw-test/reply/status", 1 + 20 + 4)
+    by_id = {r["correlation_id"]: r for r in replies}  # c-1: its repeat, answered last
+    assert len(by_id) == len(replies) - 1, "a status command was answered twice"
+    assert error(by_id["early-1"]) == "busy" and error(by_id["early-2"]) == "busy"
+    assert error(by_id["late-1"]) == "malformed"  # the full screen, as with room in the queue
+    assert by_id["c-1"].get("repeated") is True and by_id["c-1"]["ok"] is True
+    assert all(by_id[f"q-{n}"]["ok"] for n in range(20))
+    [unknown] = await recorder.wait_for("gw-test/reply/nope", 1)
+    assert error(unknown) == "unknown_command"
+    [read] = await recorder.wait_for("gw-test/reply/read", 1)
+    assert read["ok"] is True and read["correlation_id"] == "r-1"
+    assert (await station.reports.get()).status == "ok"
+
+
+async def test_a_worker_that_ended_is_started_again_by_the_next_command_into_a_full_queue(
+    station: Station, line: Line, reference_plc: ReferencePlc, recorder: MqttRecorder
+) -> None:
+    reference_plc.done_delay = 0.6
+    station.reader.present(station.tag([Step("drill", DRILL, "st-20")]))
+    await in_cycle(station)
+    await line.send("read", json.dumps({"correlation_id": "r-1", "params": {"points": ["tool"]}}))
+    await asyncio.sleep(0.1)  # the worker holds the read until the cycle ends
+    await asyncio.to_thread(
+        paho.mqtt.publish.multiple,
+        [
+            ("edge/gw-test/cmd/status", json.dumps({"correlation_id": f"q-{n}"}), 1, False)
+            for n in range(20)
+        ],
+        hostname=line.broker.host,
+        port=line.broker.port,
+    )
+    await asyncio.sleep(0.1)
+    worker = station.agent.commands._worker
+    assert worker is not None
+    worker.cancel()  # the worker ends (a bug, a stray cancel) with the queue full
+    await asyncio.sleep(0.05)
+    await line.send("status", json.dumps({"correlation_id": "after-1"}))  # refused busy, early
+    replies = await recorder.wait_for("gw-test/reply/status", 21)
+    by_id = {r["correlation_id"]: r for r in replies}
+    assert error(by_id["after-1"]) == "busy"
+    assert all(by_id[f"q-{n}"]["ok"] for n in range(20)), "the queued commands were never run"
+    assert (await station.reports.get()).status == "ok"
 
 
 async def test_a_flood_of_commands_neither_starves_cycles_nor_goes_unanswered(

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+from typing import Any
+
+import pytest
 
 from edge_agent.config_schema import BrokerConfig
 from edge_agent.sim.broker import EmbeddedBroker
@@ -42,6 +47,37 @@ async def _wait_messages(r: MqttRecorder, n: int) -> list[tuple[str, bytes, bool
             return r.messages
         await asyncio.sleep(0.01)
     raise AssertionError("no message")
+
+
+def _data_segments_out(sock: Any) -> int | None:
+    """tcpi_data_segs_out of a TCP socket (Linux 4.6+); None where TCP_INFO does not say."""
+    option = getattr(socket, "TCP_INFO", None)
+    if option is None:
+        return None
+    info = sock.getsockopt(socket.IPPROTO_TCP, option, 256)
+    return struct.unpack_from("I", info, 156)[0] if len(info) >= 160 else None
+
+
+async def test_a_burst_of_messages_leaves_whole_in_order_and_in_few_segments(
+    broker: EmbeddedBroker, recorder: MqttRecorder
+) -> None:
+    # paho sends each packet on its own; under a flood of commands every PUBACK and reply was a
+    # segment that woke the broker, on the cores the station needs.
+    uplink = make_uplink(broker, inflight=200)
+    await uplink.start(lambda: {})
+    assert await uplink.wait_connected(5)
+    await recorder.wait_for("gw-test/status", 1)
+    sock = uplink._client.socket()
+    before = _data_segments_out(sock)
+    if before is None:
+        pytest.skip("this kernel does not count a socket's data segments")
+    for n in range(200):
+        uplink.publish("events", {"n": n})
+    got = await recorder.wait_for("gw-test/events", 200)
+    assert [m["n"] for m in got] == list(range(200))
+    segments = (_data_segments_out(sock) or 0) - before
+    assert segments < 50, f"200 messages took {segments} segments"
+    await uplink.stop({"state": "offline"})
 
 
 async def test_last_will_when_connection_dies(
