@@ -181,7 +181,11 @@ def _keyring(specs: list[str]) -> KeyRing:
 def _decode(args: argparse.Namespace) -> int:
     uid = _parse_uid(args.uid)
     keyring = _keyring(args.trust)
-    message = _read_message(args.file)
+    return _verify(_read_message(args.file), uid, keyring)
+
+
+def _verify(message: bytes, uid: bytes, keyring: KeyRing) -> int:
+    """Print what the tag holds (exit code 0), or REJECTED with the reason (exit code 1)."""
     try:
         contents = decode_tag(message, uid, keyring)
     except PartRejected as err:
@@ -379,13 +383,7 @@ def _tag_read(args: argparse.Namespace) -> int:
             return 1
         message, capacity = tag.read(), tag.capacity()
     print(f"tag {uid} ({kind}): {len(message)}/{capacity} bytes")
-    try:
-        contents = decode_tag(message, tag.uid, keyring)
-    except PartRejected as err:
-        print(f"REJECTED {err.reason}: {err}")
-        return 1
-    print(_describe(contents))
-    return 0
+    return _verify(message, tag.uid, keyring)
 
 
 def _tag_reset(args: argparse.Namespace) -> int:
