@@ -25,8 +25,9 @@ Lines = dict[tuple[str | int, ...], int]
 
 
 class StrictModel(BaseModel):
-    """The base of every model of a hand-written document (config, profile, recipe, settings):
-    a key it does not know is an error, not silently dropped, and once valid it cannot change."""
+    """The base of every model of a document from outside (config, profile, recipe, settings, the
+    line's adjustment set): a key it does not know is an error, not silently dropped, and once
+    valid it cannot change."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
