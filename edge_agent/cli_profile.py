@@ -7,14 +7,10 @@ Exit codes: 0 success (verify: the signature is valid), 1 verify found the signa
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from .cli_tag import add_keygen
-from .errors import ConfigError
+from .cli_common import UsageError, add_keygen, handled
 from .instructions.signing import (
-    KeyFileError,
     KeyRing,
     check_key_id,
     load_private_key,
@@ -28,11 +24,7 @@ from .machine.profile_signature import (
     verify_profile,
 )
 
-Handler = Callable[[argparse.Namespace], int]
-
-
-class _UsageError(Exception):
-    """A problem with arguments or files: one line on stderr, exit 2."""
+_run = handled("profile")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -87,20 +79,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     verify.set_defaults(func=_run(_verify))
 
 
-def _run(handler: Handler) -> Handler:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except (_UsageError, KeyFileError, ValueError) as err:
-            print(f"edge-agent profile {args.profile_command}: {err}", file=sys.stderr)
-        except ConfigError as err:
-            for problem in err.problems:
-                print(problem, file=sys.stderr)
-        return 2
-
-    return run
-
-
 def _sign(args: argparse.Namespace) -> int:
     key_id = check_key_id(args.key_id if args.key_id else args.key.stem)
     profile = load_profile(args.profile)  # never certify a profile that does not validate
@@ -116,7 +94,7 @@ def _sign(args: argparse.Namespace) -> int:
     try:
         out.write_bytes(signature)
     except OSError as err:
-        raise _UsageError(f"{out}: cannot write signature: {err.strerror}") from None
+        raise UsageError(f"{out}: cannot write signature: {err.strerror}") from None
     print(f"{out}: profile {profile.name} {profile.version} signed with key '{key_id}'")
     return 0
 
@@ -126,7 +104,7 @@ def _verify(args: argparse.Namespace) -> int:
     for entry in args.trust:
         key_id, sep, path = entry.partition("=")
         if not sep or not path:
-            raise _UsageError(f"--trust {entry!r}: expected ID=PUB.pem")
+            raise UsageError(f"--trust {entry!r}: expected ID=PUB.pem")
         keys[check_key_id(key_id)] = Path(path)
     ring = KeyRing({k: load_public_key(p) for k, p in keys.items()})
     profile = load_profile(args.profile)
@@ -155,4 +133,4 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as err:
-        raise _UsageError(f"{path}: cannot read: {err.strerror}") from None
+        raise UsageError(f"{path}: cannot read: {err.strerror}") from None

@@ -10,12 +10,13 @@ import argparse
 import contextlib
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ConfigError, PartRejected, TagIOError
+from .cli_common import UsageError, add_keygen, handled
+from .errors import PartRejected
 from .instructions.codec import (
     DEFAULT_TAG,
     TAG_CAPACITY,
@@ -28,10 +29,8 @@ from .instructions.codec import (
 from .instructions.model import Progress
 from .instructions.recipe import load_recipe
 from .instructions.signing import (
-    KeyFileError,
     KeyRing,
     check_key_id,
-    generate_keypair,
     load_private_key,
     load_public_key,
 )
@@ -40,8 +39,7 @@ if TYPE_CHECKING:  # nfcpy is imported only by the commands that use a reader
     from .tag.nfc import TagSession
 
 
-class _UsageError(Exception):
-    """A problem with arguments, files or config: one line on stderr, exit 2."""
+_run = handled("tag")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -108,61 +106,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _register_device_commands(commands)
 
 
-Handler = Callable[[argparse.Namespace], int]
-
-
-def _run(handler: Handler) -> Handler:
-    """Wrap a handler: usage/config/key-file errors become one line on stderr and exit code 2."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except (_UsageError, KeyFileError, ValueError) as err:
-            print(f"edge-agent tag {args.tag_command}: {err}", file=sys.stderr)
-        except ConfigError as err:  # every problem, one per line, each file:line: key: message
-            for problem in err.problems:
-                print(problem, file=sys.stderr)
-        except TagIOError as err:
-            print(f"edge-agent tag {args.tag_command}: {err}", file=sys.stderr)
-            return 3
-        return 2
-
-    return run
-
-
 def _parse_uid(text: str) -> bytes:
     cleaned = re.sub(r"[\s:]", "", text)
     try:
         uid = bytes.fromhex(cleaned)
     except ValueError:
-        raise _UsageError(f"--uid {text!r} is not hex") from None
+        raise UsageError(f"--uid {text!r} is not hex") from None
     if not 4 <= len(uid) <= 10:
-        raise _UsageError(f"--uid {text!r}: a tag UID is 4 to 10 bytes, got {len(uid)}")
+        raise UsageError(f"--uid {text!r}: a tag UID is 4 to 10 bytes, got {len(uid)}")
     return uid
-
-
-def add_keygen(
-    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
-    run: Callable[[Handler], Handler],
-    *,
-    help: str,
-    description: str,
-    keep: str,
-    give: str,
-) -> None:
-    """``keygen``: an Ed25519 key pair in ID.key and ID.pub; ``keep`` and ``give`` say where each
-    half goes (``give`` may name ``{id}`` and ``{pub}``). Shared by ``tag`` and ``profile``."""
-    keygen = commands.add_parser("keygen", help=help, description=description)
-    keygen.add_argument("--key-id", required=True, help="1-16 characters of A-Z a-z 0-9 _ . -")
-    keygen.add_argument("--out", required=True, type=Path, help="directory for ID.key and ID.pub")
-
-    def make(args: argparse.Namespace) -> int:
-        private_path, public_path = generate_keypair(check_key_id(args.key_id), args.out)
-        print(f"private key {private_path} ({keep})")
-        print(f"public key  {public_path} ({give.format(id=args.key_id, pub=public_path)})")
-        return 0
-
-    keygen.set_defaults(func=run(make))
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -170,7 +122,7 @@ def _encode(args: argparse.Namespace) -> int:
     key_id = check_key_id(args.key_id if args.key_id else args.key.stem)
     if args.capacity is not None:
         if args.capacity <= 0:
-            raise _UsageError("--capacity must be a positive number of bytes")
+            raise UsageError("--capacity must be a positive number of bytes")
         capacity, tag_name = args.capacity, f"{args.capacity}-byte tag"
     else:
         tag_name = args.tag or DEFAULT_TAG
@@ -180,7 +132,7 @@ def _encode(args: argparse.Namespace) -> int:
     try:
         message = encode_tag(recipe, uid, key, key_id, capacity, issued_at=args.issued_at)
     except ValueError as err:
-        raise _UsageError(f"{args.recipe}: does not fit a {tag_name}: {err}") from None
+        raise UsageError(f"{args.recipe}: does not fit a {tag_name}: {err}") from None
     # Slot size for the summary: the payload of the last record, which is a progress slot.
     contents = decode_tag(message, uid, KeyRing({key_id: key.public_key()}))
     if args.out == "-":
@@ -189,7 +141,7 @@ def _encode(args: argparse.Namespace) -> int:
         try:
             Path(args.out).write_bytes(message)
         except OSError as err:
-            raise _UsageError(f"{args.out}: cannot write: {err.strerror}") from None
+            raise UsageError(f"{args.out}: cannot write: {err.strerror}") from None
     print(
         f"part {recipe.part_id}: {len(message)}/{capacity} bytes ({tag_name}), "
         f"{len(recipe.steps)} steps, progress slots 2 x {contents.slot_size} bytes, "
@@ -203,25 +155,25 @@ def _read_message(path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise _UsageError(f"{path}: cannot read: {err.strerror}") from None
+        raise UsageError(f"{path}: cannot read: {err.strerror}") from None
     # An NDEF message starts with a header byte that has MB set (>= 0x80), never an ASCII hex digit.
     text = data.decode("ascii", errors="replace")
     if data and re.fullmatch(r"[0-9A-Fa-f\s]+", text):
         try:
             return bytes.fromhex("".join(text.split()))
         except ValueError:
-            raise _UsageError(f"{path}: looks like hex but has an odd number of digits") from None
+            raise UsageError(f"{path}: looks like hex but has an odd number of digits") from None
     return data
 
 
 def _keyring(specs: list[str]) -> KeyRing:
     if not specs:
-        raise _UsageError("give at least one --trust ID=PUB.pem")
+        raise UsageError("give at least one --trust ID=PUB.pem")
     keys = {}
     for spec in specs:
         key_id, sep, path = spec.partition("=")
         if not sep or not path:
-            raise _UsageError(f"--trust {spec!r}: expected ID=PATH")
+            raise UsageError(f"--trust {spec!r}: expected ID=PATH")
         keys[check_key_id(key_id)] = load_public_key(path)
     return KeyRing(keys)
 
@@ -229,7 +181,11 @@ def _keyring(specs: list[str]) -> KeyRing:
 def _decode(args: argparse.Namespace) -> int:
     uid = _parse_uid(args.uid)
     keyring = _keyring(args.trust)
-    message = _read_message(args.file)
+    return _verify(_read_message(args.file), uid, keyring)
+
+
+def _verify(message: bytes, uid: bytes, keyring: KeyRing) -> int:
+    """Print what the tag holds (exit code 0), or REJECTED with the reason (exit code 1)."""
     try:
         contents = decode_tag(message, uid, keyring)
     except PartRejected as err:
@@ -365,11 +321,11 @@ def _session(
         try:
             image = NtagImage.load(path)
         except (OSError, ValueError) as err:
-            raise _UsageError(f"{path}: {err}") from None
+            raise UsageError(f"{path}: {err}") from None
     elif new_uid is not None:
         image = NtagImage.blank(new_kind.upper(), new_uid)
     else:
-        raise _UsageError(f"{path}: no such tag image (tag write --image FILE --uid UID makes one)")
+        raise UsageError(f"{path}: no such tag image (tag write --image FILE --uid UID makes one)")
     with NtagSimulator() as sim:
         sim.present(image)
         with TagSession(sim.device, args.timeout, targets=("106A",), password=password) as session:
@@ -382,9 +338,9 @@ def _password(text: str, option: str) -> bytes:
     try:
         password = bytes.fromhex(text)
     except ValueError:
-        raise _UsageError(f"{option}: not hex") from None
+        raise UsageError(f"{option}: not hex") from None
     if len(password) != 6:
-        raise _UsageError(
+        raise UsageError(
             f"{option}: 6 bytes (PWD 4 + PACK 2) as 12 hex digits, got {len(password)}"
         )
     return password
@@ -404,7 +360,7 @@ def _tag_write(args: argparse.Namespace) -> int:
         try:
             message = encode_tag(recipe, tag.uid, key, key_id, capacity, issued_at=args.issued_at)
         except ValueError as err:
-            raise _UsageError(
+            raise UsageError(
                 f"{args.recipe}: does not fit tag {uid} ({tag.kind}, {capacity} bytes): {err}"
             ) from None
         tag.write(message)
@@ -427,13 +383,7 @@ def _tag_read(args: argparse.Namespace) -> int:
             return 1
         message, capacity = tag.read(), tag.capacity()
     print(f"tag {uid} ({kind}): {len(message)}/{capacity} bytes")
-    try:
-        contents = decode_tag(message, tag.uid, keyring)
-    except PartRejected as err:
-        print(f"REJECTED {err.reason}: {err}")
-        return 1
-    print(_describe(contents))
-    return 0
+    return _verify(message, tag.uid, keyring)
 
 
 def _tag_reset(args: argparse.Namespace) -> int:

@@ -13,21 +13,17 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .errors import ConfigError, ConfigProblem
 from .tag.reader import ReaderSettings
 from .tag.registry import reader_settings
-from .yamlfile import Lines, validate
+from .yamlfile import Lines, StrictModel, validate
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TlsConfig(_Strict):
+class TlsConfig(StrictModel):
     ca_file: Path  # CA bundle that signed the broker's certificate
     cert_file: Path | None = None  # client certificate, when the broker asks for one
     key_file: Path | None = None
@@ -55,7 +51,7 @@ def parse_broker_uri(uri: str) -> tuple[bool, str, int]:
     return tls, m.group(2).strip("[]"), port
 
 
-class BrokerConfig(_Strict):
+class BrokerConfig(StrictModel):
     host: str = "localhost"
     port: int = Field(1883, ge=1, le=65535)
     # Brokers tried in turn (failover); when given, host and port are not used.
@@ -118,7 +114,7 @@ class BrokerConfig(_Strict):
         return v
 
 
-class CycleConfig(_Strict):
+class CycleConfig(StrictModel):
     write_back: bool = True  # write progress onto the tag after each step
     drain_timeout: float = Field(30.0, gt=0)  # at shutdown: how long the cycle in flight may finish
 
@@ -128,7 +124,7 @@ CommandName = Literal[
 ]
 
 
-class CommandsConfig(_Strict):
+class CommandsConfig(StrictModel):
     """Commands from the line (docs/line-integration.md). Default: only those that change nothing."""
 
     allowed: list[CommandName] = [
@@ -146,7 +142,7 @@ class CommandsConfig(_Strict):
     response_topics: list[str] | None = None
 
 
-class OutboxConfig(_Strict):
+class OutboxConfig(StrictModel):
     """Bounds of the disk outbox in ``state_dir`` (docs/mqtt.md, Delivery)."""
 
     max_messages: int = Field(100_000, ge=10)
@@ -154,7 +150,7 @@ class OutboxConfig(_Strict):
     telemetry_max_age: float | None = Field(None, gt=0)  # seconds; older telemetry is dropped
 
 
-class TelemetryConfig(_Strict):
+class TelemetryConfig(StrictModel):
     enabled: bool = True  # watch the profile's telemetry groups (docs/line-integration.md)
 
 
@@ -162,7 +158,7 @@ class TelemetryConfig(_Strict):
 _SPB_ID = r"^[^/+#]+$"
 
 
-class SparkplugConfig(_Strict):
+class SparkplugConfig(StrictModel):
     """Be a Sparkplug B 3.0 edge node as well, or instead of the JSON topics (docs/sparkplug.md)."""
 
     enabled: bool = False
@@ -176,7 +172,7 @@ class SparkplugConfig(_Strict):
     json_topics: bool = True
 
 
-class ThingsBoardConfig(_Strict):
+class ThingsBoardConfig(StrictModel):
     """Speak the ThingsBoard IoT Gateway MQTT API as well (docs/line-integration.md)."""
 
     enabled: bool = False
@@ -187,7 +183,7 @@ class ThingsBoardConfig(_Strict):
     adjustments_attribute: str | None = "adjustments"  # shared attribute holding an adjustment set
 
 
-class HealthConfig(_Strict):
+class HealthConfig(StrictModel):
     """The optional HTTP endpoint for /healthz and /metrics (docs/operations.md); off by default."""
 
     # "PORT" (on 127.0.0.1) or "HOST:PORT"; no authentication: keep it on loopback unless a
@@ -205,12 +201,12 @@ class HealthConfig(_Strict):
         return (host.strip("[]") or "127.0.0.1", int(port))
 
 
-class LogConfig(_Strict):
+class LogConfig(StrictModel):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
 
 
-class AgentConfigDoc(_Strict):
+class AgentConfigDoc(StrictModel):
     gateway_id: str = Field(min_length=1, max_length=64, pattern=_ID)
     station: str = Field(min_length=1, max_length=8, pattern=_ID)
     reader: dict[str, Any]  # the reader's own SETTINGS_MODEL (tag/registry.py), see validate_doc

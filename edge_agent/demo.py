@@ -24,7 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from .agent import Agent
-from .config import load_config
+from .config import AgentConfig, load_config
 from .errors import PartRejected
 from .instructions.codec import TAG_CAPACITY, decode_tag, encode_tag, update_progress
 from .instructions.model import Step, StepRecord, StepStatus
@@ -319,62 +319,106 @@ async def _feed(
     return await _drain(station.agent, out), ok
 
 
-async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
+async def _start_machine(
+    options: DemoOptions, workdir: Path, stack: contextlib.AsyncExitStack
+) -> tuple[str, str]:
+    """(the config's machine settings, a label for the banner): --machine, else an embedded one."""
+    if options.opcua:
+        sim, fields, label = await _opcua_machine(options, workdir)
+        if sim is not None:
+            stack.push_async_callback(sim.stop)
+        return fields, label
+    if options.machine:
+        host, port = parse_hostport(options.machine, "machine")
+        return f"host: {host}, port: {port}", f"{host}:{port} (external)"
     from .sim.reference_plc import ReferencePlc
 
-    work = tempfile.TemporaryDirectory(prefix="edge-agent-demo-")
-    workdir = Path(work.name)
-    plc: ReferencePlc | None = None
-    broker: EmbeddedBroker | None = None
-    ntag: NtagSimulator | None = None
-    opcua_sim: Any = None
-    try:
-        if options.opcua:
-            opcua_sim, machine_fields, machine_label = await _opcua_machine(options, workdir)
-        else:
-            if options.machine:
-                machine_host, machine_port = parse_hostport(options.machine, "machine")
-            else:
-                plc = ReferencePlc()
-                machine_host, machine_port = await plc.start("127.0.0.1", 0)
-            machine_fields = f"host: {machine_host}, port: {machine_port}"
-            machine_label = (
-                f"{machine_host}:{machine_port} ({'embedded reference PLC' if plc else 'external'})"
-            )
-        if options.broker:
-            broker_host, broker_port = parse_hostport(options.broker, "broker")
-        else:
-            broker = EmbeddedBroker()
-            await broker.start()
-            broker_host, broker_port = broker.host, broker.port
+    plc = ReferencePlc()
+    stack.push_async_callback(plc.stop)
+    host, port = await plc.start("127.0.0.1", 0)
+    return f"host: {host}, port: {port}", f"{host}:{port} (embedded reference PLC)"
 
-        reader_yaml = "{type: simulated}"
-        if options.nfc:
-            ntag = NtagSimulator()
-            reader_yaml = (
-                f"{{type: nfc, device: '{ntag.start()}', targets: [106A], poll_interval: 0.02}}"
-            )
 
-        private_path, public_path = generate_keypair("demo", workdir)
-        default_profile = "reference-opcua.yaml" if options.opcua else "reference-plc.yaml"
-        profile = options.profile.resolve() if options.profile else find_profile(default_profile)
-        config_path = station_config(
-            workdir / "demo.yaml",
-            gateway_id=GATEWAY,
-            station=STATION,
-            reader=reader_yaml,
-            profile=profile,
-            machine=machine_fields,
-            broker=f"host: {broker_host}, port: {broker_port}, reconnect_min: 0.2, reconnect_max: 5",
-            trusted_keys={"demo": public_path},
-            state_dir=(options.state_dir or workdir / "state").resolve(),
-            extra="sparkplug: {enabled: true, group_id: demo}\n" if options.sparkplug else "",
+async def _start_broker(
+    options: DemoOptions, stack: contextlib.AsyncExitStack
+) -> tuple[str, int, str]:
+    """(host, port, what it is): --broker, else an embedded one."""
+    if options.broker:
+        return (*parse_hostport(options.broker, "broker"), "external")
+    broker = EmbeddedBroker()
+    stack.callback(broker.close)
+    stack.push_async_callback(broker.stop)
+    await broker.start()
+    return broker.host, broker.port, f"{broker.kind}, embedded"
+
+
+def _start_reader(
+    options: DemoOptions, stack: contextlib.AsyncExitStack
+) -> tuple[str, NtagSimulator | None]:
+    """The config's ``reader:``: simulated, or with --nfc nfcpy on a simulated NTAG (returned)."""
+    if not options.nfc:
+        return "{type: simulated}", None
+    ntag = NtagSimulator()
+    stack.callback(ntag.stop)
+    return f"{{type: nfc, device: '{ntag.start()}', targets: [106A], poll_interval: 0.02}}", ntag
+
+
+def _write_config(
+    options: DemoOptions, workdir: Path, *, reader: str, machine: str, broker: tuple[str, int]
+) -> tuple[AgentConfig, Path]:
+    """The station's config file, written and loaded as ``edge-agent run`` would; and the private
+    key that signs the demo parts."""
+    private_path, public_path = generate_keypair("demo", workdir)
+    default_profile = "reference-opcua.yaml" if options.opcua else "reference-plc.yaml"
+    profile = options.profile.resolve() if options.profile else find_profile(default_profile)
+    config_path = station_config(
+        workdir / "demo.yaml",
+        gateway_id=GATEWAY,
+        station=STATION,
+        reader=reader,
+        profile=profile,
+        machine=machine,
+        broker=f"host: {broker[0]}, port: {broker[1]}, reconnect_min: 0.2, reconnect_max: 5",
+        trusted_keys={"demo": public_path},
+        state_dir=(options.state_dir or workdir / "state").resolve(),
+        extra="sparkplug: {enabled: true, group_id: demo}\n" if options.sparkplug else "",
+    )
+    return load_config(config_path), private_path
+
+
+def _summary(
+    options: DemoOptions, listener: _Subscriber, delivered: bool, ok: int, out: Any
+) -> int:
+    """Print what came back through the broker; the exit code."""
+    received = list(listener.reports.values())
+    counts = {s: sum(1 for r in received if r["status"] == s) for s in ("ok", "rejected", "failed")}
+    missing = options.parts - len(received)
+    summary = f"{counts['ok']} cycles ok, {counts['rejected']} rejected, {counts['failed']} failed"
+    # A listener that lost the broker cannot see what was delivered while it was away; the
+    # broker's acknowledgement of every report (an empty outbox) is then the proof.
+    excused = missing and delivered and listener.interrupted and ok == options.parts
+    if excused:
+        summary = f"{ok} cycles ok, all acknowledged by the broker ({len(received)} seen by a listener that was disconnected for a while)"
+    elif missing or not delivered:
+        summary += f" ({missing} reports not received through the broker)"
+    print(summary, file=out)
+    return 0 if excused or (counts["ok"] == options.parts and not missing) else 1
+
+
+async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
+    # Whatever happens, what was started is stopped, the last first; the directory goes last.
+    async with contextlib.AsyncExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edge-agent-demo-")))
+        machine, machine_label = await _start_machine(options, workdir, stack)
+        broker_host, broker_port, broker_kind = await _start_broker(options, stack)
+        reader_yaml, ntag = _start_reader(options, stack)
+        config, private_path = _write_config(
+            options, workdir, reader=reader_yaml, machine=machine, broker=(broker_host, broker_port)
         )
-        config = load_config(config_path)
         print(
             f"edge-agent demo: {options.parts} parts, station {STATION}, machine {machine_label}"
-            f", broker {broker_host}:{broker_port}"
-            f" ({broker.kind + ', embedded' if broker else 'external'}), profile {config.profile.name} {config.profile.version}",
+            f", broker {broker_host}:{broker_port} ({broker_kind}), profile {config.profile.name}"
+            f" {config.profile.version}",
             file=out,
         )
         reader = None if options.nfc else SimulatedReader()
@@ -395,31 +439,4 @@ async def run_demo(options: DemoOptions, out: Any = sys.stdout) -> int:
             for seen in view.take():  # down to the NDEATH of the clean stop
                 print(seen, file=out)
             view.close()
-        received = list(listener.reports.values())
-        counts = {
-            s: sum(1 for r in received if r["status"] == s) for s in ("ok", "rejected", "failed")
-        }
-        missing = options.parts - len(received)
-        summary = (
-            f"{counts['ok']} cycles ok, {counts['rejected']} rejected, {counts['failed']} failed"
-        )
-        # A listener that lost the broker cannot see what was delivered while it was away; the
-        # broker's acknowledgement of every report (an empty outbox) is then the proof.
-        excused = missing and delivered and listener.interrupted and ok == options.parts
-        if excused:
-            summary = f"{ok} cycles ok, all acknowledged by the broker ({len(received)} seen by a listener that was disconnected for a while)"
-        elif missing or not delivered:
-            summary += f" ({missing} reports not received through the broker)"
-        print(summary, file=out)
-        return 0 if excused or (counts["ok"] == options.parts and not missing) else 1
-    finally:
-        if plc is not None:
-            await plc.stop()
-        if opcua_sim is not None:
-            await opcua_sim.stop()
-        if broker is not None:
-            await broker.stop()
-            broker.close()
-        if ntag is not None:
-            ntag.stop()
-        work.cleanup()
+        return _summary(options, listener, delivered, ok, out)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError, ConfigProblem
 
@@ -22,6 +22,14 @@ except ImportError:  # pragma: no cover
 
 Model = TypeVar("Model", bound=BaseModel)
 Lines = dict[tuple[str | int, ...], int]
+
+
+class StrictModel(BaseModel):
+    """The base of every model of a document from outside (config, profile, recipe, settings, the
+    line's adjustment set): a key it does not know is an error, not silently dropped, and once
+    valid it cannot change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _construct(node: yaml.Node, path: tuple[str | int, ...], lines: Lines, file: str) -> Any:

@@ -22,9 +22,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import (
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     StrictBool,
     StrictFloat,
@@ -33,7 +31,7 @@ from pydantic import (
     field_validator,
 )
 
-from ..yamlfile import load_yaml, validate
+from ..yamlfile import StrictModel, load_yaml, validate
 from .limits import (
     MAX_PARAMS,
     MAX_STEPS,
@@ -67,9 +65,7 @@ def _text_field(value: object, problem_of: Callable[[object], str | None] = text
     return value
 
 
-class RecipeStep(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class RecipeStep(StrictModel):
     operation: str
     station: str | None = None
     parameters: Annotated[dict[str, RecipeValue], Field(max_length=MAX_PARAMS)] = {}
@@ -96,10 +92,8 @@ class RecipeStep(BaseModel):
         return value
 
 
-class Recipe(BaseModel):
+class Recipe(StrictModel):
     """What the MES wants done to one part, before it is signed and bound to a tag."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     part_id: str
     product: str

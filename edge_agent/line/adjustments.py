@@ -29,22 +29,21 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from ..instructions.model import ParamValue, Step
 from ..machine.driver import MachineDriver
 from ..machine.profile import INT_RANGES, Profile
 from ..machine.values import Refused
 from ..messages import event
+from ..yamlfile import StrictModel
 
 log = structlog.get_logger("adjustments")
 
 Publish = Callable[[str, dict[str, Any], int], object]
 
 
-class Rule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Rule(StrictModel):
     parameter: str | None = None
     operation: str | None = None
     material_lot: str | None = None  # fnmatch pattern on the traveler's material lot
@@ -87,9 +86,7 @@ class Rule(BaseModel):
         return True
 
 
-class AdjustmentSet(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class AdjustmentSet(StrictModel):
     version: str = Field(min_length=1, max_length=100)
     rules: list[Rule] = Field(max_length=200)
 

@@ -12,7 +12,7 @@ On the uplink's MQTT connection, in the ``spBv1.0`` namespace (docs/sparkplug.md
 - NCMD ``Node Control/Rebirth``, ``Reload`` and ``Next Server`` (NDEATH, then the next broker of
   ``broker.uris``); DCMD writes to the machine's points
   through the agent's ``write`` command (its checks, its refusals), ``Station/Paused`` through
-  ``pause``/``resume``; every outcome in ``Command/Last Result``;
+  ``pause``/``resume``; every outcome in ``Command/Last Result`` (``sparkplug_commands.py``);
 - with a primary host: nothing is born before ``spBv1.0/STATE/<host>`` says online.
 
 Sparkplug messages carry a per-session ``seq``, so they are encoded when they leave and handed
@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
-from google.protobuf.message import DecodeError
 
 from ..config_schema import SparkplugConfig
 from ..machine.profile import Profile
@@ -37,13 +36,13 @@ from ..station.report import CycleReport
 from ..uplink.mqtt import ConnectHook, MessageHandler, WillFn
 from ..uplink.outbox import Keep, Outbox
 from .commands import Commands, handshake_points
+from .sparkplug_commands import HostCommands
 from .sparkplug_metrics import (
     Catalogue,
     Payload,
     add_metric,
     cycle_values,
     device_catalogue,
-    get_value,
     iso_ms,
     load_bd_seq,
     node_catalogue,
@@ -120,7 +119,7 @@ class SparkplugNode:
         self.values: dict[str, Any] = {}  # device metric -> latest value, for births
         self.times: dict[str, int] = {}  # device metric -> its timestamp (ms)
         self.device = self._catalogue()
-        self._tasks: set[asyncio.Task[Any]] = set()  # commands in flight
+        self.host = HostCommands(self, commands)
         self._watch: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ topics and messages
@@ -148,8 +147,8 @@ class SparkplugNode:
 
     def start(self) -> None:
         self.link.set_will(self._will)
-        self.link.subscribe_absolute(self.topic("NCMD"), self.on_ncmd)
-        self.link.subscribe_absolute(self.topic("DCMD", device=True), self.on_dcmd)
+        self.link.subscribe_absolute(self.topic("NCMD"), self.host.on_ncmd)
+        self.link.subscribe_absolute(self.topic("DCMD", device=True), self.host.on_dcmd)
         if self.config.primary_host_id is not None:
             state = f"{NAMESPACE}/STATE/{self.config.primary_host_id}"
             self.link.subscribe_absolute(state, self.on_state)
@@ -217,12 +216,10 @@ class SparkplugNode:
     async def stop(self, timeout: float = 5.0) -> None:
         """Let the commands in flight finish (bounded), then the NDEATH: a clean disconnect
         sends no will."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
-        tasks = [*self._tasks, *([self._watch] if self._watch is not None else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.host.stop(timeout)
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
         self._clean_death()
 
     def _clean_death(self) -> None:
@@ -393,83 +390,16 @@ class SparkplugNode:
             self.host_online = False
             self.born = self.device_born = False
 
-    def _decode(self, topic: str, payload: bytes) -> Any:
-        try:
-            return Payload.FromString(payload)
-        except DecodeError:
-            log.warning("Sparkplug command ignored: not a Sparkplug B payload", topic=topic)
-            return None
-
-    def on_ncmd(self, topic: str, payload: bytes, properties: Any) -> None:
-        message = self._decode(topic, payload)
-        for metric in message.metrics if message is not None else []:
-            m = self.node.find(metric)
-            name = m.name if m is not None else metric.name or f"alias {metric.alias}"
-            if m is None or not m.name.startswith("Node Control/"):
-                log.warning("Sparkplug NCMD ignored: not a node control", metric=name)
-            elif get_value(metric, m.datatype) is not True:
-                continue
-            elif m.name == "Node Control/Rebirth":
-                log.info("Sparkplug rebirth requested")
-                self.rebirth()
-            elif m.name == "Node Control/Next Server":
-                log.info("Sparkplug next server requested: NDEATH, then the next broker")
-                self._clean_death()
-                self.link.next_server()
-                return  # the rest of this NCMD belonged to the session just left
-            else:
-                self._spawn(self._command("reload", {}, rebirth=True), "sparkplug-reload")
-
-    def on_dcmd(self, topic: str, payload: bytes, properties: Any) -> None:
-        message = self._decode(topic, payload)
-        if message is None:
-            return
-        writes: dict[str, Any] = {}
-        for metric in message.metrics:
-            m = self.device.find(metric)
-            name = m.name if m is not None else metric.name or f"alias {metric.alias}"
-            if m is None or not m.writable:
-                why = "unknown metric" if m is None else "read-only"
-                self._refuse(f"{name}: {why}; nothing was written")
-                return
-            value = get_value(metric, m.datatype)
-            if m.name == "Station/Paused":
-                command = "pause" if value else "resume"
-                self._spawn(self._command(command, {}), f"sparkplug-{command}")
-            elif m.point is not None:
-                writes[m.point] = value
-        if writes:
-            self._spawn(self._command("write", {"values": writes}), "sparkplug-write")
-
-    async def _command(self, name: str, params: dict[str, Any], rebirth: bool = False) -> None:
-        body = {"correlation_id": f"sparkplug-{now_ms()}", "params": params}
-        reply = await self.commands.execute(name, json.dumps(body).encode())
-        if reply.get("ok"):
-            done = ", ".join(f"{k}={v}" for k, v in params.get("values", {}).items())
-            result = f"{name} done" + (f": {done}" if done else "")
-            self.values["Command/Last Result"] = result
-            values = {f"Machine/{k}": v for k, v in params.get("values", {}).items()}
-            self._data(
-                {**values, **self._station_values(), "Command/Last Result": result}, now_ms()
-            )
-            if rebirth:
-                self.rebirth()
-        else:
-            self._refuse(f"{name} refused: {reply.get('error', {}).get('message')}")
-
-    def _refuse(self, text: str) -> None:
-        log.warning("Sparkplug command refused", result=text)
+    def command_result(self, text: str, written: dict[str, Any] | None = None) -> None:
+        """``Command/Last Result`` as DDATA; after a command that ran (``written``: the points it
+        wrote) with those points and the station state."""
         self.values["Command/Last Result"] = text
-        self._data({"Command/Last Result": text}, now_ms())
+        done: dict[str, Any] = {}
+        if written is not None:
+            done = {f"Machine/{k}": v for k, v in written.items()} | self._station_values()
+        self._data({**done, "Command/Last Result": text}, now_ms())
 
-    def _spawn(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(_logged(coro, name), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-
-async def _logged(coro: Any, name: str) -> None:
-    try:
-        await coro
-    except Exception:  # a bug in one command must not go unseen nor take the node down
-        log.exception("Sparkplug command failed", task=name)
+    def next_server(self) -> None:
+        """NDEATH, then the uplink goes to the next broker."""
+        self._clean_death()
+        self.link.next_server()

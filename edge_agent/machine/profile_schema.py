@@ -11,18 +11,15 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from ..yamlfile import StrictModel
 from . import registry
 from .codec import PointType
 from .steps import Steps, bare_words
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BasePoint(_Strict):
+class BasePoint(StrictModel):
     """What every driver's point has. Drivers subclass this with their addressing fields.
 
     Engineering value = raw * scale + offset. ``min``/``max`` are the machine's safe envelope in
@@ -55,7 +52,7 @@ class BasePoint(_Strict):
         return frozenset()
 
 
-class ParameterSpec(_Strict):
+class ParameterSpec(StrictModel):
     """A recipe parameter of one operation and the point it is written to."""
 
     point: str
@@ -76,7 +73,7 @@ def _tighter(a: float | None, b: float | None, pick: Any) -> float | None:
     return float(pick(a, b))
 
 
-class Operation(_Strict):
+class Operation(StrictModel):
     program: int | None = None  # written by the handshake's `write: <program point>` step
     parameters: dict[str, ParameterSpec] = {}
     results: list[str] = []
@@ -91,13 +88,13 @@ class Operation(_Strict):
         return v
 
 
-class TelemetryPoint(_Strict):
+class TelemetryPoint(StrictModel):
     """One watched point: reported when it moves by more than ``deadband`` (0: any change)."""
 
     deadband: float = Field(0.0, ge=0)
 
 
-class TelemetryGroup(_Strict):
+class TelemetryGroup(StrictModel):
     """Points watched together every ``interval`` s (read on Modbus, subscribed on OPC UA) and
     reported by exception, one message per read or publish.
 
@@ -125,7 +122,7 @@ class TelemetryGroup(_Strict):
         return v
 
 
-class ProfileDoc(_Strict):
+class ProfileDoc(StrictModel):
     """Stage 1: the generic schema. Points stay plain dicts until their driver validates them."""
 
     profile: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")

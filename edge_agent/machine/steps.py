@@ -11,46 +11,44 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from ..yamlfile import StrictModel
 
 
-class _Step(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class WriteParameters(_Step):
+class WriteParameters(StrictModel):
     action: Literal["write_parameters"] = "write_parameters"
 
 
-class ReadResults(_Step):
+class ReadResults(StrictModel):
     action: Literal["read_results"] = "read_results"
 
 
-class WritePoint(_Step):
+class WritePoint(StrictModel):
     write: str
     value: float | int | bool | str | None = None  # None: the operation's program number
 
 
-class SetPoint(_Step):
+class SetPoint(StrictModel):
     set: str
 
 
-class ResetPoint(_Step):
+class ResetPoint(StrictModel):
     reset: str
 
 
-class WaitFor(_Step):
+class WaitFor(StrictModel):
     wait: str
     equals: float | int | bool | str = True
     timeout: float = Field(10.0, gt=0, le=3600)
 
 
-class ReadError(_Step):
+class ReadError(StrictModel):
     read_error: str
     ok: int = 0  # the value that means "no error"
 
 
-class CallMethod(_Step):
+class CallMethod(StrictModel):
     call: str  # driver-specific method address
     args: list[str] = []  # recipe parameter names passed in order
     results: list[str] = []  # names given to the output arguments in the report

@@ -27,8 +27,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from .ntag import bind_udp
 from .tagproc import Remote, RemoteLog, SimulatorProcess
+from .typea import bind_udp
 
 BLOCK = 16
 SYSTEM_CODE = bytes.fromhex("12FC")  # NFC Forum Type 3 NDEF

@@ -7,9 +7,9 @@ WRITE (one 4-byte page; the CC page is one-time programmable: bits are OR-ed) an
 else. So everything above the radio - nfcpy's tag detection, its Type 2 NDEF code and our reader
 backend - runs for real.
 
-One socket stays bound for the simulator's lifetime: an emulator built on nfcpy's own listen loop
-re-binds per listen and races the reader (field-notes.md). A tag can be presented, removed, or
-torn away after a given number of written bytes, which is how the tear test cuts a write short.
+The radio itself (one bound socket, anticollision, the test hooks) is ``typea.py``'s. A tag can
+be presented, removed, or torn away after a given number of written bytes, which is how the tear
+test cuts a write short.
 
 ``NtagSimulator`` runs the radio (``NtagRadio``) in a process of its own, woken as soon as the
 reader sends however busy the reader's process is (``tagproc``).
@@ -17,17 +17,11 @@ reader sends however busy the reader's process is (``tagproc``).
 
 from __future__ import annotations
 
-import functools
-import operator
-import select
-import socket
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, Self, TypeVar
 
-from .tagproc import Remote, RemoteLog, SimulatorProcess
+from .tagproc import Remote, RemoteLog
+from .typea import UdpTagRadio, UdpTagSimulator, anticollision, bcc
 
 PAGE = 4
 
@@ -38,28 +32,8 @@ KINDS = {
     "NTAG216": (231, 0x6D, 0x13),
 }
 SENS_RES = bytes([0x44, 0x00])
-SAK_CASCADE, SAK_DONE = 0x04, 0x00
+SAK_DONE = 0x00
 ACK, NAK = b"\x0a", b"\x00"
-
-
-def bind_udp(host: str, port: int = 0) -> socket.socket:
-    """A UDP socket bound to ``port``, or to a free port nfcpy's udp driver can be given.
-
-    nfcpy resolves ``udp:HOST:PORT`` with getnameinfo without NI_NUMERICSERV, so a port that has a
-    service name in /etc/services (60179 is "fido") comes back as that name and int() fails.
-    """
-    for _ in range(20):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((host, port))
-        bound = sock.getsockname()[1]
-        if port or socket.getnameinfo((host, bound), socket.NI_NUMERICHOST)[1] == str(bound):
-            return sock
-        sock.close()
-    raise OSError(f"no free UDP port without a service name on {host}")
-
-
-def _bcc(data: bytes) -> int:
-    return functools.reduce(operator.xor, data, 0)
 
 
 @dataclass
@@ -78,9 +52,9 @@ class NtagImage:
             raise ValueError(f"an NTAG UID is 7 bytes, got {len(uid)}")
         pages, cc_size, _ = KINDS[kind]
         memory = bytearray(pages * PAGE)
-        memory[0:4] = uid[0:3] + bytes([_bcc(b"\x88" + uid[0:3])])
+        memory[0:4] = uid[0:3] + bytes([bcc(b"\x88" + uid[0:3])])
         memory[4:8] = uid[3:7]
-        memory[8] = _bcc(uid[3:7])
+        memory[8] = bcc(uid[3:7])
         memory[9] = 0x48  # internal byte
         if ndef:
             memory[12:16] = bytes([0xE1, 0x10, cc_size, 0x00])
@@ -170,185 +144,6 @@ class NtagImage:
         self.memory[15] |= 0x0F
 
 
-TagT = TypeVar("TagT")
-
-
-def anticollision(
-    uid: bytes, data: bytes, state: str, sens_res: bytes, sak: int
-) -> tuple[str, bytes] | None:
-    """ISO 14443-3 Type A selection of a 7-byte UID: (next state, reply), None for any other frame.
-
-    States: idle | ready1 | ready2 | active; ``sak`` is the SEL_RES of the last cascade level.
-    """
-    cl1 = bytes([0x88]) + uid[0:3] + bytes([_bcc(b"\x88" + uid[0:3])])
-    cl2 = uid[3:7] + bytes([_bcc(uid[3:7])])
-    if data in (b"\x26", b"\x52"):  # SENS_REQ / ALL_REQ
-        return "ready1", sens_res
-    if data == b"\x93\x20" and state == "ready1":
-        return state, cl1
-    if data == b"\x93\x70" + cl1 and state == "ready1":
-        return "ready2", bytes([SAK_CASCADE])
-    if data == b"\x95\x20" and state == "ready2":
-        return state, cl2
-    if data == b"\x95\x70" + cl2 and state == "ready2":
-        return "active", bytes([sak])
-    return None
-
-
-@dataclass
-class UdpTagRadio(Generic[TagT]):
-    """The radio of a simulated Type A tag: one bound UDP socket, frames ``"106A <hex>"``.
-
-    Subclasses answer the frames in ``_command``. It runs in the simulator's own process
-    (``tagproc``); ``UdpTagSimulator`` is what callers use.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    tag: TagT | None = None
-    # Tests: after this many more bytes written the tag leaves the field; the unit being written
-    # when it happens keeps only its first bytes, like a real torn write.
-    tear_after_bytes: int | None = None
-    # Tests: after this many more commands (after anticollision) the tag leaves the field.
-    leave_after_commands: int | None = None
-    late_by: float = 0.0  # Tests: seconds a late reply comes late (NtagRadio.late_reads)
-    delay: float = 0.0  # Tests: seconds every reply takes, as from a host busy elsewhere
-    _sock: socket.socket | None = None
-    _thread: threading.Thread | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _state: str = "idle"  # idle | ready1 | ready2 | active
-
-    @property
-    def device(self) -> str:
-        return f"udp:{self.host}:{self.port}"
-
-    def start(self) -> str:
-        self._sock = bind_udp(self.host, self.port)
-        self.port = self._sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, name="tag-sim", daemon=True)
-        self._thread.start()
-        return self.device
-
-    def stop(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            # A datagram to ourselves wakes the blocking recvfrom; then the socket closes.
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as waker:
-                waker.sendto(b"STOP", sock.getsockname())
-            if self._thread is not None:
-                self._thread.join(timeout=2)
-            sock.close()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # ------------------------------------------------------------------------- the field
-
-    def present(self, tag: TagT) -> None:
-        with self._lock:
-            self.tag, self._state = tag, "idle"
-            self._reset()
-
-    def remove(self) -> TagT | None:
-        with self._lock:
-            tag, self.tag = self.tag, None
-            return tag
-
-    # ------------------------------------------------------------------------- the radio
-
-    def _reset(self) -> None:
-        """The tag lost power (field off, newly presented): drop per-session state."""
-
-    def _late(self, datagram: bytes) -> bool:
-        """Tests: whether the reply to ``datagram`` comes ``late_by`` seconds late."""
-        return False
-
-    def _command(self, tag: TagT, data: bytes) -> bytes | None:
-        """The reply to one frame: bytes, b"" for a garbled frame, None for silence."""
-        raise NotImplementedError
-
-    def _serve(self) -> None:
-        sock = self._sock
-        assert sock is not None
-        spare: list[tuple[bytes, tuple[str, int]]] = []
-        while self._sock is not None:
-            try:
-                datagram, addr = sock.recvfrom(1024)
-            except OSError:
-                return
-            if datagram == b"STOP":
-                continue
-            with self._lock:
-                reply = self._frame(datagram)
-                late = self._late(datagram)
-            replies, spare = [*spare, (reply, addr)] if reply is not None else spare, []
-            pause = self.late_by if late else self.delay  # frames meanwhile wait their turn
-            if pause:
-                time.sleep(pause)
-            if late:  # past the reader's first wait for it
-                spare = self._copies(sock, datagram)
-            try:
-                for data, to in replies:
-                    sock.sendto(data, to)
-            except OSError:
-                return
-
-    def _copies(self, sock: socket.socket, command: bytes) -> list[tuple[bytes, tuple[str, int]]]:
-        """Replies to copies of ``command`` the reader sent again while its reply was late.
-
-        A second reply for one command: it goes out with the reply to the reader's next command
-        (just after that command, as on a loaded machine), where only a reader that waits for
-        one reply per command is not misled.
-        """
-        copies = []
-        while select.select([sock], [], [], 0)[0]:
-            head, addr = sock.recvfrom(1024, socket.MSG_PEEK)
-            if head != command:
-                break
-            sock.recvfrom(1024)
-            with self._lock:
-                reply = self._frame(head)
-            if reply is not None:
-                copies.append((reply, addr))
-        return copies
-
-    def _frame(self, datagram: bytes) -> bytes | None:
-        if datagram.startswith(b"RFOFF"):
-            self._state = "idle"  # the field dropped: the tag resets
-            self._reset()
-            return None
-        try:
-            brty, payload = datagram.split()
-            data = bytes.fromhex(payload.decode("ascii"))
-        except ValueError:
-            return None
-        if brty != b"106A":
-            return b"RFOFF"  # no tag of that technology: nfcpy's sense returns at once
-        if self.tag is None:
-            # An empty field. RFOFF makes nfcpy's sense return at once instead of waiting out its
-            # 1 s timeout; a command in flight gets an empty frame, a reception error, as when a
-            # real tag leaves mid-frame.
-            return b"RFOFF" if data in (b"\x26", b"\x52") else b"106A"
-        response = self._command(self.tag, data)
-        if response is None:
-            return None
-        return b"106A " + response.hex().encode() if response else b"106A"
-
-    def _leaving(self) -> bool:
-        """Counts one command against ``leave_after_commands``; True when the tag leaves now."""
-        if self.leave_after_commands is None:
-            return False
-        if self.leave_after_commands <= 0:
-            self.tag = None
-            return True
-        self.leave_after_commands -= 1
-        return False
-
-
 @dataclass
 class NtagRadio(UdpTagRadio[NtagImage]):
     """The NTAG21x's radio, run in the simulator's process (``NtagSimulator``)."""
@@ -431,17 +226,6 @@ class NtagRadio(UdpTagRadio[NtagImage]):
         tag.memory[offset : offset + PAGE] = value
         self.pages_written.append(page)
         return ACK
-
-
-class UdpTagSimulator(SimulatorProcess[TagT]):
-    """A Type A tag simulator in its own process, with the test hooks every radio here has."""
-
-    # After this many more bytes written the tag leaves the field; the unit being written when
-    # it happens keeps only its first bytes, like a real torn write.
-    tear_after_bytes: Remote[int | None] = Remote()
-    # After this many more commands (after anticollision) the tag leaves the field.
-    leave_after_commands: Remote[int | None] = Remote()
-    delay: Remote[float] = Remote()  # seconds every reply takes
 
 
 class NtagSimulator(UdpTagSimulator[NtagImage]):

@@ -1,6 +1,6 @@
 """An NFC Forum Type 4 tag (ISO 14443-4 Type A) that nfcpy's ``udp`` reader driver can talk to.
 
-On the radio of the NTAG simulator (one bound socket, frames ``"106A <hex>"``): anticollision with
+On the Type A radio of ``typea.py`` (one bound socket, frames ``"106A <hex>"``): anticollision with
 SAK 0x20 (ISO-DEP), RATS answered by an ATS (FSCI 8: 256-byte frames, FWI 8: ~77 ms), then
 ISO-DEP I-blocks (chained commands acknowledged, R(NAK) answered by a resend of the last block or
 an R(ACK) for nfcpy's presence check) carrying the NDEF Tag Application's APDUs: SELECT by AID
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ntag import UdpTagRadio, UdpTagSimulator, anticollision
 from .tagproc import Remote, RemoteLog
+from .typea import UdpTagRadio, UdpTagSimulator, anticollision
 
 NDEF_AID = bytes.fromhex("D2760000850101")
 CC_FILE, NDEF_FILE = b"\xe1\x03", b"\xe1\x04"

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from ..yamlfile import StrictModel
 
 
 class ScanKind(StrEnum):
@@ -37,11 +39,9 @@ class ScanEvent:
     capacity: int = 0  # usable NDEF bytes, 0 when unknown
 
 
-class ReaderSettings(BaseModel):
+class ReaderSettings(StrictModel):
     """The keys of the ``reader:`` section every reader has; a reader's own model adds its keys
     and narrows ``type`` to its name."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # A tag taken away and presented again: next_step (the cycle decides) or ignore it within
     # return_window seconds of leaving (0: until another tag came); docs/readers.md.

@@ -36,6 +36,10 @@ class OutboxCorrupt(EdgeAgentError):
     salvages what can be read) does. Raised by the disk outbox, let through by the sender."""
 
 
+class OutboxError(EdgeAgentError):
+    """The outbox file cannot be opened or written: the agent must not run without it."""
+
+
 #: A payload, or a function that renders it from the message's sequence number.
 Payload = bytes | Callable[[int], bytes]
 

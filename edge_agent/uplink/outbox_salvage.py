@@ -1,23 +1,30 @@
-"""What the disk outbox does with damage: rows it cannot send, files it cannot trust.
+"""The disk outbox's file, and what it does with damage: rows it cannot send, files it cannot
+trust.
 
-One check decides whether a stored row can go to the broker (``checked_topic``, ``check_row``);
-a row that fails it is moved to the ``quarantine`` table with the reason, never sent and never
-deleted. A file SQLite calls malformed is moved aside whole (``outbox.sqlite3.corrupt-<UTC>``) and
-every row that can still be read is copied into a fresh file (``copy_rows``); the same copy carries
-the rows over when the outbox file was deleted or replaced under a running agent.
+``open_db`` opens the file (WAL mode, locked, its tables). One check decides whether a stored row
+can go to the broker (``checked_topic``, ``check_row``); a row that fails it is moved to the
+``quarantine`` table with the reason, never sent and never deleted. A file SQLite calls malformed
+at open is moved aside whole (``outbox.sqlite3.corrupt-<UTC>``) and every row that can still be
+read is copied into a fresh file (``open_sound``, ``copy_rows``). A file deleted or replaced under
+a running agent is noticed and made anew from the handle still open on the old one
+(``FileWatch``, ``copy_over``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
+
+from .outbox import OutboxError
 
 log = structlog.get_logger("outbox")
 
@@ -28,6 +35,125 @@ _TOPIC_MAX, _PAYLOAD_MAX = 65_535, 268_435_455
 
 MESSAGE_COLUMNS = "CAST(topic AS BLOB), typeof(topic), payload, qos, retain, keep, created"
 HELD_COLUMNS = "CAST(key AS BLOB), CAST(topic AS BLOB), typeof(topic), payload, qos, keep"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the per-gateway sequence number, never reused
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    keep INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_class ON messages (keep, id);
+-- Write-ahead: a cycle's report as it stands, before the machine or the tag is touched.
+CREATE TABLE IF NOT EXISTS held (
+    key TEXT PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    keep INTEGER NOT NULL
+);
+-- Rows that could not be read back as a message: kept for a person, never sent.
+CREATE TABLE IF NOT EXISTS quarantine AS SELECT * FROM messages WHERE 0;
+"""
+#: Columns the quarantine table gained after its first version (added to older files at open).
+_QUARANTINE_MORE = ("held_key TEXT", "error TEXT")
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """The outbox file, created if need be, in WAL mode, locked, with its tables."""
+    # Autocommit mode: transactions are explicit (the outbox's _tx) or one statement each.
+    db = sqlite3.connect(path, isolation_level=None, timeout=1.0)
+    try:
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise OutboxError(f"{path}: SQLite refused WAL mode (got {mode})")
+        db.execute("PRAGMA locking_mode=EXCLUSIVE")
+        db.executescript(_SCHEMA)  # the first write takes the exclusive lock
+        have = {row[1] for row in db.execute("PRAGMA table_info(quarantine)")}
+        for column in _QUARANTINE_MORE:
+            if column.split()[0] not in have:
+                db.execute(f"ALTER TABLE quarantine ADD COLUMN {column}")
+        db.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def open_sound(path: Path) -> tuple[sqlite3.Connection, dict[str, Any] | None]:
+    """The outbox file opened; a malformed one is moved aside first and what can be read copied
+    into a fresh one: then also what was found and done (the ``outbox_salvaged`` event's fields)."""
+    db: sqlite3.Connection | None = None
+    try:
+        db = open_db(path)
+        damage = integrity(db)
+    except sqlite3.DatabaseError as err:
+        if not is_corrupt(err):
+            raise
+        damage = str(err)
+    if damage is None and db is not None:
+        return db, None
+    if db is not None:
+        with suppress(sqlite3.Error):
+            db.close()
+    aside = move_aside(path, "corrupt")
+    db = open_db(path)
+    counts = salvage(aside, db)
+    log.error(
+        "outbox file damaged: moved aside, every readable message copied into a new one",
+        path=str(path),
+        moved_to=str(aside),
+        damage=damage,
+        **counts,
+    )
+    return db, {"damage": damage, "moved_to": str(aside), **counts}
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+class FileWatch:
+    """The outbox file as opened at ``path``: notices it deleted or replaced under the running
+    agent (``look``) and then makes it anew from the handle still open on the old one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = _identity(path)
+        self.gone: str | None = None  # what happened to the file, until it is made anew
+        self._copied = False  # its rows copied, the old handle closed; not yet reopened
+
+    def look(self) -> str | None:
+        """What happened to the file, the first time it is found deleted or replaced."""
+        now = _identity(self.path)
+        if now == self._file:
+            return None
+        self.gone = "deleted" if now is None else "replaced by another file"
+        log.error(f"outbox file {self.gone} while the agent runs", path=str(self.path))
+        return self.gone
+
+    def remake(self, db: sqlite3.Connection) -> tuple[sqlite3.Connection, str | None]:
+        """A new file at ``path`` with every row ``db`` still reads, open; and what happened to
+        the old one. Raises sqlite3.Error or OSError; the next call goes on where this one stopped."""
+        if not self._copied:
+            copy_over(db, self.path)
+            db.close()  # checkpoints into the old file; deletes "<path>-wal" by name
+            # Should it still be there: the old file's, copied already, never to be replayed
+            # into the new one.
+            self.path.with_name(self.path.name + "-wal").unlink(missing_ok=True)
+            self._copied = True
+        new = open_db(self.path)
+        self._copied = False
+        self._file, was, self.gone = _identity(self.path), self.gone, None
+        return new, was
 
 
 def is_corrupt(err: sqlite3.Error) -> bool:

@@ -20,11 +20,12 @@ caller keeps the message and tries again. So does a write after the file was del
 under the running agent; the next write then makes the file anew and copies every row over from
 the handle still open on the old one, so nothing committed into it is lost.
 
-Damage (``outbox_salvage.py``): a row that cannot be sent as it is stored (a topic that is not
-UTF-8 or holds a wildcard, a payload that is not bytes, ...) is moved to the ``quarantine`` table
-with the reason instead of stopping the sender at every attempt, held rows too. A file SQLite calls
-malformed at open is moved aside and what can be read is copied into a fresh one (``salvaged``);
-malformed at run time raises OutboxCorrupt, which no retry mends: the process must restart.
+The file and its damage (``outbox_salvage.py``): a row that cannot be sent as it is stored (a
+topic that is not UTF-8 or holds a wildcard, a payload that is not bytes, ...) is moved to the
+``quarantine`` table with the reason instead of stopping the sender at every attempt, held rows
+too. A file SQLite calls malformed at open is moved aside and what can be read is copied into a
+fresh one (``salvaged``); malformed at run time raises OutboxCorrupt, which no retry mends: the
+process must restart.
 
 The file is opened with an exclusive lock: a second agent on the same state directory fails at
 start instead of interleaving sequence numbers.
@@ -32,7 +33,6 @@ start instead of interleaving sequence numbers.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -42,65 +42,12 @@ from typing import Any
 
 import structlog
 
-from ..errors import EdgeAgentError
 from . import outbox_salvage as salvage
-from .outbox import Keep, OutboxCorrupt, OutMessage, Payload, render
+from .outbox import Keep, OutboxCorrupt, OutboxError, OutMessage, Payload, render
+
+__all__ = ["FileCorrupt", "OutboxError", "SqliteOutbox"]  # OutboxError: what this raises
 
 log = structlog.get_logger("outbox")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the per-gateway sequence number, never reused
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos INTEGER NOT NULL,
-    retain INTEGER NOT NULL,
-    keep INTEGER NOT NULL,
-    created REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_class ON messages (keep, id);
--- Write-ahead: a cycle's report as it stands, before the machine or the tag is touched.
-CREATE TABLE IF NOT EXISTS held (
-    key TEXT PRIMARY KEY,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos INTEGER NOT NULL,
-    keep INTEGER NOT NULL
-);
--- Rows that could not be read back as a message: kept for a person, never sent.
-CREATE TABLE IF NOT EXISTS quarantine AS SELECT * FROM messages WHERE 0;
-"""
-#: Columns the quarantine table gained after its first version (added to older files at open).
-_QUARANTINE_MORE = ("held_key TEXT", "error TEXT")
-
-
-def _open(path: Path) -> sqlite3.Connection:
-    """The outbox file, created if need be, in WAL mode, locked, with its tables."""
-    # Autocommit mode: transactions are explicit (_tx) or one statement each.
-    db = sqlite3.connect(path, isolation_level=None, timeout=1.0)
-    try:
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode != "wal":
-            raise OutboxError(f"{path}: SQLite refused WAL mode (got {mode})")
-        db.execute("PRAGMA locking_mode=EXCLUSIVE")
-        db.executescript(_SCHEMA)  # the first write takes the exclusive lock
-        have = {row[1] for row in db.execute("PRAGMA table_info(quarantine)")}
-        for column in _QUARANTINE_MORE:
-            if column.split()[0] not in have:
-                db.execute(f"ALTER TABLE quarantine ADD COLUMN {column}")
-        db.execute("PRAGMA synchronous=FULL")
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _keep(value: int) -> Keep:
@@ -113,10 +60,6 @@ def _keep(value: int) -> Keep:
 
 #: (messages dropped, class dropped from) -> None; called after the drop is committed.
 DropFn = Callable[[int, Keep], None]
-
-
-class OutboxError(EdgeAgentError):
-    """The outbox file cannot be opened or written: the agent must not run without it."""
 
 
 class FileCorrupt(OutboxError, OutboxCorrupt):
@@ -142,19 +85,11 @@ class SqliteOutbox:
         self._notices: list[dict[str, Any]] = []  # for the line, taken by the sender
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                self._db = _open(self.path)
-                damage = salvage.integrity(self._db)
-            except sqlite3.DatabaseError as err:
-                if not salvage.is_corrupt(err):
-                    raise
-                damage = str(err)
-            if damage is not None:
-                self._salvage(damage)
-            self._durable = True  # _open sets synchronous=FULL
-            self._file = _identity(self.path)
-            self._gone: str | None = None  # what happened to the file, until it is made anew
-            self._copied = False  # its rows copied, the old handle closed; not yet reopened
+            self._db, salvaged = salvage.open_sound(self.path)
+            if salvaged is not None:
+                self._notice("outbox_salvaged", **salvaged)
+            self._durable = True  # open_db sets synchronous=FULL
+            self._watch = salvage.FileWatch(self.path)
             self._recount()
             seq = self._db.execute(
                 "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
@@ -462,47 +397,21 @@ class SqliteOutbox:
             self._by_class[_keep(keep)] += n
             self._bytes[_keep(keep)] += size
 
-    # ----------------------------------------------------------------- damage, deletion
-
-    def _salvage(self, damage: str) -> None:
-        """The file is malformed: move it aside, copy what is readable into a fresh one."""
-        with suppress(AttributeError, sqlite3.Error):
-            self._db.close()
-        aside = salvage.move_aside(self.path, "corrupt")
-        self._db = _open(self.path)
-        counts = salvage.salvage(aside, self._db)
-        log.error(
-            "outbox file damaged: moved aside, every readable message copied into a new one",
-            path=str(self.path),
-            moved_to=str(aside),
-            damage=damage,
-            **counts,
-        )
-        self._notice("outbox_salvaged", damage=damage, moved_to=str(aside), **counts)
+    # ----------------------------------------------------------------- deletion
 
     def _check_file(self) -> None:
         """Raise OutboxError once the file was deleted or replaced under the running agent;
         at the next call, make it anew with every row the open handle still reads."""
-        if self._gone is None:
-            now = _identity(self.path)
-            if now == self._file:
-                return
-            self._gone = "deleted" if now is None else "replaced by another file"
-            log.error(f"outbox file {self._gone} while the agent runs", path=str(self.path))
-            raise OutboxError(f"{self.path}: the outbox file was {self._gone} while the agent ran")
+        if self._watch.gone is None:
+            gone = self._watch.look()
+            if gone is not None:
+                raise OutboxError(f"{self.path}: the outbox file was {gone} while the agent ran")
+            return
         try:
-            if not self._copied:
-                salvage.copy_over(self._db, self.path)
-                self._db.close()  # checkpoints into the old file; deletes "<path>-wal" by name
-                # Should it still be there: the old file's, copied already, never to be replayed
-                # into the new one.
-                self.path.with_name(self.path.name + "-wal").unlink(missing_ok=True)
-                self._copied = True
-            self._db = _open(self.path)
+            self._db, was = self._watch.remake(self._db)
         except (sqlite3.Error, OSError) as err:
             raise OutboxError(f"{self.path}: cannot make the outbox file anew: {err}") from err
-        self._copied, self._durable = False, True
-        self._file, was, self._gone = _identity(self.path), self._gone, None
+        self._durable = True
         self._recount()
         log.warning("outbox file made anew, every message copied", was=was, backlog=len(self))
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ...errors import ConfigProblem, MachineError
+from ...yamlfile import StrictModel
 from ..profile import PointType
 from ..profile_schema import BasePoint
 
@@ -154,17 +155,13 @@ class OpcUaPoint(BasePoint):
         return frozenset({("node", str(self.address))})
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def _default_pki() -> Path:
     # Under systemd (StateDirectory=edge-agent) the only writable place is the state directory.
     state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
     return Path(state) / "pki" if state else Path("pki")
 
 
-class OpcUaSecurity(_Strict):
+class OpcUaSecurity(StrictModel):
     """The secure channel and the gateway's application instance certificate."""
 
     policy: Literal["None", "Basic256Sha256"] = "None"
@@ -200,7 +197,7 @@ class OpcUaSecurity(_Strict):
         return self
 
 
-class OpcUaSettings(_Strict):
+class OpcUaSettings(StrictModel):
     """The ``machine:`` section of the config for an OPC UA machine."""
 
     url: str = Field(pattern=r"^opc\.tcp://[^/:]+(:\d+)?(/.*)?$")
