@@ -32,7 +32,13 @@ from ..errors import ConfigError, MachineError
 from ..messages import iso
 from .command_handlers import CommandHandlers, StationControl, handshake_points
 from .command_params import CommandError, Envelope, first_error
-from .intake import ReplyCache, leading_correlation_id, nesting_exceeds, response_topic_allowed
+from .intake import (
+    ReplyCache,
+    leading_correlation_id,
+    lone_surrogate,
+    nesting_exceeds,
+    response_topic_allowed,
+)
 
 __all__ = ["COMMANDS", "CommandError", "Commands", "StationControl", "handshake_points"]
 
@@ -233,8 +239,15 @@ class Commands:
         if isinstance(data, dict):
             if "correlation_id" not in data and request.correlation is not None:
                 data = {**data, "correlation_id": request.correlation}
-            if isinstance(data.get("correlation_id"), str | int):
-                request.correlation = data["correlation_id"]
+            correlation = data.get("correlation_id")
+            if isinstance(correlation, int) or (
+                isinstance(correlation, str) and not lone_surrogate(payload, correlation)
+            ):
+                request.correlation = correlation
+        if lone_surrogate(payload, data):
+            raise CommandError(
+                "malformed", "not Unicode text: a \\u escape names half a surrogate pair"
+            )
         try:
             envelope = Envelope.model_validate(data)
         except ValidationError as err:

@@ -72,7 +72,21 @@ def leading_correlation_id(payload: bytes) -> str | int | None:
         value = json.loads(token)
     except ValueError:  # bad escapes, control characters, not UTF-8
         return None
-    return value if isinstance(value, str) and 1 <= len(value) <= 200 else None
+    if not isinstance(value, str) or not 1 <= len(value) <= 200 or lone_surrogate(token, value):
+        return None
+    return value
+
+
+def lone_surrogate(payload: bytes, data: object) -> bool:
+    """True when parsed JSON holds half a surrogate pair (``"\\ud800"``): Python accepts the escape,
+    but the text cannot be encoded as UTF-8, so a reply or log line quoting it could not be sent."""
+    if b"\\u" not in payload:
+        return False  # raw bytes were decoded as UTF-8: only an escape can name a lone surrogate
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def response_topic_allowed(topic: str, filters: list[str]) -> bool:

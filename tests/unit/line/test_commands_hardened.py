@@ -175,6 +175,30 @@ async def test_oversized_and_deeply_nested_payloads_are_refused_without_internal
     assert (await line.call("status"))["ok"] is True
 
 
+async def test_escapes_that_are_not_unicode_are_refused_and_every_command_answered(
+    station: Station, line: Line
+) -> None:
+    # "\ud800" parses in Python but cannot be encoded as UTF-8: an id, a point name or a value
+    # holding one left the command without any reply (the reply could not be sent).
+    await line.send("status", b'{"correlation_id": "\\ud800"}')
+    await line.send("read", b'{"correlation_id": "half", "params": {"points": ["\\udfff"]}}')
+    await line.send(
+        "write", b'{"correlation_id": "pair", "params": {"values": {"x\\ud83d\\ude00": 1}}}'
+    )
+    lone_id, lone_point, pair = (
+        await line.reply("status"),
+        await line.reply("read"),
+        await line.reply("write"),
+    )
+    for reply in (lone_id, lone_point):
+        assert error(reply) == "malformed", reply
+        assert "surrogate" in reply["error"]["message"]
+    assert lone_point["correlation_id"] == "half"  # still answered under its own id
+    # A whole pair is ordinary text: the command is judged on its content.
+    assert error(pair) == "unknown_point" and "x\U0001f600" in pair["error"]["message"], pair
+    assert (await line.call("status"))["ok"] is True
+
+
 async def test_hostile_profiles_are_refused_quickly_and_the_station_runs_on(
     station: Station, line: Line
 ) -> None:
