@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import Field, StrictInt, ValidationError
+
+from ..yamlfile import StrictModel
 
 
 class CommandError(Exception):
@@ -16,8 +18,8 @@ class CommandError(Exception):
         super().__init__(message)
 
 
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Params(StrictModel):
+    """A command's ``params``: a key it does not know is refused, not ignored."""
 
 
 class NoParams(_Params):
@@ -41,11 +43,9 @@ class WriteParams(_Params):
 M = TypeVar("M", bound=_Params)
 
 
-class Envelope(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Envelope(StrictModel):
     correlation_id: Annotated[str, Field(min_length=1, max_length=200)] | StrictInt
-    params: dict[str, Any] = {}
+    params: dict[str, Any] = Field(default_factory=dict)
 
 
 def parse_params(model: type[M], params: dict[str, Any]) -> M:

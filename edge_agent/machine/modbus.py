@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, Self
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
@@ -31,6 +31,7 @@ from pymodbus.pdu import ModbusPDU
 
 from ..errors import MachineError, MachineFault
 from ..link import Link, LinkState, LinkWaiting
+from ..yamlfile import StrictModel
 from . import codec
 from .driver import (
     MachineDriver,
@@ -132,10 +133,8 @@ class ModbusPoint(BasePoint):
         )
 
 
-class ModbusSettings(BaseModel):
+class ModbusSettings(StrictModel):
     """The ``machine:`` section of the config for a Modbus TCP machine."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = Field(min_length=1)
     port: int = Field(502, ge=1, le=65535)
