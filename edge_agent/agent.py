@@ -27,6 +27,7 @@ from .line.control import ActiveAdjustments, LineControl
 from .line.telemetry import Telemetry
 from .machine.driver import MachineDriver
 from .machine.profile import Profile
+from .messages import uid_hex
 from .service.heartbeat import Heartbeat
 from .service.metrics import CycleMetrics
 from .station.cycle import StationCycle, WriteAhead
@@ -246,7 +247,7 @@ class Agent:
                     f"cycle reports cannot be stored ({self.uplink.outbox_error}); part not taken",
                 )
                 continue
-            await outputs.room_for_reports(self.uplink, event.uid.hex().upper())
+            await outputs.room_for_reports(self.uplink, uid_hex(event.uid))
             if self._stopping:
                 return
             async with self.machine_lock:

@@ -37,3 +37,8 @@ def event(gateway_id: str, name: str, *, at: float | None = None, **fields: Any)
         "time": iso(time.time() if at is None else at),
         **fields,
     }
+
+
+def uid_hex(uid: bytes) -> str:
+    """A tag UID as every message, log line and file name writes it: upper-case hex."""
+    return uid.hex().upper()

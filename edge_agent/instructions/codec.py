@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import PartRejected, Reason
-from .limits import CRC_SIZE, MAX_MESSAGE, MAX_SEQ, REF_SIZE, check_uid, reject, uid_hex
+from ..messages import uid_hex
+from .limits import CRC_SIZE, MAX_MESSAGE, MAX_SEQ, REF_SIZE, check_uid, reject
 from .model import Progress, Traveler
 from .ndef_v1 import (
     DEFAULT_TAG,

@@ -10,6 +10,7 @@ import math
 import re
 
 from ..errors import PartRejected, Reason
+from ..messages import uid_hex
 
 FORMAT_VERSION = 1
 
@@ -35,10 +36,6 @@ SIZING_STATION_CHARS = MAX_STATION
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*\Z")  # operations and parameter names
 STATION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*\Z")
-
-
-def uid_hex(uid: bytes) -> str:
-    return uid.hex().upper()
 
 
 def reject(reason: Reason, uid: bytes, message: str) -> PartRejected:

@@ -12,6 +12,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import Reason
+from ..messages import uid_hex
 from .cbor import Malformed, decode_exact, dumps, loads, scan
 from .limits import (
     FORMAT_VERSION,
@@ -26,7 +27,6 @@ from .limits import (
     reject,
     station_problem,
     text_problem,
-    uid_hex,
     value_problem,
 )
 from .model import ParamValue, Step, Traveler

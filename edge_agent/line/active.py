@@ -20,6 +20,7 @@ from ..instructions.signing import KeyRing
 from ..machine import registry
 from ..machine.driver import MachineDriver
 from ..machine.profile import Profile
+from ..messages import uid_hex
 from ..station.cycle import StationCycle, WriteAhead
 from ..station.report import CycleReport
 from ..supervisor import Spawn
@@ -110,7 +111,7 @@ class ActiveStation:
     async def refusal(self, event: ScanEvent, reason: Reason, error: str) -> CycleReport:
         """The report for a part turned away (``reason``, ``error``) without touching the machine."""
         config = self.config
-        report = CycleReport(config.gateway_id, config.station, event.uid.hex().upper())
+        report = CycleReport(config.gateway_id, config.station, uid_hex(event.uid))
         report.reason, report.error = reason, error
         report.profile = self.profile.describe()
         # Which part was turned away: the tag is read and verified; the machine is not touched.

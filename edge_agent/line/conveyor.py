@@ -28,6 +28,7 @@ from ..errors import PartRejected
 from ..instructions.codec import decode_tag
 from ..instructions.recipe import Recipe
 from ..instructions.signing import KeyRing
+from ..messages import uid_hex
 from .stations import READER_POLL, Station
 from .watch import CONVEYOR_TOPIC
 
@@ -152,7 +153,7 @@ class Conveyor:
                 self.route(part)
 
     async def _work(self, station: Station, part: Part) -> None:
-        uid = part.uid.hex().upper()
+        uid = uid_hex(part.uid)
         future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._waiting[station.name] = (uid, future)
         path = station.tags / f"{uid}.ndef"

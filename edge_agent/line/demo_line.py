@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 from ..demo import find_profile, parse_hostport
 from ..instructions.signing import KeyRing, generate_keypair, load_private_key
+from ..messages import uid_hex
 from ..sim.broker import EmbeddedBroker
 from .conveyor import Conveyor
 from .stations import DEFAULT_LINE, Station, log_tail, start_line, stop_line
@@ -123,7 +124,7 @@ async def run_line_demo(options: LineDemoOptions, out: TextIO = sys.stdout) -> i
             travelers.mkdir(parents=True, exist_ok=True)
             shutil.copy(public_path, options.record / "demo.pub")
             for recipe, uid, message in parts:
-                (travelers / f"{recipe.part_id}_{uid.hex().upper()}.ndef").write_bytes(message)
+                (travelers / f"{recipe.part_id}_{uid_hex(uid)}.ndef").write_bytes(message)
 
         conveyor = Conveyor(stations, keyring, (host, port), LINE_ID)
         view.on_report = conveyor.report_arrived

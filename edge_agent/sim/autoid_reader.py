@@ -29,6 +29,8 @@ from asyncua import Server, ua
 from asyncua.common.methods import uamethod
 from asyncua.common.structures104 import new_struct, new_struct_field
 
+from ..messages import uid_hex
+
 NAMESPACE = "http://opcfoundation.org/UA/AutoID/"
 USER_REGION = 3
 SUCCESS, NO_IDENTIFIER, OUT_OF_RANGE_ERROR, REGION_NOT_FOUND_ERROR = 0, 8, 7, 5
@@ -132,7 +134,7 @@ class AutoIdReaderSim:
         event.ScanResult = ua.RfidScanResult(
             CodeType="RAW:BYTES", ScanData=tag.uid, Timestamp=datetime.now(UTC)
         )
-        event.Message = ua.LocalizedText(f"scan {tag.uid.hex().upper()}")
+        event.Message = ua.LocalizedText(f"scan {uid_hex(tag.uid)}")
         await self._scan_events.trigger()
 
     async def remove(self) -> None:

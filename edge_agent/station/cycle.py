@@ -43,6 +43,7 @@ from ..machine.driver import MachineDriver, RawValue
 from ..machine.profile import Profile
 from ..machine.values import Refusal, Refused
 from ..messages import jsonable as _jsonable
+from ..messages import uid_hex
 from ..tag.reader import ScanEvent, TagReader
 from .handshake import run_handshake
 from .idle import IdleGuard
@@ -107,7 +108,7 @@ class StationCycle:
     async def run(self, event: ScanEvent) -> CycleReport:
         """One full cycle for the tag of ``event``. Never raises, except CancelledError."""
         started = time.perf_counter()
-        report = CycleReport(self.gateway_id, self.station, event.uid.hex().upper())
+        report = CycleReport(self.gateway_id, self.station, uid_hex(event.uid))
         report.profile = self.profile.describe()
         self.busy = True
         self._held = False
@@ -267,7 +268,7 @@ class StationCycle:
         """Index of the step this station runs now, or PartRejected saying why there is none."""
         steps = contents.traveler.steps
         progress = contents.progress
-        uid = contents.traveler.tag_uid.hex().upper()
+        uid = uid_hex(contents.traveler.tag_uid)
         index = progress.next_undone(len(steps))
         if index is None:
             raise PartRejected(Reason.COMPLETE, f"tag {uid}: all {len(steps)} steps are done")

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from ..errors import TagIOError
 from ..link import Link
+from ..messages import uid_hex
 from .reader import ReaderSettings, ScanEvent, ScanKind, TagReader
 
 log = structlog.get_logger("reader.autoid")
@@ -241,7 +242,7 @@ class AutoIdReader(TagReader):
         from asyncua import ua
 
         reader = self._reader
-        where = f"tag {uid.hex().upper()} on reader {self.name} ({self.url})"
+        where = f"tag {uid_hex(uid)} on reader {self.name} ({self.url})"
         if reader is None:
             raise TagIOError(f"{where}: reader not connected")
         if self._present != uid:
@@ -299,5 +300,5 @@ class AutoIdReader(TagReader):
         await self._write(uid, offset, data)
         if await self._read(uid, offset, len(data)) != data:
             raise TagIOError(
-                f"tag {uid.hex().upper()} on reader {self.name}: read-back differs from the write"
+                f"tag {uid_hex(uid)} on reader {self.name}: read-back differs from the write"
             )

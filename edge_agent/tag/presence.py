@@ -15,6 +15,7 @@ from typing import Literal
 
 import structlog
 
+from ..messages import uid_hex
 from .reader import ScanEvent, ScanKind, TagReader
 
 log = structlog.get_logger("reader.presence")
@@ -58,7 +59,7 @@ class ReturnFilter(TagReader):
             log.info(
                 "tag presented again; not run (reader.on_return: ignore)",
                 reader=self.name,
-                uid=event.uid.hex().upper(),
+                uid=uid_hex(event.uid),
                 window_s=self.return_window or "until another tag",
             )
             return False

@@ -20,6 +20,7 @@ import structlog
 from pydantic import Field
 
 from ..errors import TagIOError
+from ..messages import uid_hex
 from .reader import ReaderSettings, ScanEvent, ScanKind, TagReader
 
 log = structlog.get_logger("reader.simulated")
@@ -107,7 +108,7 @@ class SimulatedReader(TagReader):
     def _tag(self, uid: bytes) -> SimulatedTag:
         tag = self.tags.get(uid)
         if tag is None:
-            raise TagIOError(f"tag {uid.hex().upper()} is not in the field of reader {self.name}")
+            raise TagIOError(f"tag {uid_hex(uid)} is not in the field of reader {self.name}")
         return tag
 
     async def read_ndef(self, uid: bytes) -> bytes:
@@ -117,17 +118,17 @@ class SimulatedReader(TagReader):
         tag = self._tag(uid)
         if self.fail_next_write:
             reason, self.fail_next_write = self.fail_next_write, None
-            raise TagIOError(f"writing tag {uid.hex().upper()} failed: {reason}")
+            raise TagIOError(f"writing tag {uid_hex(uid)} failed: {reason}")
         if tag.read_only:
-            raise TagIOError(f"tag {uid.hex().upper()} is read-only")
+            raise TagIOError(f"tag {uid_hex(uid)} is read-only")
         if len(message) > tag.capacity:
             raise TagIOError(
-                f"tag {uid.hex().upper()} holds {tag.capacity} bytes, message has {len(message)}"
+                f"tag {uid_hex(uid)} holds {tag.capacity} bytes, message has {len(message)}"
             )
         tag.message = message
         tag.writes += 1
         if self.directory is not None:
-            path = self._files.get(uid, self.directory / f"{uid.hex().upper()}.ndef")
+            path = self._files.get(uid, self.directory / f"{uid_hex(uid)}.ndef")
             path.write_bytes(message)  # the file it came from, lower-case name or not
 
     # --------------------------------------------------------------- directory mode

@@ -28,6 +28,7 @@ import structlog
 
 from ...errors import TagIOError
 from ...link import Link
+from ...messages import uid_hex
 from ..reader import ScanEvent, ScanKind, TagReader
 from .tags import (
     _kind,
@@ -192,7 +193,7 @@ class NfcReader(TagReader):
         if self._stopping.is_set():
             raise TagIOError(f"reader {self.name} is stopped")
         if self._present != uid:
-            raise TagIOError(f"tag {uid.hex().upper()} is not in the field of reader {self.name}")
+            raise TagIOError(f"tag {uid_hex(uid)} is not in the field of reader {self.name}")
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._requests.put(_Request(uid, run, future))
         return await asyncio.wrap_future(future)
@@ -244,7 +245,7 @@ class NfcReader(TagReader):
             log.warning(
                 "tag password not accepted; its protected pages cannot be written",
                 reader=self.name,
-                uid=uid.hex().upper(),
+                uid=uid_hex(uid),
             )
         with contextlib.suppress(*_tag_errors()):
             # Read once at arrival: the cycle's ReadTag comes right after and can use it.
@@ -274,7 +275,7 @@ class NfcReader(TagReader):
         """Run one request; True when it failed (the caller then checks the tag is still there)."""
         if not request.future.set_running_or_notify_cancel():
             return False  # the caller gave up (cancelled) before the thread got to it
-        uid = request.uid.hex().upper()
+        uid = uid_hex(request.uid)
         try:
             if request.uid != self._present:
                 raise TagIOError(f"tag {uid} is not in the field of reader {self.name}")
@@ -299,7 +300,7 @@ class NfcReader(TagReader):
                 request = self._requests.get_nowait()
             except queue.Empty:
                 return
-            uid = request.uid.hex().upper()
+            uid = uid_hex(request.uid)
             _resolve(request.future, error=TagIOError(f"tag {uid}: {why}"))
 
     def _emit(self, event: ScanEvent) -> None:

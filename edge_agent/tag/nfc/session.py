@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ...errors import TagIOError
+from ...messages import uid_hex
 from .reader import Opener, open_frontend
 from .tags import (
     _kind,
@@ -64,7 +65,7 @@ class TagSession:
             raise TagIOError(f"no tag on {self.device} within {self.timeout:g} s")
         if self.password is not None and not authenticate(self.tag, self.password):
             self._clf.close()
-            raise TagIOError(f"tag {self.uid.hex().upper()} ({self.kind}): password not accepted")
+            raise TagIOError(f"tag {uid_hex(self.uid)} ({self.kind}): password not accepted")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -84,7 +85,7 @@ class TagSession:
         try:
             yield
         except _tag_errors() as err:
-            raise TagIOError(f"tag {self.uid.hex().upper()} on {self.device}: {_why(err)}") from err
+            raise TagIOError(f"tag {uid_hex(self.uid)} on {self.device}: {_why(err)}") from err
 
     def formatted(self) -> bool:
         with self._errors():
@@ -101,19 +102,15 @@ class TagSession:
             if not self.formatted() and cc_size is not None and self.tag.read(3)[:4] == bytes(4):
                 self.tag.write(3, bytes([0xE1, 0x10, cc_size, 0x00]))
             if not self.tag.format() or not self.formatted():
-                raise TagIOError(
-                    f"tag {self.uid.hex().upper()} ({self.kind}) cannot be NDEF formatted"
-                )
+                raise TagIOError(f"tag {uid_hex(self.uid)} ({self.kind}) cannot be NDEF formatted")
 
     def protect(self, password: bytes) -> None:
         """Require ``password`` (PWD + PACK) to write pages 4 and up (NTAG21x only)."""
         if not has_password(self.tag):
-            raise TagIOError(
-                f"tag {self.uid.hex().upper()} ({self.kind}) has no password protection"
-            )
+            raise TagIOError(f"tag {uid_hex(self.uid)} ({self.kind}) has no password protection")
         with self._errors():
             if not self.tag.protect(password, read_protect=False, protect_from=4):
-                raise TagIOError(f"tag {self.uid.hex().upper()}: setting the password failed")
+                raise TagIOError(f"tag {uid_hex(self.uid)}: setting the password failed")
 
     def read(self) -> bytes:
         with self._errors():

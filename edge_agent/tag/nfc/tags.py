@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ...errors import TagIOError
+from ...messages import uid_hex
 
 
 def sense(clf: Any, targets: Sequence[str], pause: Callable[[], bool]) -> Any:
@@ -48,7 +49,7 @@ def has_password(tag: Any) -> bool:
 
 def ndef_area(tag: Any, *, fresh: bool) -> Any:
     """nfcpy's NDEF object of ``tag`` (``fresh``: read from the tag again), or TagIOError saying why not."""
-    uid = bytes(tag.identifier).hex().upper()
+    uid = uid_hex(bytes(tag.identifier))
     ndef = fresh_ndef(tag) if fresh else tag.ndef
     if ndef is None and not _present(tag):
         raise TagIOError(f"tag {uid} left the field during the read")
@@ -90,7 +91,7 @@ def write_message(tag: Any, message: bytes, previous: bytes | None = None) -> li
     import nfc.tag.tt3
     import nfc.tag.tt4
 
-    uid = bytes(tag.identifier).hex().upper()
+    uid = uid_hex(bytes(tag.identifier))
     ndef = ndef_area(tag, fresh=False)
     if not ndef.is_writeable:
         raise TagIOError(f"tag {uid} ({_kind(tag)}) is read-only")
@@ -152,7 +153,7 @@ def _explain_refused_write(tag: Any, err: Exception) -> None:
     except _tag_errors():
         return
     if auth0 < tag._cfgpage:
-        uid = bytes(tag.identifier).hex().upper()
+        uid = uid_hex(bytes(tag.identifier))
         raise TagIOError(
             f"tag {uid} ({_kind(tag)}) is password-protected from page {auth0}: "
             "give the reader its password (reader.password / --password)"
@@ -199,7 +200,7 @@ def _write_changed_blocks(tag: Any, on_tag: bytes, message: bytes) -> list[int]:
         # One block per Check: any tag's Nbr allows it, and a progress update changes two or three.
         back = b"".join(bytes(tag.read_from_ndef_service(block)) for block in blocks)
         if back != b"".join(padded_new[(b - 1) * 16 : b * 16] for b in blocks):
-            uid = bytes(tag.identifier).hex().upper()
+            uid = uid_hex(bytes(tag.identifier))
             raise TagIOError(f"tag {uid}: read-back of blocks {blocks[0]}-{blocks[-1]} differs")
     return blocks
 
@@ -219,7 +220,7 @@ def _write_changed_bytes(ndef: Any, on_tag: bytes, message: bytes) -> list[int]:
                 runs.append((i, i + 1))
     if not runs:
         return []
-    uid = bytes(ndef.tag.identifier).hex().upper()
+    uid = uid_hex(bytes(ndef.tag.identifier))
     if not ndef._select_fid(ndef._ndef_file):
         raise TagIOError(f"tag {uid}: the NDEF file cannot be selected for writing")
     base = ndef._nlen_size  # the message follows NLEN in the NDEF file
