@@ -52,6 +52,17 @@ def _cork(sock: Any, on: bool) -> bool:
     return True
 
 
+def _discard_unread(sock: Any) -> None:
+    """Read away what the broker sent that no one will read now (the socket is being closed): a
+    close with unread bytes resets the connection, and a broker seeing the reset before the
+    DISCONNECT treats it as lost and publishes the last will."""
+    with contextlib.suppress(OSError, ValueError):  # ssl.SSLWantReadError is an OSError
+        sock.setblocking(False)
+        for _ in range(64):  # bounded: a broker still sending is cut off after 4 MiB
+            if not sock.recv(65536):
+                return
+
+
 class PahoLoop:
     """The socket plumbing of ``MqttUplink``: mixed into it, sharing its paho client."""
 
@@ -95,7 +106,13 @@ class PahoLoop:
             self._client.loop_read()
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self._unwatch(sock)  # paho closes the socket right after: unregister now, not later
+        # paho closes the socket right after, often from inside a corked write (its DISCONNECT):
+        # uncorked now, what was written leaves before the close. A close with unread bytes
+        # (a PUBACK just in) is a reset that discards the unsent rest, and a broker that never
+        # sees the DISCONNECT publishes the last will.
+        _cork(sock, False)
+        _discard_unread(sock)
+        self._unwatch(sock)  # unregister now, not later
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._in_loop(self._flush_soon)
