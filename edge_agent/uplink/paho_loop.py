@@ -52,10 +52,12 @@ def _cork(sock: Any, on: bool) -> bool:
     return True
 
 
-def _discard_unread(sock: Any) -> None:
-    """Read away what the broker sent that no one will read now (the socket is being closed): a
-    close with unread bytes resets the connection, and a broker seeing the reset before the
-    DISCONNECT treats it as lost and publishes the last will."""
+def settle_before_close(sock: Any) -> None:
+    """Make a close of ``sock`` a clean end: uncorked, what was written leaves now, and what the
+    broker sent that no one will read is read away. A close with unread bytes is a TCP reset,
+    which drops what is still unsent (a DISCONNECT), and a broker that sees the reset takes the
+    connection as lost and publishes the last will."""
+    _cork(sock, False)
     with contextlib.suppress(OSError, ValueError):  # ssl.SSLWantReadError is an OSError
         sock.setblocking(False)
         for _ in range(64):  # bounded: a broker still sending is cut off after 4 MiB
@@ -110,8 +112,7 @@ class PahoLoop:
         # uncorked now, what was written leaves before the close. A close with unread bytes
         # (a PUBACK just in) is a reset that discards the unsent rest, and a broker that never
         # sees the DISCONNECT publishes the last will.
-        _cork(sock, False)
-        _discard_unread(sock)
+        settle_before_close(sock)
         self._unwatch(sock)  # unregister now, not later
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
