@@ -95,12 +95,9 @@ async def agent_phase(plc_port: int, broker_port: int, cycles: int) -> dict[str,
 # ----------------------------------------------------------------------------- floor phase
 
 
-async def floor_phase(plc_port: int, sequence: list[list[Any]], cycles: int) -> dict[str, Any]:
-    from pymodbus.client import AsyncModbusTcpClient
-
-    client = AsyncModbusTcpClient("127.0.0.1", port=plc_port, timeout=1)
-    await client.connect()
-    calls = {
+def floor_calls(client: Any) -> dict[int, Any]:
+    """Modbus function code -> the bare pymodbus call that replays a recorded request."""
+    return {
         1: lambda a, c, v: client.read_coils(a, count=c),
         2: lambda a, c, v: client.read_discrete_inputs(a, count=c),
         3: lambda a, c, v: client.read_holding_registers(a, count=c),
@@ -110,6 +107,14 @@ async def floor_phase(plc_port: int, sequence: list[list[Any]], cycles: int) -> 
         15: lambda a, c, v: client.write_coils(a, v),
         16: lambda a, c, v: client.write_registers(a, v),
     }
+
+
+async def floor_phase(plc_port: int, sequence: list[list[Any]], cycles: int) -> dict[str, Any]:
+    from pymodbus.client import AsyncModbusTcpClient
+
+    client = AsyncModbusTcpClient("127.0.0.1", port=plc_port, timeout=1)
+    await client.connect()
+    calls = floor_calls(client)
     times: list[float] = []
     for i in range(cycles + 20):
         t0 = time.perf_counter()

@@ -74,18 +74,11 @@ async def agent_side(plc_port: int, broker_port: int) -> None:
 async def floor_side(plc_port: int, sequence: list[list[Any]]) -> None:
     from pymodbus.client import AsyncModbusTcpClient
 
+    from benchmarks.cycle import floor_calls
+
     client = AsyncModbusTcpClient("127.0.0.1", port=plc_port, timeout=1)
     await client.connect()
-    calls = {
-        1: lambda a, c, v: client.read_coils(a, count=c),
-        2: lambda a, c, v: client.read_discrete_inputs(a, count=c),
-        3: lambda a, c, v: client.read_holding_registers(a, count=c),
-        4: lambda a, c, v: client.read_input_registers(a, count=c),
-        5: lambda a, c, v: client.write_coil(a, v[0]),
-        6: lambda a, c, v: client.write_register(a, v[0]),
-        15: lambda a, c, v: client.write_coils(a, v),
-        16: lambda a, c, v: client.write_registers(a, v),
-    }
+    calls = floor_calls(client)
     commands = await _commands()
     print("ready", flush=True)
     while (await commands.readline()).strip() == b"go":
